@@ -1,0 +1,48 @@
+"""The ``cosmic`` console script: a thin dispatcher over the command modules.
+
+Each module in ``_COMMAND_MODULES`` exposes ``register(subparsers)``, adding its sub-commands
+with ``set_defaults(func=...)``; heavy imports (jax, flax) stay inside the command functions so
+``cosmic --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+_COMMAND_MODULES = (
+    "data_builders.cli",  # cosmic data nuclei | synthetic | tfds
+    "cosmic_jax.train.cli",  # cosmic pretrain
+    "cosmic_jax.embed.cli",  # cosmic embed | export
+    "cosmic_jax.joint.cli",  # cosmic fit-joint
+    "cosmic_jax.analysis.cli",  # cosmic analyze
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cosmic", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:  # a real missing dependency, not a command not yet written
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from absl import flags
+
+    # grain workers read absl flags; mark them parsed since argparse owns the command line.
+    flags.FLAGS.mark_as_parsed()
+    args = build_parser().parse_args(argv)
+    result = args.func(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
