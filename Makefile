@@ -9,7 +9,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
 $(STAMP): requirements.lock requirements-nodeps.txt setup.cfg
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip==25.3
+	$(BIN)/pip install -q --upgrade pip==25.3 setuptools==80.9.0 wheel==0.45.1
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps -r requirements-nodeps.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
