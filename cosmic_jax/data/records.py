@@ -205,6 +205,16 @@ class CropSource:
             self._readers[shard] = r
         return r
 
+    def verify(self) -> "CropSource":
+        """Open every shard now and check its record count (errors name the shard).
+
+        Readers otherwise open lazily on first access, so a truncated shard would only surface
+        mid-training; builders and tests call this right after writing.
+        """
+        for shard in range(len(self._files)):
+            self._reader(shard)
+        return self
+
     def locate(self, index: int) -> tuple[int, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"{self.data_dir}: record {index} out of range [0, {len(self)})")

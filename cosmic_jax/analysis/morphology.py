@@ -1,0 +1,96 @@
+"""Interpretable morphology features per crop, standardised and keyed by cell_id.
+
+The morphology side of the variance decomposition is scored on these features (the synthetic
+truth is defined on them). Why not read them off the MAE embedding with a linear read-out? A
+read-out only sees the linearly decodable part of each feature, so any shared variance it misses
+counts as unexplained and biases the fraction low. Instead the morphology representation given
+to the joint model is ``[embedding PCs, standardised features]`` and the features are a direct
+target of p(morphology | expression): E[f | e] comes straight from the flow's samples (see
+pipeline.py and notes/analysis.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from cosmic_jax.analysis.variance import AnalysisInputError
+
+
+@dataclasses.dataclass
+class MorphFeatures:
+    """Standardised interpretable features.
+
+    Attributes:
+      values: (N, F) z-scored features.
+      raw: (N, F) raw features.
+      names: (F,) feature names.
+      cell_ids: (N,) ids in crop-dataset order.
+      mean, std: (F,) standardisation statistics.
+    """
+
+    values: np.ndarray
+    raw: np.ndarray
+    names: list[str]
+    cell_ids: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def features_available() -> bool:
+    try:
+        import data_builders.morph_features  # noqa: F401
+    except ModuleNotFoundError:
+        return False
+    return True
+
+
+def standardize_features(raw: np.ndarray, names: list[str], cell_ids: np.ndarray) -> MorphFeatures:
+    """Z-score raw (N, F) features; constant features are an error (they carry no variance)."""
+    raw = np.asarray(raw, np.float64)
+    bad = ~np.isfinite(raw).all(axis=1)
+    if bad.any():
+        raise AnalysisInputError(f"morphology features: NaN/Inf for cells {np.asarray(cell_ids)[bad][:5].tolist()}")
+    mean, std = raw.mean(0), raw.std(0, ddof=1)
+    if (std <= 0).any():
+        const = [names[i] for i in np.flatnonzero(std <= 0)]
+        raise AnalysisInputError(f"morphology features {const} are constant over all cells")
+    return MorphFeatures((raw - mean) / std, raw, list(names), np.asarray(cell_ids).astype(str), mean, std)
+
+
+def measure_crops(crops_dir: str, batch_size: int = 256, progress: bool = False) -> MorphFeatures:
+    """Measure ``data_builders.morph_features`` on every crop of a crop dataset.
+
+    Args:
+      crops_dir: crop dataset directory (``cosmic_jax.data.records`` format).
+      batch_size: crops measured per vectorised batch (memory is O(batch)).
+    Returns:
+      MorphFeatures in dataset order.
+    """
+    from cosmic_jax.data.records import CropSource
+    from data_builders import morph_features as mf
+
+    src = CropSource(crops_dir)
+    raws, ids = [], []
+    it = range(0, len(src), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="morphology features")
+    for start in it:
+        recs = [src[i] for i in range(start, min(start + batch_size, len(src)))]
+        names = [r["cell_id"] for r in recs]
+        raws.append(mf.measure_batch(np.stack([r["image"] for r in recs]), names=names))
+        ids += names
+    if not ids:
+        raise AnalysisInputError(f"{crops_dir}: crop dataset is empty")
+    return standardize_features(np.concatenate(raws), list(mf.FEATURE_NAMES), np.array(ids))
+
+
+def pca_reduce(x: np.ndarray, n_comps: int, seed: int = 0) -> np.ndarray:
+    """(N, D) -> (N, k) PCA scores, whitened to unit variance (a compact flow condition/target)."""
+    from sklearn.decomposition import PCA
+
+    k = min(n_comps, x.shape[1], x.shape[0] - 1)
+    return PCA(k, whiten=True, random_state=seed).fit_transform(np.asarray(x, np.float64))

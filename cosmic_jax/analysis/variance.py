@@ -1,0 +1,303 @@
+"""Law-of-total-variance decomposition: how much of one modality's variance the other reflects.
+
+For a target t (expression embedding) and a condition c (morphology), ``Var(t) = Var(E[t|c]) +
+E[Var(t|c)]``; the explained fraction is ``Var(E[t|c]) / Var(t)``. ``E[t|c]`` is estimated from a
+conditional generative model by averaging S samples per cell. The S-sample mean is noisy:
+``Cov(mean_S) = Cov(E[t|c]) + E[Cov(t|c)] / S``, so the mean within-cell sample covariance over S
+is subtracted (unbiased for any S >= 2; S=2 and S=200 agree on average).
+
+The conditional model is never scored on the cells it was fitted on: cells are split into K folds,
+``fit_fn(train_indices)`` returns a sampler fitted on the other folds, and that sampler is evaluated
+on the held-out fold (cross-fitting). Confidence intervals come from a bootstrap over cells.
+
+Sampler interface (shared with the joint model adapters and the baselines in generation.py)::
+
+    sampler(cond: (n, Dc) array, num_samples: int, seed: int) -> (S, n, Dt) array
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Literal
+
+import numpy as np
+
+Sampler = Callable[[np.ndarray, int, int], np.ndarray]
+FitFn = Callable[[np.ndarray], Sampler]
+
+
+class AnalysisInputError(ValueError):
+    """Bad input to an analysis; the message names the array / key / cell at fault."""
+
+
+@dataclasses.dataclass
+class Estimate:
+    """A point estimate with a bootstrap confidence interval."""
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"estimate": float(self.estimate), "ci_low": float(self.ci_low), "ci_high": float(self.ci_high)}
+
+
+@dataclasses.dataclass
+class ConditionalMoments:
+    """Per-cell moments of S samples from p(t | c), each cell scored by a model that never saw it.
+
+    Attributes:
+      mean: (N, D) sample mean of the S draws per cell.
+      within_diag: (N, D) unbiased (ddof=1) within-cell sample variance per dimension.
+      within_cov: (D, D) average over cells of the within-cell sample covariance.
+      num_samples: S.
+      fold: (N,) fold index each cell was held out in (-1 when the sampler was fitted elsewhere).
+    """
+
+    mean: np.ndarray
+    within_diag: np.ndarray
+    within_cov: np.ndarray
+    num_samples: int
+    fold: np.ndarray
+
+
+def check_matrix(x, name: str, ndim: int = 2) -> np.ndarray:
+    """Float64 array of the expected rank with no NaN/Inf; errors name the array and bad rows."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != ndim:
+        raise AnalysisInputError(f"{name}: expected a {ndim}-d array, got shape {x.shape}")
+    bad = ~np.isfinite(x).reshape(x.shape[0], -1).all(axis=1) if x.size else np.zeros(0, bool)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise AnalysisInputError(
+            f"{name}: {bad.sum()} row(s) contain NaN/Inf (first rows: {rows[:5].tolist()})"
+        )
+    return x
+
+
+def moments_from_samples(samples: np.ndarray, where: str = "sampler") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reduce (S, n, D) samples to per-cell mean (n, D), within variance (n, D), summed within cov (D, D)."""
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.ndim != 3:
+        raise AnalysisInputError(f"{where}: must return (S, n, D) samples, got shape {samples.shape}")
+    if samples.shape[0] < 2:
+        raise AnalysisInputError(f"{where}: need num_samples >= 2 for the finite-S bias correction")
+    if not np.isfinite(samples).all():
+        raise AnalysisInputError(f"{where}: returned NaN/Inf samples")
+    s = samples.shape[0]
+    mean = samples.mean(axis=0)
+    dev = samples - mean[None]
+    within_diag = (dev**2).sum(axis=0) / (s - 1)
+    within_cov_sum = np.einsum("snd,sne->de", dev, dev) / (s - 1)
+    return mean, within_diag, within_cov_sum
+
+
+def sampler_moments(cond: np.ndarray, sampler: Sampler, num_samples: int, seed: int = 0,
+                    batch_size: int = 4096, where: str = "sampler") -> ConditionalMoments:
+    """Moments of ``sampler`` on every row of ``cond`` (a sampler fitted on other data).
+
+    Args:
+      cond: (N, Dc) conditioning values.
+      sampler: ``(cond (n, Dc), S, seed) -> (S, n, Dt)``.
+      num_samples: S >= 2.
+      seed: base seed; each batch gets ``seed + batch_index``.
+    Returns:
+      ConditionalMoments with fold = -1.
+    """
+    cond = check_matrix(cond, "cond")
+    means, diags, cov_sum = [], [], 0.0
+    for b, start in enumerate(range(0, len(cond), batch_size)):
+        chunk = cond[start : start + batch_size]
+        samples = sampler(chunk, num_samples, seed + b)
+        if np.shape(samples)[:2] != (num_samples, len(chunk)):
+            raise AnalysisInputError(
+                f"{where}: returned shape {np.shape(samples)}, expected ({num_samples}, {len(chunk)}, D)"
+            )
+        m, d, c = moments_from_samples(samples, where)
+        means.append(m)
+        diags.append(d)
+        cov_sum = cov_sum + c
+    n = len(cond)
+    return ConditionalMoments(
+        np.concatenate(means), np.concatenate(diags), cov_sum / n, num_samples, np.full(n, -1)
+    )
+
+
+def fold_indices(n: int, n_folds: int, seed: int = 0, strata: np.ndarray | None = None) -> np.ndarray:
+    """(n,) fold id per cell, shuffled with ``seed``; stratified on ``strata`` when given."""
+    if n_folds < 2:
+        raise AnalysisInputError(f"n_folds={n_folds}: cross-fitting needs at least 2 folds")
+    if n < 2 * n_folds:
+        raise AnalysisInputError(f"{n} cells are too few for {n_folds}-fold cross-fitting")
+    rng = np.random.default_rng(seed)
+    fold = np.empty(n, dtype=np.int64)
+    groups = [np.arange(n)] if strata is None else [np.flatnonzero(strata == g) for g in np.unique(strata)]
+    offset = 0
+    for idx in groups:
+        idx = rng.permutation(idx)
+        fold[idx] = (np.arange(len(idx)) + offset) % n_folds
+        offset += len(idx)
+    return fold
+
+
+def cross_fit_moments(cond: np.ndarray, fit_fn: FitFn, num_samples: int, n_folds: int = 5,
+                      seed: int = 0, strata: np.ndarray | None = None) -> ConditionalMoments:
+    """K-fold cross-fitted conditional moments: every cell is scored by a model fitted without it.
+
+    Args:
+      cond: (N, Dc) conditioning values (e.g. morphology embedding).
+      fit_fn: ``fit_fn(train_indices (n_train,)) -> sampler``; must fit only on those cells.
+      num_samples: S >= 2 samples per held-out cell.
+      n_folds: K >= 2.
+      seed: fold assignment and sampling seed.
+      strata: optional (N,) labels to stratify the folds (e.g. cell type).
+    Returns:
+      ConditionalMoments over all N cells, with the fold each was held out in.
+    """
+    cond = check_matrix(cond, "cond")
+    fold = fold_indices(len(cond), n_folds, seed, strata)
+    parts = {}
+    for k in range(n_folds):
+        test = np.flatnonzero(fold == k)
+        train = np.flatnonzero(fold != k)
+        sampler = fit_fn(train)
+        parts[k] = (test, sampler_moments(cond[test], sampler, num_samples, seed=seed * 1000 + k * 97,
+                                          where=f"sampler of fold {k}"))
+    d = parts[0][1].mean.shape[1]
+    mean = np.zeros((len(cond), d))
+    diag = np.zeros((len(cond), d))
+    cov = np.zeros((d, d))
+    for test, mom in parts.values():
+        mean[test], diag[test] = mom.mean, mom.within_diag
+        cov += mom.within_cov * len(test)
+    return ConditionalMoments(mean, diag, cov / len(cond), num_samples, fold)
+
+
+@dataclasses.dataclass
+class VarianceDecomposition:
+    """Fraction of the target's variance reflected in the condition.
+
+    Attributes:
+      overall: explained fraction with bootstrap CI.
+      per_dim: (D,) explained fraction per target dimension (embedding dim or feature).
+      per_dim_ci: (2, D) bootstrap CI of per_dim.
+      explained_cov: (D, D) bias-corrected Cov(E[t|c]).
+      target_var: (D,) Var(t_k) over the scored cells.
+      aggregate: "total" (sum of explained / sum of total variance) or "mean_ratio".
+    """
+
+    overall: Estimate
+    per_dim: np.ndarray
+    per_dim_ci: np.ndarray
+    explained_cov: np.ndarray
+    target_var: np.ndarray
+    aggregate: str
+
+
+def _weighted_moments(w: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-replicate weighted mean (B, D) and unbiased variance (B, D); w rows sum to n."""
+    n = w.shape[1]
+    mu = w @ x / n
+    var = (w @ (x**2) / n - mu**2) * n / (n - 1)
+    return mu, var
+
+
+def decompose(target: np.ndarray, moments: ConditionalMoments, metric: np.ndarray | None = None,
+              resid_sq: np.ndarray | None = None,
+              aggregate: Literal["total", "mean_ratio"] = "total",
+              n_boot: int = 200, ci: float = 0.95, seed: int = 0) -> VarianceDecomposition:
+    """Explained-variance fractions from cross-fitted moments.
+
+    Args:
+      target: (N, D) the real target values of the scored cells (same rows as ``moments``).
+      moments: cross-fitted conditional moments of the target given the condition.
+      metric: optional (D, D) PSD matrix G; the overall fraction becomes tr(C G) / tr(Cov(t) G)
+        (G = L L^T with gene read-out loadings L (D, G) gives sums over genes).
+      resid_sq: optional (N,) per-cell squared norm of the target part outside the embedding (e.g.
+        gene-space residual after the PCA read-out); it counts as unexplained variance.
+      aggregate: "total" = sum_k explained / sum_k total; "mean_ratio" = mean_k explained_k / var_k
+        (the morphology-feature definition).
+      n_boot: bootstrap replicates over cells (0 disables the CI).
+      ci: confidence level.
+      seed: bootstrap seed.
+    Returns:
+      VarianceDecomposition.
+    """
+    t = check_matrix(target, "target")
+    m = moments
+    n, d = t.shape
+    if m.mean.shape != (n, d):
+        raise AnalysisInputError(f"moments cover {m.mean.shape} but target is {t.shape}")
+    if resid_sq is not None:
+        resid_sq = check_matrix(np.asarray(resid_sq)[:, None], "resid_sq")[:, 0]
+        if len(resid_sq) != n:
+            raise AnalysisInputError(f"resid_sq has {len(resid_sq)} rows, target has {n}")
+    if aggregate not in ("total", "mean_ratio"):
+        raise AnalysisInputError(f"aggregate={aggregate!r}: use 'total' or 'mean_ratio'")
+    s = m.num_samples
+    explained_cov = np.cov(m.mean, rowvar=False).reshape(d, d) - m.within_cov / s
+    target_var = t.var(axis=0, ddof=1)
+    if np.any(target_var <= 0):
+        raise AnalysisInputError(f"target dims {np.flatnonzero(target_var <= 0)[:5].tolist()} have zero variance")
+    per_dim = np.diag(explained_cov) / target_var
+
+    mean_resid = 0.0 if resid_sq is None else resid_sq.sum() / (n - 1)  # ddof=1 like the variances
+    if aggregate == "mean_ratio":
+        point = per_dim.mean()
+    else:
+        g = np.eye(d) if metric is None else np.asarray(metric, np.float64)
+        if g.shape != (d, d):
+            raise AnalysisInputError(f"metric has shape {g.shape}, expected ({d}, {d})")
+        point = np.sum(explained_cov * g) / (np.sum(np.cov(t, rowvar=False).reshape(d, d) * g) + mean_resid)
+
+    lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
+    if n_boot <= 0:
+        return VarianceDecomposition(Estimate(point, np.nan, np.nan), per_dim, np.full((2, d), np.nan),
+                                     explained_cov, target_var, aggregate)
+    rng = np.random.default_rng(seed)
+    w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (B, N) counts
+    _, var_mean = _weighted_moments(w, m.mean)
+    _, var_t = _weighted_moments(w, t)
+    within = w @ m.within_diag / n
+    per_b = (var_mean - within / s) / var_t  # (B, D)
+    resid_b = 0.0 if resid_sq is None else w @ resid_sq / (n - 1)
+    if aggregate == "mean_ratio":
+        overall_b = per_b.mean(axis=1)
+    elif metric is None:
+        overall_b = (var_mean - within / s).sum(1) / (var_t.sum(1) + resid_b)
+    else:
+        # tr(Cov_w(x) G) = mean_w(x^T G x) - mu_w^T G mu_w: per-cell quadratic forms keep this
+        # O(B N + B D^2). The within-cell term is held at its all-cell value (it is divided by S,
+        # so its resampling noise is second order).
+        def quad_var(x):
+            q = np.einsum("nd,de,ne->n", x, g, x)
+            mu = w @ x / n
+            return (w @ q / n - np.einsum("bd,de,be->b", mu, g, mu)) * n / (n - 1)
+
+        num_b = quad_var(m.mean) - np.sum(m.within_cov * g) / s
+        overall_b = num_b / (quad_var(t) + resid_b)
+    return VarianceDecomposition(
+        Estimate(point, *np.quantile(overall_b, [lo_q, hi_q])),
+        per_dim,
+        np.quantile(per_b, [lo_q, hi_q], axis=0),
+        explained_cov,
+        target_var,
+        aggregate,
+    )
+
+
+def per_readout_explained(explained_cov: np.ndarray, loadings: np.ndarray, readout_var: np.ndarray) -> np.ndarray:
+    """Explained fraction per read-out variable (gene / feature) through linear loadings.
+
+    With ``x_g ~ mu_g + L[:, g]^T t`` the explained variance of x_g is ``L_g^T C L_g``.
+
+    Args:
+      explained_cov: (D, D) Cov(E[t|c]).
+      loadings: (D, G) read-out loadings.
+      readout_var: (G,) total variance of each read-out variable.
+    Returns:
+      (G,) explained fraction per read-out variable.
+    """
+    num = np.einsum("dg,de,eg->g", loadings, explained_cov, loadings)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(readout_var > 0, num / np.maximum(readout_var, 1e-300), np.nan)

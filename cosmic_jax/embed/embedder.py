@@ -1,0 +1,425 @@
+"""Turn nucleus crops into MAE embeddings: one jitted, fixed-batch encoder forward.
+
+Input convention (same as training, see ``cosmic_jax/configs/mae.py``): crops are fed exactly as
+stored in the crop dataset, cast to float32 and NOT rescaled here (a uint8 crop with values
+0..255 stays 0..255). If the model config has ``pixel_mean`` / ``pixel_std`` the model itself
+normalises; that rule travels with the config and the export.
+
+Every call runs the same compiled function on batches of exactly ``batch_size`` images (the last
+batch is zero-padded and the padding rows are dropped), so any N costs one compile, and the
+result does not depend on how the images were chunked.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+POOLS = ("mean", "cls")
+DEFAULT_POOL = "mean"  # mean of patch tokens: does not depend on the (weakly trained) CLS token
+DEFAULT_BATCH = 256
+_PROGRESS_MIN_BATCHES = 8  # a bar for less than this is noise
+
+
+class EmbedInputError(ValueError):
+    """Images handed to :class:`Embedder` do not fit the model; the message says what is wrong."""
+
+
+def _tqdm(total: int, enabled: bool | None, desc: str):
+    from tqdm.auto import tqdm
+
+    n_batches = total
+    disable = (not enabled) if enabled is not None else n_batches < _PROGRESS_MIN_BATCHES
+    return tqdm(total=total, desc=desc, unit="batch", disable=disable, leave=False)
+
+
+class Embedder:
+    """Embeds crops with a (pretrained) MAE encoder.
+
+    Args:
+      model_cfg: a :class:`cosmic_jax.configs.mae.MAEConfig`.
+      params: the MAE ``params`` pytree (encoder weights are enough; decoder weights are ignored).
+      layer: encoder block whose output is pooled; -1 = the last block (after the final
+        LayerNorm), ``0..depth-1`` or negative indices like Python lists. Intermediate blocks
+        often embed microscopy better than the last one.
+      pool: ``"mean"`` (mean of patch tokens, default) or ``"cls"`` (the CLS token).
+      batch_size: images per compiled call; the last batch is zero-padded.
+      step: training step the params come from (metadata only).
+      source: where the params come from, e.g. a workdir or export dir (metadata only).
+      progress: tqdm bar: None = only for long inputs, True/False = always/never.
+    """
+
+    def __init__(
+        self,
+        model_cfg: Any,
+        params: Any,
+        *,
+        layer: int = -1,
+        pool: str = DEFAULT_POOL,
+        batch_size: int = DEFAULT_BATCH,
+        step: int | None = None,
+        source: str | None = None,
+        progress: bool | None = None,
+    ):
+        import flax.linen as nn
+        import jax
+
+        from cosmic_jax.models.mae import MAE
+
+        self.model_cfg = model_cfg
+        self.model = MAE(model_cfg)
+        # init_variables() boxes params with logical-axis metadata; inference wants plain arrays.
+        self.params = nn.meta.unbox(params)
+        params = self.params
+        self.depth = int(model_cfg.depth)
+        self.layer = self._check_layer(layer)
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        if pool == "cls" and not getattr(model_cfg, "cls_token", True):
+            raise ValueError(f"pool='cls' but model {model_cfg.name!r} has no CLS token (cls_token=False)")
+        self.pool = pool
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.step = step
+        self.source = source
+        self.progress = progress
+        self.input_shape = (int(model_cfg.image_size), int(model_cfg.image_size), int(model_cfg.channels))
+
+        model, layer_, pool_ = self.model, self.layer, self.pool
+
+        def encode(params, images):
+            return model.apply({"params": params}, images, method=MAE.encode, layer=layer_, pool=pool_)
+
+        self._encode_fn = encode  # un-jitted: export.py serialises it with jax.export
+        self._encode = jax.jit(encode)
+        # Shape inference without compiling: output width for N = 0 and for callers.
+        spec = jax.ShapeDtypeStruct((self.batch_size, *self.input_shape), np.float32)
+        out = jax.eval_shape(encode, params, spec)
+        self.dim = int(out.shape[-1])
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_checkpoint(
+        cls, path: str, step: int | None = None, layer: int = -1, pool: str = DEFAULT_POOL, **kw
+    ) -> "Embedder":
+        """Load a ``cosmic pretrain`` workdir (latest step unless ``step``); see class Args."""
+        from cosmic_jax.train.checkpoint import load_for_inference
+
+        model_cfg, params, got_step, _info = load_for_inference(path, step=step)
+        return cls(model_cfg, params, layer=layer, pool=pool, step=int(got_step),
+                   source=f"checkpoint:{os.path.abspath(path)}", **kw)
+
+    @classmethod
+    def from_export(
+        cls, path: str, layer: int | None = None, pool: str | None = None, **kw
+    ) -> "Embedder":
+        """Load an export directory (hashes verified); layer/pool default to the exported ones."""
+        from cosmic_jax.embed.export import load_export
+
+        bundle = load_export(path)
+        emb = bundle.config["embedding"]
+        return cls(
+            bundle.model_cfg,
+            bundle.params,
+            layer=emb["layer"] if layer is None else layer,
+            pool=emb["pool"] if pool is None else pool,
+            step=bundle.config.get("training_step"),
+            source=f"export:{os.path.abspath(path)}",
+            **kw,
+        )
+
+    # ------------------------------------------------------------------ metadata
+    @property
+    def model_name(self) -> str:
+        return str(getattr(self.model_cfg, "name", "custom"))
+
+    def metadata(self) -> dict[str, Any]:
+        """h5ad-safe description of what produced the embeddings (no None values)."""
+        import cosmic_jax
+
+        return {
+            "model": self.model_name,
+            "step": -1 if self.step is None else int(self.step),
+            "layer": int(self.layer),
+            "layer_index": int(self.layer % self.depth),
+            "pool": self.pool,
+            "dim": int(self.dim),
+            "input_shape": list(self.input_shape),
+            "source": self.source or "in-memory",
+            "cosmic_jax_version": cosmic_jax.__version__,
+        }
+
+    def __repr__(self) -> str:
+        return (f"Embedder(model={self.model_name!r}, step={self.step}, layer={self.layer}, "
+                f"pool={self.pool!r}, dim={self.dim}, batch_size={self.batch_size})")
+
+    # ------------------------------------------------------------------ validation
+    def _check_layer(self, layer: int) -> int:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise ValueError(f"layer must be an int, got {layer!r}")
+        if not -self.depth <= int(layer) < self.depth:
+            raise ValueError(
+                f"layer={layer} out of range for a {self.depth}-block encoder "
+                f"(use 0..{self.depth - 1} or -{self.depth}..-1; -1 = last block)"
+            )
+        return int(layer)
+
+    def check_images(self, images: Any, offset: int = 0, where: str = "images") -> np.ndarray:
+        """Validate a batch and return it as float32 (N, H, W, C); never resizes.
+
+        Args:
+          images: (N, H, W) for single-channel models or (N, H, W, C); any real numeric dtype.
+          offset: index of ``images[0]`` in the caller's full input (for error messages).
+          where: what to call the input in error messages.
+
+        Returns:
+          float32 (N, H, W, C) array.
+        """
+        x = np.asarray(images)
+        h, w, c = self.input_shape
+        if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
+            raise EmbedInputError(f"{where}: dtype {x.dtype} is not a real numeric type")
+        if np.issubdtype(x.dtype, np.complexfloating):
+            raise EmbedInputError(f"{where}: complex dtype {x.dtype} is not supported")
+        if x.ndim == 3:
+            if c != 1:
+                raise EmbedInputError(
+                    f"{where}: got (N, H, W) = {x.shape} but model {self.model_name!r} expects "
+                    f"{c} channels: pass (N, {h}, {w}, {c})"
+                )
+            x = x[..., None]
+        elif x.ndim != 4:
+            raise EmbedInputError(
+                f"{where}: expected a 4-d (N, H, W, C) or 3-d (N, H, W) array, got ndim={x.ndim} "
+                f"shape {x.shape}" + (" (a single image? add a batch axis: images[None])" if x.ndim == 2 else "")
+            )
+        if x.shape[1:3] != (h, w):
+            raise EmbedInputError(
+                f"{where}: image size {x.shape[1]}x{x.shape[2]} != model input {h}x{w} "
+                f"(model {self.model_name!r}); crops are never resized, re-crop them to {h}x{w}"
+            )
+        if x.shape[3] != c:
+            raise EmbedInputError(
+                f"{where}: {x.shape[3]} channels != model input channels {c} (model {self.model_name!r})"
+            )
+        x = x.astype(np.float32, copy=False)
+        finite = np.isfinite(x).all(axis=(1, 2, 3))
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise EmbedInputError(
+                f"{where}: {bad.size} image(s) contain NaN or Inf, e.g. index "
+                f"{[int(i) + offset for i in bad[:5]]}"
+            )
+        return x
+
+    # ------------------------------------------------------------------ embedding
+    def _run(self, chunks: Iterable[np.ndarray], n_total: int, desc: str) -> np.ndarray:
+        """Embed validated float32 chunks of <= batch_size images; returns (n_total, D)."""
+        import jax
+
+        b = self.batch_size
+        out = np.empty((n_total, self.dim), np.float32)
+        pending: list[tuple[int, int, Any]] = []  # (start, n, device array) not yet copied back
+        start = 0
+        bar = _tqdm(-(-n_total // b), self.progress, desc)
+
+        def drain(keep: int):
+            # Copy finished batches to host, leaving ``keep`` in flight so the host prepares the
+            # next batch while the device computes (jax dispatch is asynchronous).
+            while len(pending) > keep:
+                s, n, y = pending.pop(0)
+                out[s:s + n] = np.asarray(y)[:n]
+                bar.update(1)
+
+        with bar:
+            for chunk in chunks:
+                n = len(chunk)
+                if n < b:
+                    pad = np.zeros((b - n, *self.input_shape), np.float32)
+                    chunk = np.concatenate([chunk, pad], axis=0)
+                pending.append((start, n, self._encode(self.params, jax.device_put(chunk))))
+                start += n
+                drain(keep=1)
+            drain(keep=0)
+        if start != n_total:  # an iterator yielded fewer/more images than announced
+            raise RuntimeError(f"{desc}: embedded {start} images, expected {n_total}")
+        return out
+
+    def embed(self, images: Any, *, progress: bool | None = None) -> np.ndarray:
+        """Embed crops.
+
+        Args:
+          images: numpy (N, H, W) / (N, H, W, C) of any real numeric dtype (cast to float32, not
+            rescaled), or the path of a crop dataset directory (rows come back in dataset order).
+          progress: override the instance's progress-bar setting.
+
+        Returns:
+          float32 (N, D) embeddings, D = encoder width.
+        """
+        if isinstance(images, (str, os.PathLike)):
+            return self.embed_dataset(images, progress=progress)[0]
+        x = np.asarray(images)
+        if x.ndim in (3, 4) and len(x) == 0:
+            self.check_images(x[:0])  # still reject a wrong shape for an empty input
+            return np.zeros((0, self.dim), np.float32)
+        self.check_images(x[:1])  # shape/dtype errors before any work
+        if np.issubdtype(x.dtype, np.floating):  # report every bad image, not just a batch's
+            finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
+            if not finite.all():
+                bad = np.flatnonzero(~finite)
+                raise EmbedInputError(f"images: {bad.size} image(s) contain NaN or Inf, e.g. index "
+                                      f"{bad[:5].tolist()}")
+        b = self.batch_size
+
+        def chunks() -> Iterator[np.ndarray]:
+            for s in range(0, len(x), b):
+                yield self.check_images(x[s:s + b], offset=s)
+
+        old, self.progress = self.progress, self.progress if progress is None else progress
+        try:
+            return self._run(chunks(), len(x), "embed")
+        finally:
+            self.progress = old
+
+    def embed_dataset(self, data_dir: str, *, progress: bool | None = None) -> tuple[np.ndarray, list[str]]:
+        """Embed every crop of a crop dataset directory, in dataset order.
+
+        Args:
+          data_dir: directory with ``manifest*.json`` + ArrayRecord shards.
+          progress: override the instance's progress-bar setting.
+
+        Returns:
+          (float32 (N, D) embeddings, list of N cell_ids in the same order).
+        """
+        from cosmic_jax.data.loader import make_eval_iterator
+        from cosmic_jax.data.records import CropSource
+
+        data_dir = os.fspath(data_dir)
+        src = CropSource(data_dir)
+        n = len(src)
+        if n == 0:
+            return np.zeros((0, self.dim), np.float32), []
+        # Shape errors before any work, naming the dataset (the loader would fail inside grain).
+        self.check_images(np.zeros((1, *src.image_shape), np.float32), where=f"crop dataset {data_dir}")
+        ids: list[str] = []
+
+        def chunks() -> Iterator[np.ndarray]:
+            for batch in make_eval_iterator(src, self.batch_size):
+                batch_ids = [str(c) for c in batch["cell_id"]]
+                try:
+                    x = self.check_images(batch["image"], offset=int(batch["index"][0]),
+                                          where=f"crop dataset {data_dir}")
+                except EmbedInputError as e:
+                    bad = [c for c, img in zip(batch_ids, batch["image"]) if not np.isfinite(img).all()]
+                    raise EmbedInputError(f"{e}; cell_id(s) {bad[:5]}" if bad else str(e)) from e
+                ids.extend(batch_ids)
+                yield x
+
+        old, self.progress = self.progress, self.progress if progress is None else progress
+        try:
+            emb = self._run(chunks(), n, f"embed {os.path.basename(data_dir.rstrip('/'))}")
+        finally:
+            self.progress = old
+        return emb, ids
+
+    # ------------------------------------------------------------------ AnnData
+    def embed_anndata(
+        self,
+        adata: Any,
+        crops: Any,
+        key: str = "X_cosmic",
+        *,
+        cell_ids: Sequence[str] | None = None,
+        id_key: str | None = None,
+        progress: bool | None = None,
+    ) -> np.ndarray:
+        """Write ``adata.obsm[key]`` (N_obs, D) in AnnData row order, matched by cell_id.
+
+        Args:
+          adata: an AnnData; its cell ids are ``adata.obs[id_key]`` if given, else
+            ``adata.obs["cell_id"]`` if that column exists, else ``adata.obs_names``.
+          crops: a crop dataset directory, an ``(images, cell_ids)`` pair, or an image array
+            together with ``cell_ids=``. Crops may be in any order, but must hold exactly the
+            AnnData's cells: missing, extra or duplicate ids raise an error listing examples.
+          key: obsm key; metadata goes to ``adata.uns[key + "_meta"]``.
+          cell_ids: ids of the rows of an image array ``crops``.
+          id_key: obs column holding the cell ids.
+          progress: override the progress-bar setting.
+
+        Returns:
+          The (N_obs, D) float32 embeddings, as written to ``adata.obsm[key]``.
+        """
+        if isinstance(crops, (str, os.PathLike)):
+            if cell_ids is not None:
+                raise ValueError("cell_ids= is only for image arrays; a crop dataset carries its own ids")
+            emb, crop_ids = self.embed_dataset(crops, progress=progress)
+            what = f"crop dataset {os.fspath(crops)}"
+        else:
+            if isinstance(crops, tuple) and len(crops) == 2 and cell_ids is None:
+                crops, cell_ids = crops
+            if cell_ids is None:
+                raise ValueError("an image array needs its cell ids: pass crops=(images, ids) or cell_ids=")
+            crop_ids = [str(c) for c in cell_ids]
+            if len(crop_ids) != len(crops):
+                raise ValueError(f"{len(crops)} images but {len(crop_ids)} cell_ids")
+            what = "crops"
+            emb = None  # embed after the ids check: a mismatch should fail before the compute
+        order = match_ids(anndata_ids(adata, id_key), crop_ids, what)
+        if emb is None:
+            emb = self.embed(crops, progress=progress)
+        out = np.ascontiguousarray(emb[order])
+        adata.obsm[key] = out
+        adata.uns[key + "_meta"] = self.metadata()
+        return out
+
+
+def anndata_ids(adata: Any, id_key: str | None = None) -> list[str]:
+    """The cell ids of an AnnData: ``obs[id_key]``, else ``obs["cell_id"]``, else obs_names."""
+    if id_key is not None:
+        if id_key not in adata.obs:
+            raise KeyError(f"AnnData has no obs column {id_key!r}; columns: {list(adata.obs.columns)}")
+        return [str(v) for v in adata.obs[id_key]]
+    if "cell_id" in adata.obs:
+        return [str(v) for v in adata.obs["cell_id"]]
+    return [str(v) for v in adata.obs_names]
+
+
+def _dupes(ids: Sequence[str]) -> list[str]:
+    seen, dup = set(), []
+    for i in ids:
+        if i in seen and i not in dup:
+            dup.append(i)
+        seen.add(i)
+    return dup
+
+
+def match_ids(target: Sequence[str], source: Sequence[str], what: str = "crops") -> np.ndarray:
+    """Index array ``order`` with ``source[order[k]] == target[k]``; strict one-to-one.
+
+    Args:
+      target: ids in the wanted order (the AnnData's).
+      source: ids in the stored order (the crops').
+      what: name of the source in error messages.
+
+    Returns:
+      int64 (len(target),) indices into ``source``.
+    """
+    problems = []
+    for name, ids in (("AnnData", target), (what, source)):
+        dup = _dupes(ids)
+        if dup:
+            problems.append(f"{len(dup)} duplicate cell_id(s) in {name}, e.g. {dup[:5]}")
+    pos = {c: i for i, c in enumerate(source)}
+    tset = set(target)
+    missing = [c for c in target if c not in pos]
+    extra = [c for c in source if c not in tset]
+    if missing:
+        problems.append(f"{len(missing)} AnnData cell_id(s) have no crop in {what}, e.g. {missing[:5]}")
+    if extra:
+        problems.append(f"{len(extra)} cell_id(s) in {what} are not in the AnnData, e.g. {extra[:5]}")
+    if problems:
+        raise ValueError("cannot match crops to AnnData cells by cell_id: " + "; ".join(problems))
+    return np.fromiter((pos[c] for c in target), np.int64, len(target))

@@ -1,0 +1,365 @@
+"""Portable, self-contained export of a trained MAE encoder.
+
+An export directory holds::
+
+    manifest.json        format name + version, what each file is, sha256 + size of every file
+    config.json          model name, full MAEConfig, input shape (H, W, C) + dtype + normalisation
+                         rule, embedding layer/pool, training step, calling convention
+    encoder.safetensors  encoder weights, a flat dict keyed by '/'.join(param path)
+    encoder.stablehlo    the encoder forward serialised with ``jax.export``: takes
+                         (flat weights dict, float32 images (b, H, W, C)) -> float32 (b, D),
+                         with a symbolic batch dimension b
+    mae.safetensors      (optional, ``with_decoder``) the full MAE weights incl. the decoder
+
+A consumer needs only jax + numpy + safetensors (``tests/_export_consumer.py`` is one):
+``jax.export.deserialize(blob).call(weights, images)``. Loading here verifies the format version
+and every file's sha256 first, and refuses a tampered or mismatched file naming it. Nothing is
+pickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+FORMAT = "cosmic-embed-export"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+ENCODER_WEIGHTS = "encoder.safetensors"
+ENCODER_HLO = "encoder.stablehlo"
+FULL_WEIGHTS = "mae.safetensors"
+# Lowered for both so one artifact runs on a CPU box and on an NVIDIA GPU.
+DEFAULT_PLATFORMS = ("cpu", "cuda")
+
+_WHAT = {
+    CONFIG: "model + input/output contract (JSON)",
+    ENCODER_WEIGHTS: "encoder weights, safetensors, flat dict keyed by '/'.join(param path)",
+    ENCODER_HLO: "encoder forward, jax.export serialised StableHLO; call(weights, images (b,H,W,C) f32) -> (b,D) f32",
+    FULL_WEIGHTS: "full MAE weights incl. decoder, safetensors, flat dict keyed by '/'.join(param path)",
+}
+
+
+class ExportError(ValueError):
+    """An export directory is missing, tampered with, or of another format; names the file."""
+
+
+@dataclasses.dataclass
+class ExportBundle:
+    """A verified export: ``config`` (config.json), ``model_cfg`` (MAEConfig), ``params`` (nested)."""
+
+    path: str
+    manifest: dict[str, Any]
+    config: dict[str, Any]
+    model_cfg: Any
+    params: dict[str, Any]
+    full_params: dict[str, Any] | None
+
+
+# ---------------------------------------------------------------------- flat <-> nested params
+def _flat_items(tree: Any, path: tuple[str, ...] = ()):
+    """(key, leaf) pairs of a nested mapping, key = '/'.join(path)."""
+    if hasattr(tree, "items") and not hasattr(tree, "shape"):
+        for k, v in tree.items():
+            if "/" in str(k):
+                raise ValueError(f"param name {'/'.join(path + (str(k),))!r} contains '/'")
+            yield from _flat_items(v, path + (str(k),))
+    else:
+        yield "/".join(path), tree
+
+
+def flatten_params(params: Any) -> dict[str, np.ndarray]:
+    """Nested param dict -> {'a/b/kernel': np.ndarray}; names must not contain '/'."""
+    return {k: np.asarray(v) for k, v in _flat_items(params)}
+
+
+def unflatten_params(flat: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`flatten_params` (works on numpy and on traced jax arrays)."""
+    out: dict[str, Any] = {}
+    for key, v in flat.items():
+        node = out
+        *parents, leaf = key.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------- writing
+def encoder_params(embedder: Any) -> dict[str, Any]:
+    """The subset of ``embedder.params`` that the encoder forward reads (any layer, any pool).
+
+    Found by tracing ``MAE.encode`` (layer=-1, the deepest) to a jaxpr and keeping the weights
+    that reach the output (a backwards liveness pass), so decoder weights and params that
+    ``setup`` creates but ``encode`` never touches (``mask_token``) stay out of the export.
+    """
+    import jax
+    from jax.extend.core import Var
+
+    from cosmic_jax.models.mae import MAE
+
+    flat = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype)
+            for k, v in _flat_items(embedder.params)}
+    x = jax.ShapeDtypeStruct((1, *embedder.input_shape), np.float32)
+    model = embedder.model
+
+    def deepest(flat_w, images):
+        return model.apply({"params": unflatten_params(flat_w)}, images, method=MAE.encode, layer=-1,
+                           pool=embedder.pool)
+
+    jaxpr = jax.make_jaxpr(deepest)(flat, x).jaxpr
+    live = {v for v in jaxpr.outvars if isinstance(v, Var)}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if isinstance(v, Var))
+    paths = jax.tree_util.tree_flatten_with_path((flat, x))[0]
+    assert len(paths) == len(jaxpr.invars)
+    used = {path[1].key for (path, _), var in zip(paths, jaxpr.invars) if path[0].idx == 0 and var in live}
+    if not used:
+        raise ValueError("the encoder forward uses no params; is this an MAE param tree?")
+    # flax creates ``self.param`` leaves of a ``setup`` eagerly, so apply() insists on them even
+    # when encode never reads them (MAE's mask_token): add back exactly those apply() asks for.
+    import flax.errors
+
+    for _ in range(len(flat)):
+        try:
+            jax.eval_shape(deepest, {k: flat[k] for k in used}, x)
+            break
+        except flax.errors.ScopeParamNotFoundError as e:
+            name = str(e).split('named "')[1].split('"')[0]
+            scope = str(e).split('in scope "')[1].split('"')[0].strip("/")
+            key = f"{scope}/{name}" if scope else name
+            if key not in flat or key in used:
+                raise
+            used.add(key)
+    return unflatten_params({k: v for k, v in _flat_items(embedder.params) if k in used})
+
+
+def export_embedder(
+    embedder: Any,
+    out_dir: str,
+    *,
+    full_params: Any | None = None,
+    platforms: tuple[str, ...] = DEFAULT_PLATFORMS,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write an export directory for ``embedder`` (its layer/pool are baked into the StableHLO).
+
+    Args:
+      embedder: a :class:`cosmic_jax.embed.Embedder`.
+      out_dir: directory to create; written to a temporary sibling and renamed at the end, so a
+        crash never leaves a half-written export behind.
+      full_params: full MAE params (encoder + decoder) to include as ``mae.safetensors``.
+      platforms: jax.export lowering platforms.
+      overwrite: replace an existing ``out_dir``.
+
+    Returns:
+      The manifest dict.
+    """
+    import jax
+    import safetensors.numpy
+
+    import cosmic_jax
+
+    if os.path.exists(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    if getattr(embedder.model_cfg, "dtype", "float32") != "float32":
+        # the export promises float32 numerics; a bf16 compute config would silently change them
+        raise ValueError(f"export needs a float32 model config, got dtype={embedder.model_cfg.dtype!r}")
+    enc = flatten_params(encoder_params(embedder))
+    h, w, c = embedder.input_shape
+
+    def forward(flat_weights, images):
+        return embedder._encode_fn(unflatten_params(flat_weights), images)
+
+    b, = jax.export.symbolic_shape("b")
+    w_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in enc.items()}
+    x_spec = jax.ShapeDtypeStruct((b, h, w, c), np.float32)
+    exported = jax.export.export(jax.jit(forward), platforms=list(platforms))(w_spec, x_spec)
+    blob = bytes(exported.serialize())
+
+    cfg = embedder.model_cfg
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name": embedder.model_name,
+        "model_config": cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg),
+        "input": {
+            "shape": [h, w, c],
+            "layout": "NHWC",
+            "dtype": "float32",
+            "normalisation": (
+                "crops as stored in the crop dataset, cast to float32, no rescaling; "
+                + ("the model then applies (x - pixel_mean) / pixel_std per channel (baked in)"
+                   if cfg.pixel_mean is not None or cfg.pixel_std is not None
+                   else "the model applies no further normalisation")
+            ),
+            "pixel_mean": cfg.pixel_mean,
+            "pixel_std": cfg.pixel_std,
+        },
+        "output": {"shape": ["b", embedder.dim], "dtype": "float32"},
+        "embedding": {"layer": embedder.layer, "layer_index": embedder.layer % embedder.depth,
+                      "pool": embedder.pool, "depth": embedder.depth},
+        "training_step": None if embedder.step is None else int(embedder.step),
+        "source": embedder.source or "in-memory",
+        "stablehlo": {
+            "file": ENCODER_HLO,
+            "platforms": list(platforms),
+            "args": [f"dict of {len(enc)} float32 arrays from {ENCODER_WEIGHTS} (keys as stored)",
+                     "images float32 (b, H, W, C)"],
+            "symbolic_dims": ["b"],
+            "calling_convention_version": int(exported.calling_convention_version),
+        },
+        "versions": {"cosmic_jax": cosmic_jax.__version__, "jax": jax.__version__},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        files: dict[str, bytes] = {}
+        files[CONFIG] = (json.dumps(config, indent=1) + "\n").encode()
+        files[ENCODER_WEIGHTS] = safetensors.numpy.save(enc, metadata={"format": FORMAT, "what": "encoder"})
+        files[ENCODER_HLO] = blob
+        if full_params is not None:
+            files[FULL_WEIGHTS] = safetensors.numpy.save(
+                flatten_params(full_params), metadata={"format": FORMAT, "what": "full MAE"})
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "files": {n: {"what": _WHAT[n], "sha256": _sha256(d), "bytes": len(d)} for n, d in files.items()},
+            "usage": ("exp = jax.export.deserialize(open('encoder.stablehlo','rb').read()); "
+                      "emb = exp.call(safetensors.numpy.load_file('encoder.safetensors'), images_f32_bhwc)"),
+        }
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def export_checkpoint(
+    workdir: str,
+    out_dir: str,
+    *,
+    step: int | None = None,
+    with_decoder: bool = False,
+    layer: int = -1,
+    pool: str = "mean",
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Export a ``cosmic pretrain`` workdir (latest step unless ``step``); see export_embedder."""
+    from cosmic_jax.embed.embedder import Embedder
+
+    emb = Embedder.from_checkpoint(workdir, step=step, layer=layer, pool=pool)
+    return export_embedder(emb, out_dir, full_params=emb.params if with_decoder else None,
+                           overwrite=overwrite)
+
+
+# ---------------------------------------------------------------------- reading
+def _read_json(path: str, data: bytes) -> dict[str, Any]:
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportError(f"{path}: not valid JSON ({e})") from e
+
+
+def _check_format(path: str, d: dict[str, Any]) -> None:
+    if d.get("format") != FORMAT:
+        raise ExportError(f"{path}: not a {FORMAT} file (format={d.get('format')!r})")
+    if d.get("format_version") != FORMAT_VERSION:
+        raise ExportError(f"{path}: unsupported format_version {d.get('format_version')!r}; this "
+                          f"cosmic_jax reads version {FORMAT_VERSION}")
+
+
+def read_verified(path: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Read an export's manifest and every file it lists, checking format version and sha256.
+
+    Args:
+      path: export directory.
+
+    Returns:
+      (manifest dict, {file name: verified bytes}).
+    """
+    mpath = os.path.join(path, MANIFEST)
+    if not os.path.isfile(mpath):
+        if not os.path.isdir(path):
+            raise ExportError(f"export directory not found: {path}")
+        raise ExportError(f"{mpath}: missing; is {path} a cosmic export?")
+    with open(mpath, "rb") as f:
+        manifest = _read_json(mpath, f.read())
+    _check_format(mpath, manifest)
+    listed = manifest.get("files") or {}
+    for required in (CONFIG, ENCODER_WEIGHTS, ENCODER_HLO):
+        if required not in listed:
+            raise ExportError(f"{mpath}: does not list required file {required}")
+    data: dict[str, bytes] = {}
+    for name, info in listed.items():
+        fpath = os.path.join(path, name)
+        if os.path.basename(name) != name:
+            raise ExportError(f"{mpath}: file name {name!r} is not a plain file name")
+        if not os.path.isfile(fpath):
+            raise ExportError(f"{fpath}: listed in the manifest but missing")
+        with open(fpath, "rb") as f:
+            blob = f.read()
+        digest = _sha256(blob)
+        if digest != info.get("sha256"):
+            raise ExportError(f"{fpath}: sha256 {digest[:12]}... does not match the manifest "
+                              f"({str(info.get('sha256'))[:12]}...): file changed or corrupted")
+        data[name] = blob
+    return manifest, data
+
+
+def load_export(path: str) -> ExportBundle:
+    """Verify and load an export directory.
+
+    Args:
+      path: export directory written by :func:`export_embedder`.
+
+    Returns:
+      An :class:`ExportBundle` with nested numpy params (encoder; full MAE if exported).
+    """
+    import safetensors.numpy
+
+    from cosmic_jax.configs.mae import config_from_dict
+
+    manifest, data = read_verified(path)
+    cpath = os.path.join(path, CONFIG)
+    config = _read_json(cpath, data[CONFIG])
+    _check_format(cpath, config)
+    try:
+        model_cfg = config_from_dict(config["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{cpath}: model_config does not fit this cosmic_jax ({e})") from e
+    if list(config["input"]["shape"]) != [model_cfg.image_size, model_cfg.image_size, model_cfg.channels]:
+        raise ExportError(f"{cpath}: input shape {config['input']['shape']} disagrees with model_config")
+
+    def weights(name: str) -> dict[str, Any]:
+        try:
+            return unflatten_params(safetensors.numpy.load(data[name]))
+        except Exception as e:  # safetensors raises its own error types
+            raise ExportError(f"{os.path.join(path, name)}: unreadable safetensors ({e})") from e
+
+    full = weights(FULL_WEIGHTS) if FULL_WEIGHTS in data else None
+    return ExportBundle(path=path, manifest=manifest, config=config, model_cfg=model_cfg,
+                        params=weights(ENCODER_WEIGHTS), full_params=full)

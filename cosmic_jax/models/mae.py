@@ -1,0 +1,289 @@
+"""ViT masked autoencoder (He et al. 2022) in flax.linen.
+
+Training forward (``MAE.__call__``): per-sample random masking keeps ``cfg.num_visible`` of the
+N patches; the encoder runs on the visible patches (+ CLS) only; the light decoder runs on all
+N tokens (visible embeddings + a learned mask token, fixed 2-D sin-cos position embeddings); the
+loss is the MSE on masked patches only (per-patch normalised targets with ``norm_pix_loss``).
+
+Input: (B, H, W, C) float32 crops exactly as stored (no ImageNet mean/std); optional per-channel
+``pixel_mean`` / ``pixel_std`` in the config are applied first.
+
+Speed choices (CPU XLA; see notes/mae_speed.md):
+  * masking selects visible *pixels* before the patch embedding: the gather touches only input
+    data (no gradient, so no scatter in the backward pass) and the patch embedding runs on N/4
+    patches;
+  * the decoder "unshuffle" is a one-hot matmul (B,K,N)x(B,K,D): its gradient is the transposed
+    matmul, not a scatter-add;
+  * position embeddings are numpy constants (not params, no gradient).
+
+Param paths (see also cosmic_jax/models/vit.py for the blocks):
+  patch_embed/{kernel (p*p*C, D) ("patch","embed"), bias}
+  cls_token (1, 1, D) (only with cfg.cls_token)
+  encoder/block_{i}/...,  encoder_norm/{scale,bias}
+  decoder_embed/{kernel (D, Dd) ("embed","dec_embed")... , bias}
+  mask_token (1, 1, Dd)
+  decoder/block_{i}/...,  decoder_norm/{scale,bias}
+  decoder_pred/{kernel (Dd, p*p*C), bias}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from cosmic_jax.configs.mae import MAEConfig, pixel_stats
+from cosmic_jax.models.patches import patchify, sincos_pos_embed_2d, unpatchify
+from cosmic_jax.models.vit import Transformer, _part, dense, layer_norm
+
+_token_init = nn.initializers.normal(stddev=0.02)
+
+
+def random_masking(rng: jax.Array, batch: int, num_patches: int, num_visible: int):
+    """Per-sample uniform random choice of visible patches.
+
+    Args:
+      rng: PRNG key.
+      batch: B.
+      num_patches: N.
+      num_visible: K, the number of visible patches per sample.
+
+    Returns:
+      ids_keep: (B, K) int32 indices of the visible patches (distinct within a row).
+      masked: (B, N) float32, 1 = masked (predicted, in the loss), 0 = visible.
+    """
+    noise = jax.random.uniform(rng, (batch, num_patches))
+    # top_k of iid uniform noise = a uniformly random K-subset; cheaper than a full argsort.
+    _, ids_keep = jax.lax.top_k(noise, num_visible)
+    visible = jax.nn.one_hot(ids_keep, num_patches, dtype=jnp.float32).sum(axis=1)
+    return ids_keep.astype(jnp.int32), 1.0 - visible
+
+
+def norm_pix_target(patches: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """Per-patch standardised target as HF ViTMAE (unbiased variance). (B,N,P) -> (B,N,P)."""
+    mean = patches.mean(axis=-1, keepdims=True)
+    var = patches.var(axis=-1, keepdims=True, ddof=1)
+    return (patches - mean) * jax.lax.rsqrt(var + eps)
+
+
+def masked_mse(pred: jnp.ndarray, patches: jnp.ndarray, masked: jnp.ndarray,
+               norm_pix_loss: bool = True, eps: float = 1e-6) -> jnp.ndarray:
+    """MAE loss: mean over masked patches of the per-patch MSE.
+
+    Args:
+      pred: (B, N, P) predictions.
+      patches: (B, N, P) input patches (the target, normalised per patch with ``norm_pix_loss``).
+      masked: (B, N) 1 = masked (counted), 0 = visible (ignored).
+
+    Returns:
+      scalar float32.
+    """
+    target = norm_pix_target(patches, eps) if norm_pix_loss else patches
+    per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)  # (B, N)
+    return jnp.sum(per_patch * masked) / jnp.maximum(jnp.sum(masked), 1.0)
+
+
+class MAE(nn.Module):
+    """Masked autoencoder; ``config`` is a :class:`cosmic_jax.configs.mae.MAEConfig`."""
+
+    config: MAEConfig
+
+    def setup(self):
+        cfg = self.config
+        dt = jnp.dtype(cfg.dtype)
+        self.patch_embed = dense(cfg.hidden, ("patch", "embed"), dt, "patch_embed")
+        if cfg.cls_token:
+            self.cls = self.param("cls_token", _part(_token_init, (None, None, "embed")),
+                                  (1, 1, cfg.hidden))
+        self.encoder = Transformer(cfg.depth, cfg.heads, cfg.mlp_dim, dt, cfg.layer_norm_eps,
+                                   cfg.gelu_approximate, cfg.remat, name="encoder")
+        self.encoder_norm = layer_norm(cfg.layer_norm_eps, "encoder_norm")
+        self.decoder_embed = dense(cfg.dec_hidden, ("embed", "dec_embed"), dt, "decoder_embed")
+        self.mask_token = self.param("mask_token", _part(_token_init, (None, None, "dec_embed")),
+                                     (1, 1, cfg.dec_hidden))
+        self.decoder = Transformer(cfg.dec_depth, cfg.dec_heads, cfg.dec_mlp_dim, dt,
+                                   cfg.layer_norm_eps, cfg.gelu_approximate, cfg.remat,
+                                   name="decoder")
+        self.decoder_norm = layer_norm(cfg.layer_norm_eps, "decoder_norm")
+        self.decoder_pred = dense(cfg.patch_dim, ("dec_embed", "patch"), dt, "decoder_pred")
+        self.pos = jnp.asarray(sincos_pos_embed_2d(cfg.hidden, cfg.grid))  # (N, D) constant
+        self.dec_pos = jnp.asarray(sincos_pos_embed_2d(cfg.dec_hidden, cfg.grid))
+
+    # ----------------------------------------------------------------------------- helpers
+    def _check_images(self, images: jnp.ndarray) -> None:
+        cfg = self.config
+        want = (cfg.image_size, cfg.image_size, cfg.channels)
+        if images.ndim != 4 or tuple(images.shape[1:]) != want:
+            raise ValueError(f"MAE config {cfg.name!r} expects images (B, {want[0]}, {want[1]}, "
+                             f"{want[2]}), got shape {tuple(images.shape)}")
+
+    def _prep(self, images: jnp.ndarray) -> jnp.ndarray:
+        """Validate, cast to float32 and apply the optional per-channel normalisation."""
+        self._check_images(images)
+        x = images.astype(jnp.float32)
+        stats = pixel_stats(self.config)
+        if stats is not None:
+            x = (x - stats[0]) / stats[1]
+        return x
+
+    def _with_cls(self, x: jnp.ndarray) -> jnp.ndarray:
+        if not self.config.cls_token:
+            return x
+        cls = jnp.broadcast_to(self.cls, (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
+        return jnp.concatenate([cls, x], axis=1)  # CLS pos-emb is zero (MAE convention)
+
+    def _encode_tokens(self, patches: jnp.ndarray, pos: jnp.ndarray, upto: int | None = None):
+        """(B, T, P) patches + (B|1, T, D) pos-emb -> (B, [1+]T, D) block outputs (float32)."""
+        x = self.patch_embed(patches).astype(jnp.float32) + pos
+        return self.encoder(self._with_cls(x), upto=upto)
+
+    # ----------------------------------------------------------------------------- training
+    def __call__(self, images: jnp.ndarray, rng: jax.Array):
+        """Masked-autoencoding forward pass and loss.
+
+        Args:
+          images: (B, H, W, C) float.
+          rng: PRNG key for the per-sample random mask.
+
+        Returns:
+          loss: scalar float32, MSE over masked patches only.
+          aux: {"pred": (B, N, P) float32 decoder output (normalised-patch space with
+            norm_pix_loss), "mask": (B, N) float32, 1 = masked}.
+        """
+        cfg = self.config
+        x = self._prep(images)
+        b = x.shape[0]
+        n, k = cfg.num_patches, cfg.num_visible
+        patches = patchify(x, cfg.patch_size)  # (B, N, P)
+        ids_keep, masked = random_masking(rng, b, n, k)
+        vis = jnp.take_along_axis(patches, ids_keep[:, :, None], axis=1)  # input data: no grad
+        h = self._encode_tokens(vis, self.pos[ids_keep])
+        h = self.encoder_norm(h)
+        pred = self._decode(h, ids_keep, masked)
+        loss = masked_mse(pred, patches, masked, cfg.norm_pix_loss, cfg.norm_pix_eps)
+        return loss, {"pred": pred, "mask": masked}
+
+    def _decode(self, h: jnp.ndarray, ids_keep: jnp.ndarray, masked: jnp.ndarray) -> jnp.ndarray:
+        """Encoder output (B, [1+]K, D) -> per-patch predictions (B, N, P) float32."""
+        cfg = self.config
+        h = self.decoder_embed(h).astype(jnp.float32)  # (B, [1+]K, Dd)
+        c = 1 if cfg.cls_token else 0
+        # Unshuffle as a one-hot matmul: token j of the visible set goes to patch ids_keep[j].
+        sel = jax.nn.one_hot(ids_keep, cfg.num_patches, dtype=h.dtype)  # (B, K, N)
+        full = jnp.einsum("bkn,bkd->bnd", sel, h[:, c:])
+        full = full + masked[:, :, None] * self.mask_token.astype(h.dtype)
+        full = full + self.dec_pos
+        if c:
+            full = jnp.concatenate([h[:, :1], full], axis=1)
+        y = self.decoder(full)
+        y = self.decoder_norm(y)
+        return self.decoder_pred(y[:, c:]).astype(jnp.float32)
+
+    # ----------------------------------------------------------------------------- inference
+    def encode(self, images: jnp.ndarray, layer: int = -1, pool: str = "mean", mask: bool = False,
+               rng: jax.Array | None = None) -> jnp.ndarray:
+        """Encoder embeddings of whole images (no masking by default).
+
+        Use as ``model.apply(variables, images, method=MAE.encode, layer=k, pool="mean")``.
+
+        Args:
+          images: (B, H, W, C).
+          layer: encoder block whose output is returned (0-based; negative counts from the end).
+            The last block (-1 / depth-1) returns the final ``encoder_norm`` output, as used in
+            pretraining; earlier blocks return the raw residual stream. Later blocks are not run.
+          pool: "mean" (average of patch tokens, CLS excluded) -> (B, D); "cls" -> (B, D) CLS
+            token (needs cfg.cls_token); "none" -> (B, [1+]T, D) all tokens (CLS first).
+          mask: if True, apply the pretraining random mask (needs ``rng``) and encode only the
+            visible patches.
+          rng: PRNG key, only for ``mask=True``.
+
+        Returns:
+          float32 embeddings, shape per ``pool``.
+        """
+        cfg = self.config
+        if not -cfg.depth <= layer < cfg.depth:
+            raise ValueError(f"layer={layer} out of range for an encoder of depth {cfg.depth}")
+        layer = layer % cfg.depth
+        if pool not in ("mean", "cls", "none"):
+            raise ValueError(f"pool must be 'mean', 'cls' or 'none', got {pool!r}")
+        if pool == "cls" and not cfg.cls_token:
+            raise ValueError(f"pool='cls' but config {cfg.name!r} has cls_token=False")
+        patches = patchify(self._prep(images), cfg.patch_size)
+        pos = self.pos[None]
+        if mask:
+            if rng is None:
+                raise ValueError("encode(mask=True) needs rng")
+            ids_keep, _ = random_masking(rng, patches.shape[0], cfg.num_patches, cfg.num_visible)
+            patches = jnp.take_along_axis(patches, ids_keep[:, :, None], axis=1)
+            pos = self.pos[ids_keep]
+        h = self._encode_tokens(patches, pos, upto=layer)
+        if layer == cfg.depth - 1:
+            h = self.encoder_norm(h)
+        c = 1 if cfg.cls_token else 0
+        if pool == "mean":
+            return h[:, c:].mean(axis=1)
+        if pool == "cls":
+            return h[:, 0]
+        return h
+
+    def reconstruct(self, images: jnp.ndarray, rng: jax.Array) -> dict[str, jnp.ndarray]:
+        """Masked reconstruction for visualisation.
+
+        Args:
+          images: (B, H, W, C).
+          rng: PRNG key for the mask.
+
+        Returns:
+          {"pred": (B, H, W, C) prediction in input pixel space (with norm_pix_loss each patch is
+             de-normalised with the true patch mean/std, as in the MAE paper's figures),
+           "mask": (B, H, W, 1) 1 = masked,
+           "pasted": (B, H, W, C) visible input pixels + predicted masked pixels,
+           "loss": scalar}.
+        """
+        cfg = self.config
+        loss, aux = self(images, rng)
+        x = self._prep(images)
+        patches = patchify(x, cfg.patch_size)
+        pred = aux["pred"]
+        if cfg.norm_pix_loss:
+            mean = patches.mean(axis=-1, keepdims=True)
+            std = jnp.sqrt(patches.var(axis=-1, keepdims=True, ddof=1) + cfg.norm_pix_eps)
+            pred = pred * std + mean
+        m = aux["mask"][:, :, None]
+        pasted = patches * (1.0 - m) + pred * m
+        mask_img = jnp.broadcast_to(m, m.shape[:2] + (cfg.patch_size**2,))
+        un = lambda t, ch: unpatchify(t, cfg.patch_size, ch)  # noqa: E731
+        return {"pred": un(pred, cfg.channels), "mask": un(mask_img, 1),
+                "pasted": un(pasted, cfg.channels), "loss": loss}
+
+
+# --------------------------------------------------------------------------------- utilities
+def init_variables(cfg: MAEConfig, rng: jax.Array, batch: int = 1) -> dict[str, Any]:
+    """Initialise params (boxed with logical axis metadata). Returns flax variables."""
+    model = MAE(cfg)
+    x = jnp.zeros((batch, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
+    return model.init(rng, x, rng)
+
+
+def abstract_params(cfg: MAEConfig) -> Any:
+    """ShapeDtypeStruct tree of the (unboxed) params, without allocating them."""
+    boxed = jax.eval_shape(lambda k: init_variables(cfg, k), jax.random.key(0))
+    return nn.meta.unbox(boxed)["params"]
+
+
+def param_logical_specs(cfg: MAEConfig) -> Any:
+    """Tree of ``PartitionSpec`` of logical axis names, same structure as the unboxed params.
+
+    Map to mesh axes with ``nn.logical_to_mesh_sharding(specs, mesh, rules)``. Logical names used:
+    "embed", "heads", "mlp", "patch", "dec_embed" and None.
+    """
+    boxed = jax.eval_shape(lambda k: init_variables(cfg, k), jax.random.key(0))
+    return nn.get_partition_spec(boxed)["params"]
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a (possibly abstract) param tree."""
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

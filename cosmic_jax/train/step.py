@@ -1,0 +1,121 @@
+"""Pure MAE train step and train state.
+
+``train_step(state, batch, rng) -> (state, metrics)`` is a module-level pure function so the
+training loop can wrap it as
+
+    jax.jit(train_step, in_shardings=(state_sh, batch_sh, None),
+            out_shardings=(state_sh, None), donate_argnums=(0,))
+
+The model and optimizer configs live in the state as static (hashable) fields, so the step needs
+nothing else. ``rng`` is a fixed base key: the step folds in ``state.step``, so the mask of step
+t is the same whether or not training was resumed in between.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from flax import struct
+import optax
+
+from cosmic_jax.configs.mae import MAEConfig
+from cosmic_jax.models.mae import MAE
+from cosmic_jax.train.optim import OptimConfig, make_optimizer, make_schedule
+
+
+class TrainState(struct.PyTreeNode):
+    """step: int32 scalar (micro-steps); params: unboxed float32 tree; opt_state: optax state."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    model_cfg: MAEConfig = struct.field(pytree_node=False)
+    optim_cfg: OptimConfig = struct.field(pytree_node=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _tx(optim_cfg: OptimConfig) -> optax.GradientTransformation:
+    # One transformation object per config, so repeated traces see identical functions.
+    return make_optimizer(optim_cfg)
+
+
+def create_train_state(model_cfg: MAEConfig, optim_cfg: OptimConfig, rng: jax.Array,
+                       sample_shape: tuple[int, ...] | None = None) -> TrainState:
+    """Initialise params (float32, logical-axis boxes removed) and optimizer state.
+
+    Traceable: the training loop may call it under ``jax.jit(..., out_shardings=...)`` to create
+    the state directly sharded.
+
+    Args:
+      model_cfg: model config.
+      optim_cfg: optimizer config.
+      rng: PRNG key for the parameter init.
+      sample_shape: (B, H, W, C) of an input batch (only H, W, C must match the config);
+        defaults to (1, image_size, image_size, channels).
+
+    Returns:
+      TrainState at step 0.
+    """
+    want = (model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
+    if sample_shape is None:
+        sample_shape = (1,) + want
+    if tuple(sample_shape[1:]) != want:
+        raise ValueError(f"sample_shape {tuple(sample_shape)} does not match model config "
+                         f"{model_cfg.name!r} (expects (B, {want[0]}, {want[1]}, {want[2]}))")
+    return _init_state(model_cfg, optim_cfg, rng)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _init_state(model_cfg: MAEConfig, optim_cfg: OptimConfig, rng: jax.Array) -> TrainState:
+    # jitted: eager flax init dispatches hundreds of tiny ops, each compiled on first use.
+    x = jnp.zeros((1, model_cfg.image_size, model_cfg.image_size, model_cfg.channels), jnp.float32)
+    k_init, k_mask = jax.random.split(rng)
+    variables = MAE(model_cfg).init(k_init, x, k_mask)
+    params = nn.meta.unbox(variables["params"])
+    opt_state = _tx(optim_cfg).init(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                      model_cfg=model_cfg, optim_cfg=optim_cfg)
+
+
+def _loss_fn(params, model_cfg: MAEConfig, images: jax.Array, rng: jax.Array):
+    loss, _ = MAE(model_cfg).apply({"params": params}, images, rng)
+    return loss
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+    """One optimizer (micro-)step.
+
+    Args:
+      state: TrainState.
+      batch: {"image": (B, H, W, C) float32}; other keys are ignored.
+      rng: base PRNG key (the step number is folded in here).
+
+    Returns:
+      (new_state, metrics) with metrics {"loss", "grad_norm", "lr"} float32 scalars; lr is the
+      learning rate used for this update (under accumulation: of the pending update).
+    """
+    if "image" not in batch:
+        raise KeyError(f"batch has no 'image' key (keys: {sorted(batch)})")
+    step_rng = jax.random.fold_in(rng, state.step)
+    loss, grads = jax.value_and_grad(_loss_fn)(state.params, state.model_cfg, batch["image"],
+                                               step_rng)
+    tx = _tx(state.optim_cfg)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    update_idx = state.step // max(1, state.optim_cfg.accum_steps)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "lr": jnp.asarray(make_schedule(state.optim_cfg)(update_idx), jnp.float32),
+    }
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
+    """Masked-reconstruction loss without an update (same masking as train_step at this step)."""
+    step_rng = jax.random.fold_in(rng, state.step)
+    return {"loss": _loss_fn(state.params, state.model_cfg, batch["image"], step_rng)}

@@ -1,0 +1,736 @@
+"""Synthetic IRIS-like paired nucleus images + expression counts with known ground truth.
+
+Generative model (one cell):
+
+  S = (cell type c, response status r, shared programs z_s)      drives BOTH modalities
+  z_m  morphology-private programs,  z_e  expression-private programs
+
+  morphology latent u = M_c[c] + W_s z_s + m_r [r = responder] + W_m z_m    (per render parameter)
+  image = render(params(u)) with nuisance: orientation, texture field, nucleoli, pixel noise
+  log-mean  eta_g = b_g + a (C[c, g] + U_s[g] . z_s) + d_g [r = responder] + e U_e[g] . z_e
+  counts_g ~ NegBinomial(mean = L exp(eta_g), inverse dispersion theta),  L ~ LogNormal
+
+The truth (``truth.json``) is defined on quantities an analysis can estimate from the data:
+x_g = log1p(counts_g / library_size * 1e4) and the measured morphology features f_k
+(:mod:`data_builders.morph_features`), as Var(E[. | S]) / Var(.), by nested Monte Carlo.
+The shared/private scales (a, e) = sigma (cos t, sin t) are calibrated so that the overall
+expression fraction equals the requested ``shared_fraction``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from data_builders import morph_features, render
+
+RESPONSE_LEVELS = ("untreated", "resistant", "responder")
+RESPONDER = 2
+RESPONDER_PARAMS = ("radius", "intensity")  # planted morphology effect of responding
+# Seed-sequence streams: each purpose gets its own independent generator.
+_WORLD, _CALIB, _STATE, _COUNTS, _RENDER, _EXPR_MC, _MORPH_MC = range(7)
+
+DEFINITIONS = """\
+S = everything that drives morphology AND expression jointly: cell type, response status
+(untreated / resistant / responder) and the shared continuous programs (obsm['true_shared']).
+Expression: x_g = log1p(counts_g / library_size * 1e4), library_size = total counts of the cell.
+expr_var_explained_by_morph_per_gene[g] = Var(E[x_g | S]) / Var(x_g).
+expr_var_explained_by_morph = sum_g Var(E[x_g | S]) / sum_g Var(x_g) (all genes).
+Morphology: f = morph_features.measure(crop) (features listed in feature_names; standardising
+does not change the ratios). morph_var_explained_by_expr_per_feature[k] = Var(E[f_k | S]) / Var(f_k);
+morph_var_explained_by_expr = mean over features of that ratio.
+Variances are over the population the generator samples from (cell-type, treatment and response
+proportions as configured), estimated by nested Monte Carlo: outer draws of S, inner draws of
+everything else (private programs, library size, negative-binomial noise; for images the private
+programs, orientation, texture field, nucleoli and pixel noise), with the unbiased ANOVA
+correction Var(E[y|S]) = Var(inner means) - E[inner var] / n_inner. *_se are jackknife standard
+errors over groups of outer draws. Because expression and morphology are conditionally
+independent given S, these equal the fractions explainable from the other modality whenever S is
+recoverable from it (an upper bound otherwise)."""
+
+
+@dataclasses.dataclass
+class SyntheticConfig:
+    """Generator settings; ``shared_fraction`` and ``seed`` are arguments of :func:`generate`."""
+
+    n_genes: int = 300
+    n_cell_types: int = 4
+    n_shared: int = 4  # shared continuous programs
+    n_morph_private: int = 3
+    n_expr_private: int = 4
+    treated_fraction: float = 0.5
+    responder_fraction: float = 0.5  # among treated cells
+    n_responder_genes: int = 20
+    responder_gene_effect: float = 1.0  # |log fold change| of planted genes, responders vs rest
+    responder_morph_effect: float = 1.5  # latent shift of RESPONDER_PARAMS for responders
+    expr_signal_sd: float = 1.5  # sigma: sd of the log-mean signal, split by the calibrated angle
+    cell_type_weight: float = 0.5  # share of the shared expression/morphology signal from cell type
+    morph_shared_weight: float = 0.9  # share of morphology latent variance driven by S
+    library_size_mean: float = 5000.0
+    library_size_log_sd: float = 0.25
+    nb_inverse_dispersion: float = 20.0
+    image_size: int = 64
+    pixel_noise: float = 0.02
+    records_per_shard: int = 4096
+    chunk_cells: int = 512  # cells per render / count chunk (bounds memory; fixes the RNG layout)
+    measure_features: bool = True  # also store measured features of every cell in obsm
+    calib_outer: int = 1000
+    calib_inner: int = 2
+    expr_mc_outer: int = 2000
+    expr_mc_inner: int = 2
+    morph_mc_outer: int = 2500
+    morph_mc_inner: int = 2
+    mc_groups: int = 20
+
+    def validate(self) -> "SyntheticConfig":
+        positive = [
+            "n_genes", "n_cell_types", "n_shared", "n_morph_private", "n_expr_private",
+            "library_size_mean", "nb_inverse_dispersion", "image_size", "records_per_shard",
+            "chunk_cells", "calib_outer", "expr_mc_outer", "morph_mc_outer", "expr_signal_sd",
+        ]  # fmt: skip
+        for k in positive:
+            if not getattr(self, k) > 0:
+                raise ValueError(f"SyntheticConfig.{k} must be > 0, got {getattr(self, k)!r}")
+        for k in ("treated_fraction", "responder_fraction", "cell_type_weight", "morph_shared_weight"):
+            if not 0.0 <= getattr(self, k) <= 1.0:
+                raise ValueError(f"SyntheticConfig.{k} must be in [0, 1], got {getattr(self, k)!r}")
+        for k in ("calib_inner", "expr_mc_inner", "morph_mc_inner", "mc_groups"):
+            if getattr(self, k) < 2:
+                raise ValueError(f"SyntheticConfig.{k} must be >= 2, got {getattr(self, k)!r}")
+        if not 0 <= self.n_responder_genes <= self.n_genes:
+            raise ValueError(f"SyntheticConfig.n_responder_genes must be in [0, n_genes], got {self.n_responder_genes}")
+        if self.image_size < 32:
+            raise ValueError(f"SyntheticConfig.image_size must be >= 32, got {self.image_size}")
+        return self
+
+
+# Named variants: overrides applied on top of the defaults.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "no_treatment": {"treated_fraction": 0.0},
+    # Small Monte Carlo and gene count, for tests and quick demos (MC error ~0.01-0.02).
+    "quick": {"n_genes": 100, "calib_outer": 600, "expr_mc_outer": 2000, "morph_mc_outer": 300,
+              "morph_mc_inner": 2, "mc_groups": 10},  # fmt: skip
+}
+
+
+def _parse_value(key: str, text: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"config key {key!r}: expected a boolean, got {text!r}")
+    try:
+        return type(default)(text)
+    except ValueError as e:
+        raise ValueError(f"config key {key!r}: cannot parse {text!r} as {type(default).__name__}") from e
+
+
+def make_config(
+    variant: str = "default", json_file: str | None = None, overrides: Sequence[str] = ()
+) -> SyntheticConfig:
+    """Build a config: named variant, then a JSON file of fields, then ``key=value`` strings.
+
+    Unknown keys and unparsable values raise ValueError naming the key (and file).
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown synthetic config variant {variant!r}; choose from {sorted(VARIANTS)}")
+    cfg = SyntheticConfig(**VARIANTS[variant])
+    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
+    if json_file:
+        try:
+            with open(json_file) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{json_file}: cannot read synthetic config JSON ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{json_file}: synthetic config JSON must be an object of fields")
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"{json_file}: unknown synthetic config keys {unknown}")
+        cfg = dataclasses.replace(cfg, **{k: _parse_value(k, str(v), getattr(cfg, k)) for k, v in data.items()})
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"config override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in fields:
+            raise ValueError(f"unknown synthetic config key {key!r} in override {item!r}")
+        cfg = dataclasses.replace(cfg, **{key: _parse_value(key, text, getattr(cfg, key))})
+    return cfg.validate()
+
+
+@dataclasses.dataclass
+class World:
+    """All fixed parameters of one synthetic world (drawn from ``seed``), plus calibrated scales."""
+
+    config: SyntheticConfig
+    seed: int
+    gene_names: list[str]
+    cell_types: list[str]
+    log_base: np.ndarray  # (G,) log gene proportions
+    shared_mix: np.ndarray  # (G,) rho_g: how S-driven gene g is relative to private programs
+    expr_celltype: np.ndarray  # (K, G)
+    expr_shared: np.ndarray  # (G, n_shared)
+    expr_private: np.ndarray  # (G, n_expr_private)
+    responder_lfc: np.ndarray  # (G,) zero except planted responder genes
+    morph_celltype: np.ndarray  # (K, P)
+    morph_shared: np.ndarray  # (P, n_shared)
+    morph_private: np.ndarray  # (P, n_morph_private)
+    morph_responder: np.ndarray  # (P,)
+    angle: float = np.pi / 4  # shared/private split of the expression signal
+
+    @property
+    def shared_scale(self) -> float:
+        return float(self.config.expr_signal_sd * np.cos(self.angle))
+
+    @property
+    def private_scale(self) -> float:
+        return float(self.config.expr_signal_sd * np.sin(self.angle))
+
+    @property
+    def responder_genes(self) -> list[str]:
+        return [self.gene_names[g] for g in np.flatnonzero(self.responder_lfc)]
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), *stream]))
+
+
+def make_world(config: SyntheticConfig, seed: int) -> World:
+    """Draw the fixed loadings / effects of a world (uncalibrated: angle pi/4)."""
+    cfg = config.validate()
+    rng = _rng(seed, _WORLD)
+    g, k, p = cfg.n_genes, cfg.n_cell_types, len(render.MORPH_PARAMS)
+    cw = cfg.cell_type_weight
+    rho = rng.beta(2.0, 2.0, g)
+    log_base = rng.normal(0.0, 0.8, g)
+    log_base -= np.log(np.exp(log_base).sum())
+    ct = rng.standard_normal((k, g))
+    ct -= ct.mean(axis=0)  # cell types differ; the population mean stays in log_base
+    expr_ct = np.sqrt(rho * cw) * ct
+    expr_sh = np.sqrt(rho * (1 - cw))[:, None] * rng.standard_normal((g, cfg.n_shared)) / np.sqrt(cfg.n_shared)
+    expr_pr = np.sqrt(1 - rho)[:, None] * rng.standard_normal((g, cfg.n_expr_private)) / np.sqrt(cfg.n_expr_private)
+    lfc = np.zeros(g)
+    resp_idx = rng.choice(g, cfg.n_responder_genes, replace=False)
+    lfc[resp_idx] = cfg.responder_gene_effect * rng.choice([-1.0, 1.0], cfg.n_responder_genes)
+
+    # Every render parameter gets exactly the configured S / private variance split (rows are
+    # normalised), so S is strongly visible in all of size, shape, intensity and texture.
+    msw = cfg.morph_shared_weight
+    mct = rng.standard_normal((k, p))
+    mct -= mct.mean(axis=0)
+    m_ct = np.sqrt(msw * cw) * mct / np.sqrt((mct**2).mean(axis=0))
+    m_sh = rng.standard_normal((p, cfg.n_shared))
+    m_sh *= np.sqrt(msw * (1 - cw)) / np.linalg.norm(m_sh, axis=1, keepdims=True)
+    m_pr = rng.standard_normal((p, cfg.n_morph_private))
+    m_pr *= np.sqrt(1 - msw) / np.linalg.norm(m_pr, axis=1, keepdims=True)
+    m_resp = np.array([cfg.responder_morph_effect if n in RESPONDER_PARAMS else 0.0 for n in render.MORPH_PARAMS])
+    return World(
+        config=cfg, seed=int(seed), gene_names=[f"gene{i:04d}" for i in range(g)],
+        cell_types=[f"type{i}" for i in range(k)], log_base=log_base, shared_mix=rho,
+        expr_celltype=expr_ct, expr_shared=expr_sh, expr_private=expr_pr, responder_lfc=lfc,
+        morph_celltype=m_ct, morph_shared=m_sh, morph_private=m_pr, morph_responder=m_resp,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_state(world: World, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Draw S for n cells: ``cell_type`` (n,) int, ``response`` (n,) int, ``shared`` (n, n_shared)."""
+    cfg = world.config
+    cell_type = rng.integers(0, cfg.n_cell_types, n)
+    treated = rng.random(n) < cfg.treated_fraction
+    responder = treated & (rng.random(n) < cfg.responder_fraction)
+    response = np.where(responder, RESPONDER, np.where(treated, 1, 0))
+    shared = rng.standard_normal((n, cfg.n_shared))
+    return {"cell_type": cell_type, "response": response, "shared": shared}
+
+
+def _take(state: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[idx] for k, v in state.items()}
+
+
+def sample_counts(world: World, state: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Expression given S: draws the private programs, library factor and NB noise.
+
+    Returns:
+      dict with ``counts`` (n, G) int64, ``expr_private`` (n, n_expr_private), ``library_factor`` (n,).
+    """
+    cfg = world.config
+    n = len(state["cell_type"])
+    z_e = rng.standard_normal((n, cfg.n_expr_private))
+    eta = (
+        world.log_base
+        + world.shared_scale * (world.expr_celltype[state["cell_type"]] + state["shared"] @ world.expr_shared.T)
+        + world.responder_lfc * (state["response"] == RESPONDER)[:, None]
+        + world.private_scale * (z_e @ world.expr_private.T)
+    )
+    s = cfg.library_size_log_sd
+    lib = np.exp(np.log(cfg.library_size_mean) - 0.5 * s**2 + s * rng.standard_normal(n))
+    mu = lib[:, None] * np.exp(eta)
+    theta = cfg.nb_inverse_dispersion
+    counts = rng.poisson(rng.gamma(theta, mu / theta))  # gamma-Poisson = negative binomial
+    return {"counts": counts, "expr_private": z_e, "library_factor": lib}
+
+
+def log_normalize(counts: np.ndarray) -> np.ndarray:
+    """(n, G) counts -> x = log1p(counts / library_size * 1e4), library_size = row total."""
+    counts = np.asarray(counts, dtype=np.float64)
+    lib = np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    return np.log1p(counts / lib * 1e4)
+
+
+def morph_latent(world: World, state: dict[str, np.ndarray], z_m: np.ndarray) -> np.ndarray:
+    """(n, P) morphology latent from S and the morphology-private programs z_m (n, n_morph_private)."""
+    return (
+        world.morph_celltype[state["cell_type"]]
+        + state["shared"] @ world.morph_shared.T
+        + world.morph_responder * (state["response"] == RESPONDER)[:, None]
+        + z_m @ world.morph_private.T
+    )
+
+
+def sample_images(world: World, state: dict[str, np.ndarray], rng: np.random.Generator):
+    """Images given S: draws z_m and the render nuisance.
+
+    Returns:
+      images (n, H, W) float32, z_m (n, n_morph_private), params dict name -> (n,), nuisance dict.
+    """
+    z_m = rng.standard_normal((len(state["cell_type"]), world.config.n_morph_private))
+    params = render.params_from_latent(morph_latent(world, state, z_m), world.config.image_size)
+    images, nuisance = render.render_batch(params, rng, world.config.image_size, world.config.pixel_noise)
+    return images, z_m, params, nuisance
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+
+class _Nested:
+    """Sufficient statistics of a nested design y[outer, inner, d], grouped for the jackknife."""
+
+    def __init__(self, n_groups: int, n_inner: int, dim: int):
+        self.n_inner = n_inner
+        self.count = np.zeros(n_groups)
+        self.s1 = np.zeros((n_groups, dim))  # sum of inner means
+        self.s2 = np.zeros((n_groups, dim))  # sum of squared inner means
+        self.sw = np.zeros((n_groups, dim))  # sum of inner variances
+        self.t1 = np.zeros((n_groups, dim))  # sum over all samples (for the population mean)
+        self.t2 = np.zeros((n_groups, dim))
+
+    def add(self, y: np.ndarray, group: np.ndarray) -> None:
+        """y: (n_outer_chunk, n_inner, dim); group: (n_outer_chunk,) group index per outer draw."""
+        m = y.mean(axis=1)
+        w = y.var(axis=1, ddof=1)
+        np.add.at(self.count, group, 1.0)
+        np.add.at(self.s1, group, m)
+        np.add.at(self.s2, group, m**2)
+        np.add.at(self.sw, group, w)
+        np.add.at(self.t1, group, y.sum(axis=1))
+        np.add.at(self.t2, group, (y**2).sum(axis=1))
+
+    @staticmethod
+    def _bw(count, s1, s2, sw, n_inner):
+        var_means = (s2 - s1**2 / count) / (count - 1)
+        within = sw / count
+        return var_means - within / n_inner, within
+
+    def estimates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Between (D,), within (D,), and leave-one-group-out between/within (K, D)."""
+        tot = [a.sum(axis=0) for a in (self.count, self.s1, self.s2, self.sw)]
+        b, w = self._bw(*tot, self.n_inner)
+        loo = [t[None] - a for t, a in zip(tot, (self.count, self.s1, self.s2, self.sw))]
+        loo[0] = loo[0][0] if loo[0].ndim > 1 else loo[0]
+        bl, wl = self._bw(loo[0][:, None], loo[1], loo[2], loo[3], self.n_inner)
+        return b, w, bl, wl
+
+    def population_mean_std(self) -> tuple[np.ndarray, np.ndarray]:
+        n = self.count.sum() * self.n_inner
+        mean = self.t1.sum(axis=0) / n
+        return mean, np.sqrt(np.maximum(self.t2.sum(axis=0) / n - mean**2, 0.0))
+
+
+def _jackknife(stat: Callable[[np.ndarray, np.ndarray], np.ndarray], nested: _Nested):
+    b, w, bl, wl = nested.estimates()
+    full = stat(b, w)
+    reps = np.stack([stat(bl[k], wl[k]) for k in range(len(bl))])
+    k = len(reps)
+    se = np.sqrt((k - 1) / k * ((reps - reps.mean(axis=0)) ** 2).sum(axis=0))
+    return full, se
+
+
+def _run_nested(
+    world: World, rng: np.random.Generator, n_outer: int, n_inner: int, n_groups: int, dim: int,
+    inner_fn: Callable[[dict[str, np.ndarray], np.random.Generator], np.ndarray], chunk: int,
+) -> _Nested:  # fmt: skip
+    nested = _Nested(n_groups, n_inner, dim)
+    for start in range(0, n_outer, chunk):
+        m = min(chunk, n_outer - start)
+        state = sample_state(world, m, rng)
+        rep = _take(state, np.repeat(np.arange(m), n_inner))
+        y = inner_fn(rep, rng).reshape(m, n_inner, dim)
+        nested.add(y, (start + np.arange(m)) % n_groups)
+    return nested
+
+
+def expression_truth(
+    world: World, rng: np.random.Generator, n_outer: int | None = None, n_inner: int | None = None
+) -> dict[str, Any]:
+    """Nested-MC truth of Var(E[x_g | S]) / Var(x_g) (see :data:`DEFINITIONS`).
+
+    Returns:
+      dict: ``per_gene`` (G,), ``per_gene_se`` (G,), ``overall`` float, ``overall_se`` float.
+    """
+    cfg = world.config
+    n_outer = n_outer or cfg.expr_mc_outer
+    n_inner = n_inner or cfg.expr_mc_inner
+    nested = _run_nested(
+        world, rng, n_outer, n_inner, cfg.mc_groups, cfg.n_genes,
+        lambda st, r: log_normalize(sample_counts(world, st, r)["counts"]), chunk=1000,
+    )  # fmt: skip
+    per_gene, per_gene_se = _jackknife(lambda b, w: b / (b + w), nested)
+    overall, overall_se = _jackknife(lambda b, w: np.array(b.sum() / (b + w).sum()), nested)
+    return {"per_gene": per_gene, "per_gene_se": per_gene_se, "overall": float(overall), "overall_se": float(overall_se)}
+
+
+def morphology_truth(
+    world: World, rng: np.random.Generator, n_outer: int | None = None, n_inner: int | None = None
+) -> dict[str, Any]:
+    """Nested-MC truth of Var(E[f_k | S]) / Var(f_k) on measured features (images rendered).
+
+    Returns:
+      dict: ``per_feature`` (F,), ``per_feature_se``, ``overall`` (mean over features),
+      ``overall_se``, and the population ``feature_mean`` / ``feature_std`` (F,) of raw features.
+    """
+    cfg = world.config
+    n_outer = n_outer or cfg.morph_mc_outer
+    n_inner = n_inner or cfg.morph_mc_inner
+    nested = _run_nested(
+        world, rng, n_outer, n_inner, cfg.mc_groups, len(morph_features.FEATURE_NAMES),
+        lambda st, r: morph_features.measure_batch(sample_images(world, st, r)[0]),
+        chunk=max(1, cfg.chunk_cells // n_inner),
+    )  # fmt: skip
+    per_f, per_f_se = _jackknife(lambda b, w: b / (b + w), nested)
+    overall, overall_se = _jackknife(lambda b, w: np.array(np.mean(b / (b + w))), nested)
+    mean, std = nested.population_mean_std()
+    return {
+        "per_feature": per_f, "per_feature_se": per_f_se, "overall": float(overall),
+        "overall_se": float(overall_se), "feature_mean": mean, "feature_std": std,
+    }  # fmt: skip
+
+
+def calibrate(world: World, shared_fraction: float, rng_seed: int | None = None, xtol: float = 1e-3) -> World:
+    """Set the shared/private angle so the overall expression truth equals ``shared_fraction``.
+
+    Uses a fixed-seed (common random numbers) MC estimate inside Brent's method, so the
+    objective is a smooth function of the angle.
+    """
+    from scipy.optimize import brentq
+
+    cfg = world.config
+    seed = world.seed if rng_seed is None else rng_seed
+
+    def frac(angle: float) -> float:
+        w = dataclasses.replace(world, angle=float(angle))
+        return expression_truth(w, _rng(seed, _CALIB), cfg.calib_outer, cfg.calib_inner)["overall"]
+
+    hi, lo = frac(0.0), frac(np.pi / 2)
+    if not lo + 0.005 < shared_fraction < hi - 0.005:
+        raise ValueError(
+            f"shared_fraction={shared_fraction} is not reachable with this config: the overall true "
+            f"expression fraction ranges over ({lo:.3f}, {hi:.3f}) (raise expr_signal_sd or "
+            "library_size_mean for larger values)"
+        )
+    angle = brentq(lambda t: frac(t) - shared_fraction, 0.0, np.pi / 2, xtol=xtol)
+    return dataclasses.replace(world, angle=float(angle))
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def _check_inputs(out_dir: str, n_cells: int, shared_fraction: float) -> None:
+    if isinstance(n_cells, bool) or not isinstance(n_cells, (int, np.integer)) or n_cells <= 0:
+        raise ValueError(f"n_cells must be a positive integer, got {n_cells!r}")
+    if not (isinstance(shared_fraction, (int, float)) and 0.0 < float(shared_fraction) < 1.0):
+        raise ValueError(f"shared_fraction must be strictly between 0 and 1, got {shared_fraction!r}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"output path {out_dir!r} exists and is not a directory")
+
+
+def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
+    ours = ("cells.h5ad", "truth.json", "crops")
+    present = [n for n in ours if os.path.exists(os.path.join(out_dir, n))]
+    if present and not overwrite:
+        raise FileExistsError(f"{out_dir}: already holds {present}; pass overwrite=True (--overwrite) to replace")
+    for n in present:
+        path = os.path.join(out_dir, n)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def _chunks(n: int, size: int) -> Iterator[tuple[int, int, int]]:
+    for i, start in enumerate(range(0, n, size)):
+        yield i, start, min(start + size, n)
+
+
+def generate(
+    out_dir: str,
+    n_cells: int,
+    seed: int,
+    shared_fraction: float,
+    config: SyntheticConfig | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write a synthetic paired dataset: ``cells.h5ad``, ``crops/`` and ``truth.json``.
+
+    Args:
+      out_dir: output directory (created; must not be a file).
+      n_cells: number of cells (> 0).
+      seed: fixes the world, the cells and the Monte Carlo; same seed -> identical files.
+      shared_fraction: target overall true expression fraction explained by S, in (0, 1).
+      config: generator settings (default :class:`SyntheticConfig`).
+      overwrite: replace an earlier dataset in ``out_dir``.
+
+    Returns:
+      summary dict: paths, calibrated scales, overall truths with MC errors, timings (s).
+    """
+    _check_inputs(out_dir, n_cells, shared_fraction)
+    cfg = (config or SyntheticConfig()).validate()
+    _prepare_out_dir(out_dir, overwrite)
+    n_cells, seed = int(n_cells), int(seed)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    world = calibrate(make_world(cfg, seed), float(shared_fraction))
+    timings["calibrate"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    expr_truth = expression_truth(world, _rng(seed, _EXPR_MC))
+    morph_truth = morphology_truth(world, _rng(seed, _MORPH_MC))
+    timings["truth_mc"] = time.perf_counter() - t
+
+    state = sample_state(world, n_cells, _rng(seed, _STATE))
+    cell_ids = [f"cell{i:07d}" for i in range(n_cells)]
+
+    # Crops are streamed chunk by chunk into the shards; only per-cell scalars are kept.
+    t = time.perf_counter()
+    n_p, n_f = len(render.MORPH_PARAMS), len(morph_features.FEATURE_NAMES)
+    z_m_all = np.empty((n_cells, cfg.n_morph_private))
+    params_all = np.empty((n_cells, n_p + 2))
+    feats_all = np.full((n_cells, n_f), np.nan)
+
+    def records() -> Iterator[bytes]:
+        from cosmic_jax.data.records import encode_record
+
+        for ci, lo, hi in _chunks(n_cells, cfg.chunk_cells):
+            st = _take(state, np.arange(lo, hi))
+            images, z_m, params, nuis = sample_images(world, st, _rng(seed, _RENDER, ci))
+            z_m_all[lo:hi] = z_m
+            params_all[lo:hi, :n_p] = np.stack([params[k] for k in render.MORPH_PARAMS], axis=1)
+            params_all[lo:hi, n_p] = nuis["orientation"]
+            params_all[lo:hi, n_p + 1] = nuis["nucleoli_count"]
+            if cfg.measure_features:
+                feats_all[lo:hi] = morph_features.measure_batch(images, cell_ids[lo:hi])
+            for j in range(hi - lo):
+                i = lo + j
+                meta = {
+                    "cell_type": world.cell_types[state["cell_type"][i]],
+                    "treatment": "treated" if state["response"][i] > 0 else "control",
+                    "response": RESPONSE_LEVELS[state["response"][i]],
+                }
+                yield encode_record(images[j][..., None], cell_ids[i], meta)
+
+    from cosmic_jax.data.records import write_shards
+
+    crops_dir = os.path.join(out_dir, "crops")
+    write_shards(
+        records(), crops_dir, records_per_shard=cfg.records_per_shard,
+        extra={"source": "synthetic", "seed": seed, "n_cells": n_cells},
+    )  # fmt: skip
+    timings["render_crops"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    counts = np.empty((n_cells, cfg.n_genes), np.int64)
+    z_e_all = np.empty((n_cells, cfg.n_expr_private))
+    lib_factor = np.empty(n_cells)
+    for ci, lo, hi in _chunks(n_cells, cfg.chunk_cells):
+        out = sample_counts(world, _take(state, np.arange(lo, hi)), _rng(seed, _COUNTS, ci))
+        counts[lo:hi], z_e_all[lo:hi], lib_factor[lo:hi] = out["counts"], out["expr_private"], out["library_factor"]
+    if counts.max() > np.iinfo(np.int32).max:
+        raise OverflowError("synthetic counts exceed int32; lower library_size_mean")
+    timings["counts"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    adata = _build_anndata(
+        world, shared_fraction, state, cell_ids, counts.astype(np.int32), lib_factor, z_m_all, z_e_all,
+        params_all, feats_all, expr_truth, morph_truth,
+    )  # fmt: skip
+    adata.write_h5ad(os.path.join(out_dir, "cells.h5ad"))
+    truth = _truth_dict(world, shared_fraction, n_cells, expr_truth, morph_truth)
+    with open(os.path.join(out_dir, "truth.json"), "w") as f:
+        json.dump(truth, f, indent=1)
+    timings["write"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    return {
+        "out_dir": out_dir,
+        "h5ad": os.path.join(out_dir, "cells.h5ad"),
+        "crops": crops_dir,
+        "truth": os.path.join(out_dir, "truth.json"),
+        "n_cells": n_cells,
+        "expr_shared_scale": world.shared_scale,
+        "expr_private_scale": world.private_scale,
+        "expr_var_explained_by_morph": truth["expr_var_explained_by_morph"],
+        "expr_var_explained_by_morph_se": truth["expr_var_explained_by_morph_se"],
+        "morph_var_explained_by_expr": truth["morph_var_explained_by_expr"],
+        "morph_var_explained_by_expr_se": truth["morph_var_explained_by_expr_se"],
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def _build_anndata(world, shared_fraction, state, cell_ids, counts, lib_factor, z_m, z_e, params, feats, et, mt):
+    import anndata as ad
+    import pandas as pd
+
+    cfg = world.config
+    response = np.asarray(RESPONSE_LEVELS, dtype=object)[state["response"]]
+    obs = pd.DataFrame(
+        {
+            "cell_id": cell_ids,
+            "cell_type": pd.Categorical(np.asarray(world.cell_types, dtype=object)[state["cell_type"]],
+                                        categories=world.cell_types),
+            "treatment": pd.Categorical(np.where(state["response"] > 0, "treated", "control"),
+                                        categories=["control", "treated"]),
+            "response": pd.Categorical(response, categories=list(RESPONSE_LEVELS)),
+            "library_size": counts.sum(axis=1).astype(np.int64),
+            "true_library_factor": lib_factor,
+        },
+        index=pd.Index(cell_ids, name="cell"),
+    )  # fmt: skip
+    var = pd.DataFrame(
+        {
+            "gene_name": world.gene_names,
+            "is_responder_gene": world.responder_lfc != 0,
+            "responder_log_fold_change": world.responder_lfc,
+            "true_expr_frac_explained_by_morph": et["per_gene"],
+            "true_expr_frac_explained_by_morph_se": et["per_gene_se"],
+            "true_shared_mix": world.shared_mix,
+        },
+        index=pd.Index(world.gene_names, name="gene"),
+    )
+    param_cols = list(render.MORPH_PARAMS) + ["orientation", "nucleoli_count"]
+    obsm = {
+        "true_shared": state["shared"],
+        "true_morph_private": z_m,
+        "true_expr_private": z_e,
+        "true_morph_params": pd.DataFrame(params, index=obs.index, columns=param_cols),
+    }
+    if cfg.measure_features:
+        z = morph_features.standardize(feats, mt["feature_mean"], mt["feature_std"])
+        obsm["morph_features"] = pd.DataFrame(z, index=obs.index, columns=list(morph_features.FEATURE_NAMES))
+    varm = {
+        "true_celltype_effects": (world.shared_scale * world.expr_celltype).T,
+        "true_shared_loadings": world.shared_scale * world.expr_shared,
+        "true_expr_private_loadings": world.private_scale * world.expr_private,
+    }
+    uns = {
+        "synthetic": {
+            "config_json": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+            "seed": world.seed,
+            "shared_fraction": float(shared_fraction),
+            "expr_shared_scale": world.shared_scale,
+            "expr_private_scale": world.private_scale,
+            "response_levels": list(RESPONSE_LEVELS),
+            "feature_names": list(morph_features.FEATURE_NAMES),
+            "feature_mean": mt["feature_mean"],
+            "feature_std": mt["feature_std"],
+        }
+    }
+    return ad.AnnData(X=counts, obs=obs, var=var, obsm=obsm, varm=varm, uns=uns)
+
+
+def _truth_dict(world: World, shared_fraction, n_cells, et, mt) -> dict[str, Any]:
+    cfg = world.config
+    fn = list(morph_features.FEATURE_NAMES)
+    resp_features = sorted({f for p in RESPONDER_PARAMS for f in morph_features.PARAM_TO_FEATURES[p]})
+    return {
+        "expr_var_explained_by_morph": et["overall"],
+        "expr_var_explained_by_morph_se": et["overall_se"],
+        "morph_var_explained_by_expr": mt["overall"],
+        "morph_var_explained_by_expr_se": mt["overall_se"],
+        "expr_var_explained_by_morph_per_gene": dict(zip(world.gene_names, map(float, et["per_gene"]))),
+        "expr_var_explained_by_morph_per_gene_se": dict(zip(world.gene_names, map(float, et["per_gene_se"]))),
+        "morph_var_explained_by_expr_per_feature": dict(zip(fn, map(float, mt["per_feature"]))),
+        "morph_var_explained_by_expr_per_feature_se": dict(zip(fn, map(float, mt["per_feature_se"]))),
+        "responder_genes": world.responder_genes,
+        "responder_log_fold_change": {world.gene_names[g]: float(world.responder_lfc[g])
+                                      for g in np.flatnonzero(world.responder_lfc)},  # fmt: skip
+        "responder_features": resp_features,
+        "responder_morph_params": list(RESPONDER_PARAMS),
+        "cell_types": world.cell_types,
+        "response_levels": list(RESPONSE_LEVELS),
+        "feature_names": fn,
+        "feature_standardization": {"mean": mt["feature_mean"].tolist(), "std": mt["feature_std"].tolist()},
+        "shared_fraction_target": float(shared_fraction),
+        "expr_shared_scale": world.shared_scale,
+        "expr_private_scale": world.private_scale,
+        "seed": world.seed,
+        "n_cells": int(n_cells),
+        "n_genes": cfg.n_genes,
+        "monte_carlo": {
+            "expr": {"n_outer": cfg.expr_mc_outer, "n_inner": cfg.expr_mc_inner},
+            "morph": {"n_outer": cfg.morph_mc_outer, "n_inner": cfg.morph_mc_inner},
+            "calibration": {"n_outer": cfg.calib_outer, "n_inner": cfg.calib_inner},
+            "jackknife_groups": cfg.mc_groups,
+        },
+        "definitions": DEFINITIONS,
+    }
+
+
+def load_world(out_dir: str) -> World:
+    """Rebuild the calibrated :class:`World` of a generated dataset (for fresh MC or more cells)."""
+    import anndata as ad
+
+    path = os.path.join(out_dir, "cells.h5ad")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: not found; is {out_dir!r} a synthetic dataset?")
+    uns = ad.read_h5ad(path, backed="r").uns
+    try:
+        info = uns["synthetic"]
+        cfg = SyntheticConfig(**json.loads(info["config_json"]))
+        angle = float(np.arctan2(info["expr_private_scale"], info["expr_shared_scale"]))
+        seed = int(info["seed"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: uns['synthetic'] lacks the generator record ({e})") from e
+    return dataclasses.replace(make_world(cfg, seed), angle=angle)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser) -> None:
+    """Arguments of ``cosmic data synthetic`` (data_builders/cli.py wires the sub-command)."""
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--cells", type=int, default=2000, help="number of cells")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shared-fraction", type=float, default=0.5,
+                        help="true overall fraction of expression variance explained by S, in (0, 1)")  # fmt: skip
+    parser.add_argument("--variant", default="default", choices=sorted(VARIANTS), help="named config variant")
+    parser.add_argument("--config-json", default=None, help="JSON object of SyntheticConfig fields")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="SyntheticConfig overrides")
+
+
+def run(args) -> int:
+    """Run ``cosmic data synthetic`` from parsed :func:`add_arguments` args; prints a JSON summary."""
+    cfg = make_config(args.variant, args.config_json, args.overrides)
+    summary = generate(args.out, args.cells, args.seed, args.shared_fraction, cfg, overwrite=args.overwrite)
+    print(json.dumps(summary, indent=1))
+    return 0

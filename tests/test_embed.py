@@ -1,0 +1,226 @@
+"""Embedder: batching, validation, layer/pool selection, crop datasets, AnnData, checkpoint, CLI."""
+
+import os
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+
+from cosmic_jax.configs.mae import get_model_config  # noqa: E402
+from cosmic_jax.data.records import encode_record, write_shards  # noqa: E402
+from cosmic_jax.embed import Embedder, EmbedInputError  # noqa: E402
+from cosmic_jax.models.mae import MAE, abstract_params  # noqa: E402
+
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return get_model_config("vit_test")
+
+
+def random_params(cfg, seed=1):
+    """Deterministic random weights with the MAE's exact tree (eval_shape: no slow eager init).
+
+    Non-zero biases and LayerNorm params make every layer matter, unlike a fresh init.
+    """
+    rng = np.random.default_rng(seed)
+
+    def leaf(s):
+        scale = 1.0 / np.sqrt(s.shape[0]) if len(s.shape) == 2 else 0.1
+        return rng.normal(0.0, scale, s.shape).astype(np.float32)
+
+    return jax.tree.map(leaf, abstract_params(cfg))
+
+
+@pytest.fixture(scope="module")
+def params(cfg):
+    return random_params(cfg)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).normal(size=(11, 32, 32, 1)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def emb4(cfg, params):
+    return Embedder(cfg, params, batch_size=4, progress=False)
+
+
+def reference(cfg, params, x, **kw):
+    """Straight model.apply on the whole input at once, no Embedder involved."""
+    return np.asarray(MAE(cfg).apply({"params": params}, x, method=MAE.encode, **kw))
+
+
+def write_crops(out_dir, images, ids, per_shard=4):
+    recs = (encode_record(img, cid, {"k": i}) for i, (img, cid) in enumerate(zip(images, ids)))
+    write_shards(recs, str(out_dir), records_per_shard=per_shard)
+    return str(out_dir)
+
+
+def save_checkpoint(workdir, params, step=3):
+    from cosmic_jax.train.checkpoint import Checkpointer, save_config
+
+    save_config(str(workdir), {"model": "vit_test", "model_overrides": {}})
+    ck = Checkpointer(str(workdir), save_every=1, async_save=False)
+    ck.save(step, {"params": params}, force=True)
+    ck.close()
+    return str(workdir)
+
+
+def test_batch_size_independent_and_one_compile(cfg, params, images, emb4):
+    ref = reference(cfg, params, images)
+    a = emb4.embed(images)  # 11 = 2 full batches of 4 + 3 padded
+    b = Embedder(cfg, params, batch_size=16).embed(images)  # one padded batch
+    chunks = np.concatenate([emb4.embed(images[i:i + 3]) for i in range(0, 11, 3)])
+    assert a.shape == (11, cfg.hidden) and a.dtype == np.float32
+    np.testing.assert_allclose(a, ref, atol=ATOL)
+    np.testing.assert_allclose(b, ref, atol=ATOL)
+    np.testing.assert_allclose(chunks, ref, atol=ATOL)
+    assert np.abs(a).max() > 0.1 and np.std(a, axis=0).mean() > 1e-3  # not a constant output
+    assert emb4._encode._cache_size() == 1  # every N above went through the same compiled batch
+
+
+def test_n0_n1_dtypes_and_channel_axis(cfg, params, images, emb4):
+    assert emb4.embed(images[:0]).shape == (0, cfg.hidden)
+    one = emb4.embed(images[:1])
+    np.testing.assert_allclose(one, reference(cfg, params, images[:1]), atol=ATOL)
+    np.testing.assert_allclose(emb4.embed(images[..., 0]), emb4.embed(images), atol=0)  # (N,H,W)
+    u8 = np.random.default_rng(1).integers(0, 256, size=(5, 32, 32, 1), dtype=np.uint8)
+    # no rescaling: uint8 0..255 is embedded as float 0..255
+    np.testing.assert_allclose(emb4.embed(u8), emb4.embed(u8.astype(np.float32)), atol=0)
+    np.testing.assert_allclose(emb4.embed(u8.astype(np.float64)), emb4.embed(u8.astype(np.float32)), atol=0)
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((2, 28, 32, 1), np.float32), r"image size 28x32 != model input 32x32"),
+        (np.zeros((2, 32, 32, 3), np.float32), r"3 channels != model input channels 1"),
+        (np.zeros((32, 32), np.float32), r"ndim=2.*batch axis"),
+        (np.zeros((1, 2, 32, 32, 1), np.float32), r"ndim=5"),
+        (np.full((2, 32, 32, 1), "a"), r"not a real numeric type"),
+        (np.zeros((0, 16, 16, 1), np.float32), r"image size 16x16"),
+    ],
+)
+def test_bad_inputs_fail_clearly(emb4, bad, match):
+    with pytest.raises(EmbedInputError, match=match):
+        emb4.embed(bad)
+
+
+def test_nan_names_the_image(emb4, images):
+    x = images.copy()
+    x[6, 3, 4, 0] = np.nan
+    x[9, 0, 0, 0] = np.inf
+    with pytest.raises(EmbedInputError, match=r"2 image\(s\) contain NaN or Inf, e.g. index \[6, 9\]"):
+        emb4.embed(x)
+    with pytest.raises(EmbedInputError, match=r"index \[1\]"):
+        emb4.embed(x[8:])
+
+
+def test_layer_and_pool(cfg, params, images):
+    last = Embedder(cfg, params, batch_size=8, layer=-1).embed(images)
+    explicit = Embedder(cfg, params, batch_size=8, layer=cfg.depth - 1).embed(images)
+    first = Embedder(cfg, params, batch_size=8, layer=0).embed(images)
+    cls = Embedder(cfg, params, batch_size=8, pool="cls").embed(images)
+    np.testing.assert_array_equal(last, explicit)
+    np.testing.assert_allclose(first, reference(cfg, params, images, layer=0), atol=ATOL)
+    np.testing.assert_allclose(cls, reference(cfg, params, images, pool="cls"), atol=ATOL)
+    assert np.abs(first - last).max() > 0.1
+    assert np.abs(cls - last).max() > 0.1
+    with pytest.raises(ValueError, match=r"layer=2 out of range for a 2-block encoder"):
+        Embedder(cfg, params, layer=2)
+    with pytest.raises(ValueError, match=r"pool must be one of"):
+        Embedder(cfg, params, pool="max")
+
+
+def test_crop_dataset_in_dataset_order(tmp_path, images, emb4):
+    ids = [f"c{i:02d}" for i in range(len(images))]
+    d = write_crops(tmp_path / "crops", images, ids, per_shard=4)  # 3 shards
+    x, got_ids = emb4.embed_dataset(d)
+    assert got_ids == ids
+    np.testing.assert_allclose(x, emb4.embed(images), atol=ATOL)
+    np.testing.assert_allclose(emb4.embed(d), x, atol=0)
+
+
+def test_crop_dataset_wrong_size_named(tmp_path, cfg, params):
+    d = write_crops(tmp_path / "crops16", np.zeros((3, 16, 16, 1), np.float32), ["a", "b", "c"])
+    with pytest.raises(EmbedInputError, match=r"crop dataset .*crops16.*16x16"):
+        Embedder(cfg, params, batch_size=4).embed(d)
+
+
+def test_embed_anndata_matches_shuffled_crops(tmp_path, images, emb4):
+    ad = pytest.importorskip("anndata")
+    import pandas as pd
+
+    ids = [f"cell{i}" for i in range(len(images))]
+    perm = np.random.default_rng(2).permutation(len(images))
+    d = write_crops(tmp_path / "shuffled", images[perm], [ids[i] for i in perm])
+    obs_order = np.random.default_rng(3).permutation(len(images))  # AnnData in a third order
+    adata = ad.AnnData(np.zeros((len(images), 2), np.float32),
+                       obs=pd.DataFrame(index=[ids[i] for i in obs_order]))
+    want = emb4.embed(images)[obs_order]
+    out = emb4.embed_anndata(adata, d, key="X_test")
+    np.testing.assert_allclose(adata.obsm["X_test"], want, atol=ATOL)
+    np.testing.assert_array_equal(out, adata.obsm["X_test"])
+    meta = adata.uns["X_test_meta"]
+    assert (meta["model"], meta["layer"], meta["pool"], meta["dim"]) == ("vit_test", -1, "mean", 64)
+    # an array with ids, via obs["cell_id"] (obs_names are something else here)
+    adata2 = ad.AnnData(obs=pd.DataFrame({"cell_id": [ids[i] for i in obs_order]},
+                                         index=[f"r{i}" for i in range(len(images))]))
+    emb4.embed_anndata(adata2, (images[perm], [ids[i] for i in perm]))
+    np.testing.assert_allclose(adata2.obsm["X_cosmic"], want, atol=ATOL)
+
+
+def test_embed_anndata_id_errors(images, emb4):
+    ad = pytest.importorskip("anndata")
+    import pandas as pd
+
+    x = images[:4]
+    adata = ad.AnnData(obs=pd.DataFrame(index=["a", "b", "c", "d"]))
+    with pytest.raises(ValueError, match=r"1 AnnData cell_id\(s\) have no crop.*\['d'\].*not in the AnnData.*\['z'\]"):
+        emb4.embed_anndata(adata, (x, ["a", "b", "c", "z"]))
+    with pytest.raises(ValueError, match=r"1 duplicate cell_id\(s\) in crops, e.g. \['a'\]"):
+        emb4.embed_anndata(adata, (x, ["a", "a", "c", "d"]))
+    with pytest.raises(ValueError, match=r"4 images but 3 cell_ids"):
+        emb4.embed_anndata(adata, x, cell_ids=["a", "b", "c"])
+    assert "X_cosmic" not in adata.obsm  # nothing half-written
+
+
+def test_checkpoint_cli_and_h5ad(tmp_path, cfg, params, images, emb4):
+    ad = pytest.importorskip("anndata")
+    import pandas as pd
+
+    from cosmic_jax.cli import main
+
+    w = save_checkpoint(tmp_path / "run", params, step=3)
+    from_ck = Embedder.from_checkpoint(w, batch_size=4)
+    assert from_ck.step == 3 and from_ck.model_name == "vit_test"
+    want = emb4.embed(images)
+    np.testing.assert_allclose(from_ck.embed(images), want, atol=ATOL)
+
+    ids = [f"n{i}" for i in range(len(images))]
+    perm = np.random.default_rng(4).permutation(len(images))
+    crops = write_crops(tmp_path / "crops", images[perm], [ids[i] for i in perm])
+    npy = str(tmp_path / "e.npy")
+    assert main(["embed", "--checkpoint", w, "--input", crops, "--output", npy, "--batch-size", "4"]) == 0
+    np.testing.assert_allclose(np.load(npy), want[perm], atol=ATOL)  # crop-dataset order
+
+    new = str(tmp_path / "new.h5ad")
+    main(["embed", "--checkpoint", w, "--input", crops, "--output", new, "--layer", "0"])
+    a = ad.read_h5ad(new)
+    assert list(a.obs_names) == [ids[i] for i in perm]
+    np.testing.assert_allclose(a.obsm["X_cosmic"], reference(cfg, params, images[perm], layer=0), atol=ATOL)
+    assert a.uns["X_cosmic_meta"]["layer"] == 0 and a.uns["X_cosmic_meta"]["step"] == 3
+
+    existing = str(tmp_path / "cells.h5ad")
+    order = np.random.default_rng(5).permutation(len(images))
+    counts = np.arange(len(images) * 3, dtype=np.float32).reshape(-1, 3)
+    ad.AnnData(counts, obs=pd.DataFrame(index=[ids[i] for i in order])).write_h5ad(existing)
+    main(["embed", "--checkpoint", w, "--input", crops, "--output", existing, "--key", "X_m"])
+    b = ad.read_h5ad(existing)
+    assert list(b.obs_names) == [ids[i] for i in order]
+    np.testing.assert_array_equal(b.X, counts)  # the user's data untouched
+    np.testing.assert_allclose(b.obsm["X_m"], want[order], atol=ATOL)

@@ -1,0 +1,240 @@
+"""The grain input pipeline: order, epochs, sharding, resume, workers, augmentation, errors."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from cosmic_jax.data import records
+from cosmic_jax.data.augment import AugmentConfig, augment_image, element_rng
+from cosmic_jax.data.loader import LoaderConfig, make_eval_iterator, make_train_iterator
+from cosmic_jax.data.records import CropSource, RecordError
+
+N = 100  # not a multiple of the batch sizes below, so batches span epoch boundaries
+SHAPE = (16, 16, 2)
+
+
+@pytest.fixture(scope="module")
+def crops(tmp_path_factory):
+    d = tmp_path_factory.mktemp("crops")
+    rng = np.random.default_rng(0)
+    # Continuous random pixels: every crop (and every symmetry of it) is unique.
+    recs = (records.encode_record(rng.random(SHAPE, dtype=np.float32), f"cell{i:03d}") for i in range(N))
+    records.write_shards(recs, str(d), records_per_shard=32)  # 4 shards: exercises shard offsets
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def raw(crops):
+    src = CropSource(crops)
+    return np.stack([src[i]["image"] for i in range(N)])
+
+
+def take(it, k):
+    return [next(it) for _ in range(k)]
+
+
+def indices(batches):
+    return np.concatenate([b["index"] for b in batches])
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        np.testing.assert_array_equal(x["index"], y["index"])
+        np.testing.assert_array_equal(x["image"], y["image"])
+
+
+def cfg(**kw):
+    return LoaderConfig(**{"global_batch": 16, "seed": 3, **kw})
+
+
+def test_batch_shapes_and_seed_determinism(crops):
+    a = take(make_train_iterator(crops, cfg(), 0, 1), 4)
+    assert a[0]["image"].shape == (16, *SHAPE) and a[0]["image"].dtype == np.float32
+    assert a[0]["index"].dtype == np.int64 and set(a[0]) == {"image", "index"}
+    assert_same_batches(a, take(make_train_iterator(crops, cfg(), 0, 1), 4))
+    other = indices(take(make_train_iterator(crops, cfg(seed=4), 0, 1), 4))
+    assert not np.array_equal(indices(a), other)
+    # Unshuffled order is dataset order, wrapping around at the epoch boundary.
+    plain = indices(take(make_train_iterator(crops, cfg(shuffle=False), 0, 1), 7))
+    np.testing.assert_array_equal(plain, np.arange(112) % N)
+
+
+def test_every_epoch_is_a_fresh_permutation(crops):
+    # 3 epochs of 100 with batch 16: 19 batches, the 7th and 13th straddle epoch boundaries.
+    batches = take(make_train_iterator(crops, cfg(), 0, 1), 19)
+    epochs = indices(batches)[: 3 * N].reshape(3, N)
+    for e in epochs:
+        np.testing.assert_array_equal(np.sort(e), np.arange(N))
+    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    # A record's augmentation is redrawn every epoch (the rng depends on the epoch).
+    images = np.concatenate([b["image"] for b in batches])[: 3 * N].reshape(3, N, *SHAPE)
+    first = images[0][np.argsort(epochs[0])]
+    second = images[1][np.argsort(epochs[1])]
+    assert not any(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_finite_epochs_and_remainder(crops):
+    full = list(make_train_iterator(crops, cfg(num_epochs=2), 0, 1))
+    assert [len(b["index"]) for b in full] == [16] * 12  # 200 // 16, rest dropped
+    kept = list(make_train_iterator(crops, cfg(num_epochs=2, drop_remainder=False), 0, 1))
+    assert [len(b["index"]) for b in kept] == [16] * 12 + [8]
+    assert np.array_equal(np.bincount(indices(kept), minlength=N), np.full(N, 2))
+
+
+def test_augmented_crops_are_symmetries_of_their_source(crops, raw):
+    (batch,) = take(make_train_iterator(crops, cfg(augment=AugmentConfig(intensity_jitter=0.1)), 0, 1), 1)
+    used = set()
+    for img, i in zip(batch["image"], batch["index"]):
+        src = raw[i]
+        found = False
+        for k, flip in itertools.product(range(4), (False, True)):
+            t = np.rot90(src, k, axes=(0, 1))
+            t = t[:, ::-1] if flip else t
+            ratio = img / t  # per-channel constant factor if this is the right symmetry
+            if np.allclose(ratio, ratio[:1, :1], rtol=1e-5):
+                assert np.all((ratio > 0.9 - 1e-6) & (ratio < 1.1 + 1e-6))
+                used.add((k, flip))
+                found = True
+                break
+        assert found, f"crop {i} is not a jittered rot90/flip of its source"
+    assert len(used) >= 4  # symmetries are actually drawn at random
+    # Augmentation off: exact source pixels.
+    (plain,) = take(make_train_iterator(crops, cfg(augment=AugmentConfig(enabled=False)), 0, 1), 1)
+    np.testing.assert_array_equal(plain["image"], raw[plain["index"]])
+
+
+def test_restore_from_state_yields_identical_batches(crops):
+    it = make_train_iterator(crops, cfg(), 0, 1)
+    take(it, 5)  # past the first epoch boundary (step 6.25)
+    state = it.get_state()
+    expected = take(it, 4)
+    fresh = make_train_iterator(crops, cfg(), 0, 1)
+    fresh.set_state(state)
+    assert_same_batches(take(fresh, 4), expected)
+
+
+def test_restore_through_orbax_checkpoint_manager(crops, tmp_path):
+    import grain
+    import orbax.checkpoint as ocp
+
+    it = make_train_iterator(crops, cfg(), 0, 1)
+    take(it, 3)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        mngr.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        mngr.wait_until_finished()
+    expected = take(it, 3)
+    fresh = make_train_iterator(crops, cfg(), 0, 1)
+    with ocp.CheckpointManager(tmp_path / "ckpt") as mngr:
+        assert mngr.latest_step() == 3
+        mngr.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    assert_same_batches(take(fresh, 3), expected)
+
+
+def test_two_processes_split_each_global_batch(crops):
+    single = take(make_train_iterator(crops, cfg(), 0, 1), 12)
+    p0 = take(make_train_iterator(crops, cfg(), 0, 2), 12)
+    p1 = take(make_train_iterator(crops, cfg(), 1, 2), 12)
+    for g, a, b in zip(single, p0, p1):
+        assert a["image"].shape[0] == b["image"].shape[0] == 8
+        assert not set(a["index"]) & set(b["index"])
+        # The union of one step over processes is exactly that step's global batch, and each
+        # example gets the same augmentation whatever the process count.
+        union = np.concatenate([a["index"], b["index"]])
+        np.testing.assert_array_equal(np.sort(union), np.sort(g["index"]))
+        got = dict(zip(union.tolist(), np.concatenate([a["image"], b["image"]])))
+        for i, img in zip(g["index"].tolist(), g["image"]):
+            np.testing.assert_array_equal(got[i], img)
+    # Within the first epoch (steps 0-5 = positions 0..95) the processes' examples are disjoint.
+    s0, s1 = set(indices(p0[:6])), set(indices(p1[:6]))
+    assert not s0 & s1 and len(s0) == len(s1) == 48
+
+
+def test_workers_give_same_batches_and_states_move_between_worker_counts(crops):
+    ref_it = make_train_iterator(crops, cfg(), 0, 1)
+    ref = take(ref_it, 9)
+    plain = make_train_iterator(crops, cfg(), 0, 1)
+    take(plain, 3)
+    it = make_train_iterator(crops, cfg(worker_count=2), 0, 1)
+    try:
+        it.set_state(plain.get_state())  # 0-worker state -> 2 workers
+        assert_same_batches(take(it, 4), ref[3:7])  # batches 3, 5 from worker 0; 4, 6 from worker 1
+        state = it.get_state()
+    finally:
+        it.close()
+    back = make_train_iterator(crops, cfg(), 0, 1)
+    back.set_state(state)  # and back to 0 workers
+    assert_same_batches(take(back, 2), ref[7:9])
+
+
+def test_state_restores_under_another_process_count_and_rejects_other_streams(crops):
+    single = make_train_iterator(crops, cfg(), 0, 1)
+    take(single, 5)
+    state = single.get_state()
+    expected = take(single, 2)
+    halves = []
+    for p in (0, 1):
+        it = make_train_iterator(crops, cfg(), p, 2)
+        it.set_state(state)
+        halves.append(take(it, 2))
+    for g, a, b in zip(expected, *halves):
+        np.testing.assert_array_equal(np.sort(np.concatenate([a["index"], b["index"]])), np.sort(g["index"]))
+    with pytest.raises(ValueError, match=r"seed: saved 3 != now 4"):
+        make_train_iterator(crops, cfg(seed=4), 0, 1).set_state(state)
+    with pytest.raises(ValueError, match=r"global_batch: saved 16 != now 32"):
+        make_train_iterator(crops, cfg(global_batch=32), 0, 1).set_state(state)
+
+
+def test_eval_iterator_is_one_ordered_pass(crops, raw):
+    batches = list(make_eval_iterator(crops, 32))
+    assert [len(b["index"]) for b in batches] == [32, 32, 32, 4]
+    np.testing.assert_array_equal(indices(batches), np.arange(N))
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches]), raw)
+    ids = np.concatenate([b["cell_id"] for b in batches]).tolist()
+    assert ids == [f"cell{i:03d}" for i in range(N)]
+
+
+def test_augment_exact_symmetries_and_bounded_jitter():
+    rng = np.random.default_rng(1)
+    img = rng.random((8, 8, 3), dtype=np.float32)
+    sym = AugmentConfig(intensity_jitter=0.0)
+    for s in range(8):
+        out = augment_image(img, sym, element_rng(0, s, 0))
+        np.testing.assert_array_equal(np.sort(out, axis=None), np.sort(img, axis=None))
+    jit = AugmentConfig(rot90=False, flip=False, intensity_jitter=0.1)
+    factors = np.array([augment_image(img, jit, element_rng(0, s, 0))[0, 0] / img[0, 0] for s in range(200)])
+    assert factors.min() >= 0.9 - 1e-6 and factors.max() <= 1.1 + 1e-6
+    assert factors.max() - factors.min() > 0.15  # actually spread over the range
+    a = augment_image(img, AugmentConfig(intensity_shift=0.5), element_rng(5, 7, 2))
+    np.testing.assert_array_equal(a, augment_image(img, AugmentConfig(intensity_shift=0.5), element_rng(5, 7, 2)))
+    with pytest.raises(ValueError, match="intensity_jitter"):
+        AugmentConfig(intensity_jitter=1.5)
+
+
+def test_clear_errors(crops, tmp_path):
+    empty = tmp_path / "empty"
+    records.write_shards([], str(empty))
+    with pytest.raises(ValueError, match=f"{empty}.*empty"):
+        make_train_iterator(str(empty), cfg(), 0, 1)
+    with pytest.raises(ValueError, match="not divisible by process_count=3"):
+        make_train_iterator(crops, cfg(global_batch=16), 0, 3)
+    with pytest.raises(ValueError, match=f"{crops}: global_batch=128 is larger than the dataset"):
+        make_train_iterator(crops, cfg(global_batch=128), 0, 1)
+    with pytest.raises(ValueError, match="rot90 augmentation needs square crops"):
+        augment_image(np.zeros((4, 6, 1), np.float32), AugmentConfig(), element_rng(0, 1, 0))
+
+
+def test_corrupt_record_error_names_shard_and_record_from_workers(tmp_path):
+    rng = np.random.default_rng(0)
+    recs = [records.encode_record(rng.random((8, 8, 1), dtype=np.float32), f"c{i}") for i in range(24)]
+    recs[13] = b"\x85not a crop"
+    records.write_shards(recs, str(tmp_path), records_per_shard=10)
+    for workers in (0, 1):  # one worker process is enough to cross the process boundary
+        it = make_train_iterator(str(tmp_path), cfg(global_batch=8, shuffle=False, worker_count=workers), 0, 1)
+        try:
+            with pytest.raises(RecordError, match=r"crops-00001\.array_record record 3: cannot decode"):
+                take(it, 3)
+        finally:
+            it.close()

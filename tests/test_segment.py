@@ -1,0 +1,130 @@
+"""Segmentation quality on a real image with ground truth, crop geometry/metadata, input errors."""
+
+import numpy as np
+import pytest
+import tifffile
+from skimage import measure, segmentation
+
+from data_builders import images, nuclei
+from data_builders import segment as seg
+
+
+@pytest.fixture(scope="module")
+def stardist():
+    img_path, mask_path = images.stardist_sample()
+    return img_path, tifffile.imread(img_path), tifffile.imread(mask_path)
+
+
+def test_stardist_instance_f1(stardist):
+    _, img, gt = stardist
+    assert len(np.unique(gt)) - 1 == 125
+    labels, stats = seg.segment_nuclei(img.astype(np.float32))
+    score = seg.instance_f1(labels, gt, iou=0.5)
+    # Measured 0.853 (104 TP / 119 pred / 125 gt); global Otsu + distance watershed gives 0.75.
+    assert score["f1"] >= 0.80, score
+    assert stats["kept"] == labels.max() == score["n_pred"]
+
+
+def test_instance_f1_matching():
+    gt = np.zeros((40, 40), np.int32)
+    gt[2:10, 2:10], gt[20:30, 20:30], gt[2:8, 30:38] = 1, 2, 3
+    perm = np.select([gt == 1, gt == 2, gt == 3], [7, 5, 9], 0)  # ids need not agree
+    assert seg.instance_f1(perm, gt)["f1"] == 1.0
+    missing = np.where(gt == 3, 0, perm)
+    r = seg.instance_f1(missing, gt)
+    assert (r["tp"], r["n_pred"], r["n_gt"]) == (2, 2, 3) and r["f1"] == pytest.approx(0.8)
+    shrunk = perm.copy()
+    shrunk[20:30, 20:25] = 0  # IoU 0.5 exactly still matches, below does not
+    assert seg.instance_f1(shrunk, gt)["tp"] == 3
+    shrunk[20:30, 25] = 0
+    assert seg.instance_f1(shrunk, gt)["tp"] == 2
+
+
+def test_crops_centred_and_match_mask(stardist):
+    _, img, gt = stardist
+    frame = img.astype(np.float32)
+    labels = segmentation.relabel_sequential(gt)[0]
+    crops, stats = nuclei.extract_crops(frame, labels, nuclei.CropParams(size=64), "img2d")
+    regions = {r.label: r for r in measure.regionprops(labels, intensity_image=frame)}
+    n_border = len(regions) - len(np.unique(segmentation.clear_border(labels))) + 1
+    assert stats["dropped_border"] == n_border > 0
+    assert stats["crops"] + stats["dropped_border"] + stats["dropped_too_large_for_crop"] == len(regions)
+    assert len(crops) == stats["crops"] > 100
+    for crop, cell_id, meta in crops:
+        r = regions[meta["label"]]
+        assert crop.shape == (64, 64, 1) and crop.dtype == np.float32
+        assert cell_id == f"img2d_n{meta['label']}"
+        assert meta["area"] == r.area and meta["mean_intensity"] == pytest.approx(r.intensity_mean)
+        assert (meta["centroid_y"], meta["centroid_x"]) == pytest.approx(r.centroid)
+        c = crop[..., 0]
+        assert c.min() >= 0.0 and c.max() == pytest.approx(1.0)
+        yy, xx = np.nonzero(c)
+        # Only this nucleus's pixels survive (p1 pixels map to 0): support ~ area, never more.
+        assert 0.9 * r.area <= len(yy) <= r.area
+        assert abs(yy.mean() - 31.5) <= 1.0 and abs(xx.mean() - 31.5) <= 1.0
+
+
+def test_image_norm_keeps_relative_brightness(stardist):
+    _, img, gt = stardist
+    labels = segmentation.relabel_sequential(gt)[0]
+    crops, _ = nuclei.extract_crops(img.astype(np.float32), labels, nuclei.CropParams(norm="image"), "x")
+    # x / p99.9 is linear below the clip: crop means are raw means over one common scale.
+    ratios = [c[c > 0].mean() / m["mean_intensity"] for c, _, m in crops]
+    assert np.std(ratios) / np.mean(ratios) < 0.01
+
+
+def test_large_nucleus_dropped_or_downscaled():
+    yy, xx = np.mgrid[:200, :200]
+    frame = np.where((yy - 100) ** 2 + (xx - 100) ** 2 < 45**2, 100.0, 5.0).astype(np.float32)
+    labels = measure.label(frame > 50)
+    crops, stats = nuclei.extract_crops(frame, labels, nuclei.CropParams(size=32), "big")
+    assert crops == [] and stats["dropped_too_large_for_crop"] == 1
+    crops, stats = nuclei.extract_crops(frame, labels, nuclei.CropParams(size=32, downscale_large=True), "big")
+    assert stats["downscaled"] == 1 and len(crops) == 1
+    crop, _, meta = crops[0]
+    assert meta["bbox_h"] == meta["bbox_w"] == 89 and meta["scale"] == pytest.approx(32 / 91)
+    ys, xs = np.nonzero(crop[..., 0])
+    assert ys.min() >= 0 and ys.max() <= 31 and 25 <= ys.max() - ys.min() + 1 <= 32
+
+
+def test_timelapse_frames_get_ids(tmp_path):
+    stack = tifffile.imread(images.napari_samples()["timelapse"])[:3, :256, :256]
+    path = tmp_path / "movie.tif"
+    tifffile.imwrite(path, stack, photometric="minisblack")
+    recs, rows, stats = nuclei.process_image(str(path), "movie", seg.SegmentParams(), nuclei.CropParams())
+    assert stats["frames"] == 3 and len(recs) == len(rows) == stats["crops"] > 0
+    assert {r["frame"] for r in rows} == {0, 1, 2}
+    assert all(r["cell_id"] == f"movie_t{r['frame']}_n{r['label']}" and r["n_frames"] == 3 for r in rows)
+
+
+def _write(path, arr):
+    tifffile.imwrite(path, arr, photometric="rgb" if arr.shape[-1] == 3 else "minisblack")
+    return str(path)
+
+
+def test_bad_inputs_name_the_file(tmp_path, stardist):
+    img = stardist[1]
+    with pytest.raises(images.ImageError, match="image not found: .*nope.tif"):
+        list(images.iter_frames(str(tmp_path / "nope.tif")))
+    garbage = tmp_path / "garbage.tif"
+    garbage.write_bytes(b"this is not a tiff" * 10)
+    with pytest.raises(images.ImageError, match="garbage.tif: unreadable image"):
+        list(images.iter_frames(str(garbage)))
+    nan = img[:64, :64].astype(np.float32)
+    nan[3, 3] = np.nan
+    with pytest.raises(images.ImageError, match="nan.tif: image has 1 NaN/Inf"):
+        list(images.iter_frames(_write(tmp_path / "nan.tif", nan)))
+    with pytest.raises(images.ImageError, match="5d.tif: unsupported image shape"):
+        list(images.iter_frames(_write(tmp_path / "5d.tif", np.ones((2, 2, 2, 16, 16), np.uint16))))
+    with pytest.raises(images.ImageError, match="rgb.tif: looks multi-channel"):
+        list(images.iter_frames(_write(tmp_path / "rgb.tif", np.zeros((32, 32, 3), np.uint8))))
+    flat = _write(tmp_path / "flat.tif", np.full((64, 64), 7, np.uint16))
+    with pytest.raises(seg.EmptySegmentationError, match="flat.tif: segmentation found no nuclei"):
+        nuclei.process_image(flat, "flat", seg.SegmentParams(), nuclei.CropParams())
+    stack = _write(tmp_path / "stack.tif", np.stack([img[:128, :128], np.full((128, 128), 7, np.uint16)]))
+    with pytest.raises(seg.EmptySegmentationError, match="stack.tif frame 1: segmentation found no"):
+        nuclei.process_image(stack, "stack", seg.SegmentParams(), nuclei.CropParams())
+    _, _, stats = nuclei.process_image(stack, "stack", seg.SegmentParams(), nuclei.CropParams(skip_empty=True))
+    assert stats["empty_frames"] == 1 and stats["frames"] == 2 and stats["crops"] > 0
+    with pytest.raises(images.ImageError, match="no image files match"):
+        images.find_images(str(tmp_path / "*.png"))
