@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -110,8 +111,7 @@ def encoder_params(embedder: Any) -> dict[str, Any]:
 
     from cosmic_jax.models.mae import MAE
 
-    flat = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype if not hasattr(v, "dtype") else v.dtype)
-            for k, v in _flat_items(embedder.params)}
+    flat = {k: jax.ShapeDtypeStruct(np.shape(v), np.result_type(v)) for k, v in _flat_items(embedder.params)}
     x = jax.ShapeDtypeStruct((1, *embedder.input_shape), np.float32)
     model = embedder.model
 
@@ -138,9 +138,9 @@ def encoder_params(embedder: Any) -> dict[str, Any]:
             jax.eval_shape(deepest, {k: flat[k] for k in used}, x)
             break
         except flax.errors.ScopeParamNotFoundError as e:
-            name = str(e).split('named "')[1].split('"')[0]
-            scope = str(e).split('in scope "')[1].split('"')[0].strip("/")
-            key = f"{scope}/{name}" if scope else name
+            m = re.search(r'named "([^"]+)" in scope "([^"]*)"', str(e))  # flax keeps no attributes
+            scope = m.group(2).strip("/") if m else ""
+            key = (f"{scope}/{m.group(1)}" if scope else m.group(1)) if m else None
             if key not in flat or key in used:
                 raise
             used.add(key)

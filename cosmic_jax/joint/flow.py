@@ -129,15 +129,16 @@ def linear_path(x0: Array, x1: Array, t: Array) -> tuple[Array, Array]:
     return (1.0 - tt) * x0 + tt * x1, x1 - x0
 
 
-def ot_couple_noise(
+def ot_coupling_index(
     key: Array, x0: Array, x1: Array, cond: Array | None = None, *, epsilon: float = 0.05,
     cond_weight: float = 10.0, max_iterations: int = 200,
 ) -> Array:
-    """Re-assign noise rows to targets by a minibatch (conditional) entropic OT plan.
+    """Index of the noise row coupled to each target by a minibatch (conditional) entropic OT plan.
 
-    Only x0 is permuted (resampled): row j of the result is the noise row drawn from column j of
-    the plan, so the returned noise pairs with the UNCHANGED (x1[j], cond[j]). Reordering x1 or
-    cond instead would detach targets from their conditions and fit the wrong conditional.
+    Only x0 is re-assigned: target j keeps its own (x1[j], cond[j]) and gets noise row idx[j]
+    drawn from column j of the plan. Reordering x1 or cond instead would detach targets from their
+    conditions and fit the wrong conditional (the failure mode of using an unconditional OT
+    sampler on per-cell conditions).
 
     With a condition, the source points are (x0_i, cond_i) (the batch's own conditions, i.e. the
     condition marginal) and the cost is |x0_i - x1_j|^2 / D + cond_weight |c_i - c_j|^2 / Dc, the
@@ -149,8 +150,10 @@ def ot_couple_noise(
       key: PRNG key for sampling from the plan.
       x0: (B, D) noise; x1: (B, D) targets; cond: optional (B, Dc) conditions.
       epsilon: Sinkhorn regularisation relative to the mean cost.
+      cond_weight: weight of the condition distance.
+      max_iterations: Sinkhorn iterations cap.
     Returns:
-      (B, D) noise, each row a row of x0.
+      (B,) int indices into the rows of x0.
     """
     from ott.geometry import pointcloud
     from ott.solvers import linear
@@ -163,8 +166,12 @@ def ot_couple_noise(
     geom = pointcloud.PointCloud(jax.lax.stop_gradient(src), jax.lax.stop_gradient(tgt),
                                  epsilon=epsilon, scale_cost="mean")
     plan = linear.solve(geom, max_iterations=max_iterations).matrix  # (B_src, B_tgt)
-    idx = jax.random.categorical(key, jnp.log(plan.T + 1e-30), axis=-1)  # one source per target
-    return x0[idx]
+    return jax.random.categorical(key, jnp.log(plan.T + 1e-30), axis=-1)
+
+
+def ot_couple_noise(key: Array, x0: Array, x1: Array, cond: Array | None = None, **kw) -> Array:
+    """(B, D) noise re-assigned to the targets by `ot_coupling_index` (rows of x0)."""
+    return x0[ot_coupling_index(key, x0, x1, cond, **kw)]
 
 
 def sample_path(key: Array, x1: Array, cond: Array | None = None, *, ot: bool = False,

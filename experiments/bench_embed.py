@@ -1,0 +1,157 @@
+"""Embedding inference throughput: ``Embedder.embed`` vs the HF ViTMAE torch-eager peer.
+
+Protocol (same as /work/shared/bench/peer_torch_embed.py): vit_s8_64, all 64 patches (no mask),
+mean of patch tokens after the final LayerNorm, float32, batch 256, synthetic N(0, 1) single-channel
+64x64 images (4 batches cycled), 3 warm-up batches, 10 timed batches, median images/s. One timed
+batch = one ``Embedder.embed(numpy (256, 64, 64, 1))`` call: host->device copy, the jitted
+forward, device->host copy of the (256, 384) result: the public API's whole cost.
+
+  # one JAX run (prints one JSON line)
+  .venv/bin/python experiments/bench_embed.py --mode jax
+  # REPS x (jax, torch peer) alternating, each in a fresh subprocess; appends to --json
+  .venv/bin/python experiments/bench_embed.py --compare --reps 3 --json bench_out/embed.jsonl
+
+Shared-machine accounting: the 2 cores are also used by other sandboxes (invisible) and by
+other engineers' processes in ours (visible), so per run we record ``others_cores`` = machine-wide
+busy CPU (/proc/stat) minus the benchmark child's own CPU (wait4 rusage), per second of wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+PEER = "/work/shared/bench/peer_torch_embed.py"
+PEER_PY = "/work/peers/.venv-peer-torch/bin/python"
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_s() -> float:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / _HZ  # all but idle + iowait
+
+
+def run_jax(args) -> dict:
+    import jax
+    import numpy as np
+
+    from cosmic_jax.configs.mae import get_model_config
+    from cosmic_jax.embed import Embedder
+    from cosmic_jax.models.mae import abstract_params
+
+    cfg = get_model_config(args.config, dtype="float32")
+    rng = np.random.default_rng(0)
+    # Random weights of the right tree, built in numpy: speed does not depend on their values.
+    params = jax.tree.map(lambda s: rng.normal(0, 0.02, s.shape).astype(np.float32), abstract_params(cfg))
+    emb = Embedder(cfg, params, batch_size=args.batch, progress=False)
+    batches = [rng.normal(size=(args.batch, cfg.image_size, cfg.image_size, cfg.channels)).astype(np.float32)
+               for _ in range(4)]
+    t0 = time.perf_counter()
+    emb.embed(batches[0])
+    first = time.perf_counter() - t0
+    for i in range(1, args.warmup):
+        emb.embed(batches[i % 4])
+    times, cpu = [], []
+    for i in range(args.steps):
+        c0, m0, t0 = time.process_time(), _machine_busy_s(), time.perf_counter()
+        out = emb.embed(batches[i % 4])
+        dt = time.perf_counter() - t0
+        own, machine = time.process_time() - c0, _machine_busy_s() - m0
+        times.append(dt)
+        cpu.append({"own_cores": own / dt, "others_cores": max(0.0, machine - own) / dt})
+    assert out.shape == (args.batch, cfg.hidden) and np.isfinite(out).all()
+    ips = [args.batch / t for t in times]
+    return {
+        "kind": "embed", "peer": "cosmic_jax-Embedder", "mode": "jit-inference", "config": args.config,
+        "batch": args.batch, "step_s": times, "img_s_median": statistics.median(ips),
+        "img_s_min": min(ips), "img_s_max": max(ips), "first_call_s": first,
+        "others_cores_per_step": [c["others_cores"] for c in cpu],
+        "own_cores_mean": statistics.mean(c["own_cores"] for c in cpu),
+        "versions": {"jax": jax.__version__}, "devices": [str(d) for d in jax.devices()],
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _child(cmd: list[str], env: dict) -> dict:
+    """Run one benchmark process to completion; returns its stdout, wall time and machine CPU."""
+    m0, t0 = _machine_busy_s(), time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[1]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return {"stdout": proc.stdout, "wall_s": wall, "machine_busy_s": _machine_busy_s() - m0}
+
+
+def compare(args) -> list[dict]:
+    import resource
+
+    if not os.path.exists(PEER_PY):
+        raise SystemExit(f"{PEER_PY} missing: create the torch peer venv first (see notes/embed.md)")
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # no forced host devices: one CPU device using both cores
+    env["JAX_PLATFORMS"] = "cpu"
+    results = []
+    tmp = os.path.join(os.path.dirname(os.path.abspath(args.json)) if args.json else "/tmp", ".peer_embed.jsonl")
+    for rep in range(args.reps):
+        order = ("jax", "torch") if rep % 2 == 0 else ("torch", "jax")  # alternate who goes first
+        for who in order:
+            if who == "jax":
+                cmd = [sys.executable, os.path.abspath(__file__), "--mode", "jax", "--config", args.config,
+                       "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+            else:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                cmd = [PEER_PY, PEER, "--config", args.config, "--batch", str(args.batch), "--warmup",
+                       str(args.warmup), "--steps", str(args.steps), "--json", tmp]
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            info = _child(cmd, env)
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            child_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+            if who == "jax":
+                res = json.loads(info["stdout"].strip().splitlines()[-1])
+            else:
+                with open(tmp) as f:
+                    res = json.loads(f.read().strip().splitlines()[-1])
+            res["rep"] = rep
+            res["process_wall_s"] = info["wall_s"]
+            res["others_cores_process"] = max(0.0, info["machine_busy_s"] - child_cpu) / info["wall_s"]
+            results.append(res)
+            print(f"[rep {rep}] {res['peer']:<24} median {res['img_s_median']:7.1f} img/s "
+                  f"(min {res['img_s_min']:.1f} max {res['img_s_max']:.1f}) | other load "
+                  f"{res['others_cores_process']:.2f} cores", flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(res) + "\n")
+    jx = [r["img_s_median"] for r in results if r["peer"].startswith("cosmic")]
+    th = [r["img_s_median"] for r in results if not r["peer"].startswith("cosmic")]
+    print(f"jax median of medians {statistics.median(jx):.1f} img/s; torch {statistics.median(th):.1f} img/s; "
+          f"ratio {statistics.median(jx) / statistics.median(th):.2f}x")
+    return results
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", choices=("jax",), default="jax")
+    ap.add_argument("--compare", action="store_true", help="alternate jax and the torch peer")
+    ap.add_argument("--config", default="vit_s8_64")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--json", default=None, help="append results (JSONL)")
+    args = ap.parse_args(argv)
+    if args.compare:
+        compare(args)
+        return
+    res = run_jax(args)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
