@@ -63,4 +63,34 @@ def subprocess_env(devices: int) -> dict[str, str]:
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env.setdefault("PYTHONPATH", os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["JAX_COMPILATION_CACHE_DIR"] = COMPILE_CACHE
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
+
+
+COMPILE_CACHE = "/tmp/cosmic_jax_test_xla_cache"
+
+
+def enable_compile_cache() -> None:
+    """Persistent XLA cache shared by the in-process runs and the subprocesses (same programs)."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def run_worker(data: str, workdir: str, overrides: list[str], devices: int, kill_at: int = 0,
+               extra_env: dict | None = None, timeout: float = 300, wait: bool = True):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "_pretrain_worker.py"), data, workdir]
+    if kill_at:
+        cmd += ["--kill-at", str(kill_at)]
+    env = subprocess_env(devices)
+    env.update(extra_env or {})
+    p = subprocess.Popen(cmd + list(overrides), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not wait:
+        return p
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out

@@ -174,7 +174,7 @@ def test_embed_anndata_matches_shuffled_crops(tmp_path, images, emb4):
     np.testing.assert_allclose(adata2.obsm["X_cosmic"], want, atol=ATOL)
 
 
-def test_embed_anndata_id_errors(images, emb4):
+def test_embed_anndata_id_errors(tmp_path, images, emb4):
     ad = pytest.importorskip("anndata")
     import pandas as pd
 
@@ -186,6 +186,9 @@ def test_embed_anndata_id_errors(images, emb4):
         emb4.embed_anndata(adata, (x, ["a", "a", "c", "d"]))
     with pytest.raises(ValueError, match=r"4 images but 3 cell_ids"):
         emb4.embed_anndata(adata, x, cell_ids=["a", "b", "c"])
+    d = write_crops(tmp_path / "c", x, ["a", "b", "c", "e"])
+    with pytest.raises(ValueError, match=r"no crop in crop dataset .*/c, e.g. \['d'\]"):
+        emb4.embed_anndata(adata, d)
     assert "X_cosmic" not in adata.obsm  # nothing half-written
 
 

@@ -355,8 +355,15 @@ class Embedder:
         if isinstance(crops, (str, os.PathLike)):
             if cell_ids is not None:
                 raise ValueError("cell_ids= is only for image arrays; a crop dataset carries its own ids")
-            emb, crop_ids = self.embed_dataset(crops, progress=progress)
+            from cosmic_jax.data.records import CropSource
+
             what = f"crop dataset {os.fspath(crops)}"
+            # ids first (a cheap read): a mismatch fails before the expensive forward passes
+            crop_ids = CropSource(os.fspath(crops)).cell_ids()
+            order = match_ids(anndata_ids(adata, id_key), crop_ids, what)
+            emb, got = self.embed_dataset(crops, progress=progress)
+            if got != crop_ids:
+                raise RuntimeError(f"{what}: cell_ids changed while embedding (dataset rewritten?)")
         else:
             if isinstance(crops, tuple) and len(crops) == 2 and cell_ids is None:
                 crops, cell_ids = crops
@@ -365,10 +372,7 @@ class Embedder:
             crop_ids = [str(c) for c in cell_ids]
             if len(crop_ids) != len(crops):
                 raise ValueError(f"{len(crops)} images but {len(crop_ids)} cell_ids")
-            what = "crops"
-            emb = None  # embed after the ids check: a mismatch should fail before the compute
-        order = match_ids(anndata_ids(adata, id_key), crop_ids, what)
-        if emb is None:
+            order = match_ids(anndata_ids(adata, id_key), crop_ids, "crops")
             emb = self.embed(crops, progress=progress)
         out = np.ascontiguousarray(emb[order])
         adata.obsm[key] = out

@@ -175,9 +175,6 @@ def export_embedder(
 
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
-    if getattr(embedder.model_cfg, "dtype", "float32") != "float32":
-        # the export promises float32 numerics; a bf16 compute config would silently change them
-        raise ValueError(f"export needs a float32 model config, got dtype={embedder.model_cfg.dtype!r}")
     enc = flatten_params(encoder_params(embedder))
     h, w, c = embedder.input_shape
 
@@ -210,6 +207,8 @@ def export_embedder(
             "pixel_std": cfg.pixel_std,
         },
         "output": {"shape": ["b", embedder.dim], "dtype": "float32"},
+        # matmul dtype inside the forward (params and I/O are float32 either way)
+        "compute_dtype": str(getattr(cfg, "dtype", "float32")),
         "embedding": {"layer": embedder.layer, "layer_index": embedder.layer % embedder.depth,
                       "pool": embedder.pool, "depth": embedder.depth},
         "training_step": None if embedder.step is None else int(embedder.step),

@@ -161,7 +161,7 @@ def ot_coupling_index(
     d = x0.shape[-1]
     src, tgt = x0 / math.sqrt(d), x1 / math.sqrt(d)
     if cond is not None:
-        c = cond * math.sqrt(cond_weight / cond.shape[-1])
+        c = cond * jnp.sqrt(cond_weight / cond.shape[-1])
         src, tgt = jnp.concatenate([src, c], -1), jnp.concatenate([tgt, c], -1)
     geom = pointcloud.PointCloud(jax.lax.stop_gradient(src), jax.lax.stop_gradient(tgt),
                                  epsilon=epsilon, scale_cost="mean")

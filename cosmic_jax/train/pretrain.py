@@ -158,13 +158,16 @@ def _warn_config_change(workdir: str, new: dict[str, Any]) -> None:
         log.warning("%s: resuming with a changed config; differing keys: %s", workdir, changed)
 
 
-def train_and_evaluate(config: PretrainConfig, data_dir: str, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: PretrainConfig, data_dir: str, workdir: str, extra_hooks: tuple[Hook, ...] = ()
+) -> dict[str, Any]:
     """Pretrain the MAE of ``config`` on the crop dataset ``data_dir``, resuming from ``workdir``.
 
     Args:
       config: run config (``configs.pretrain.get_config``).
       data_dir: crop dataset directory (``cosmic_jax.data.records`` format).
       workdir: output dir: config.json, checkpoints/, metrics.jsonl, tb/, recon/.
+      extra_hooks: more periodic callbacks for the loop (e.g. custom evaluations).
 
     Returns:
       {"step": final step, "start_step": step resumed from (0 = fresh),
@@ -216,6 +219,7 @@ def train_and_evaluate(config: PretrainConfig, data_dir: str, workdir: str) -> d
         hooks.append(make_recon_hook(config, model_cfg, data_dir, workdir, mesh, hook_rng))
     if config.probe_every > 0:
         hooks.append(make_probe_hook(config, model_cfg, data_dir, mesh))
+    hooks.extend(extra_hooks)
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     index_log = _IndexLog(workdir, start, mesh, config.log_batch_indices)
     step_fn = shd.jit_step(train_step, mesh, shardings)
