@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 _COMMAND_MODULES = (
@@ -21,7 +22,9 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cosmic", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="cosmic", description="COSMIC in JAX: nuclei crops, MAE pretraining, embeddings, joint model."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in _COMMAND_MODULES:
         try:
@@ -40,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     # grain workers read absl flags; mark them parsed since argparse owns the command line.
     flags.FLAGS.mark_as_parsed()
     args = build_parser().parse_args(argv)
-    result = args.func(args)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        # Input errors already name the file/record/key at fault; a traceback adds nothing.
+        if os.environ.get("COSMIC_TRACEBACK"):
+            raise
+        print(f"cosmic {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -32,7 +32,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="MAE pretraining steps (default: analyze --quick's)")
     args = p.parse_args(argv)
 
-    from cosmic_jax.cli import main as cosmic
+    from cosmic_jax.cli import main as cosmic_main
+
+    def cosmic(argv):
+        rc = cosmic_main(argv)
+        if rc:
+            raise SystemExit(f"demo: `cosmic {' '.join(argv)}` failed (exit {rc})")
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)

@@ -151,3 +151,39 @@ def test_resume_on_four_devices_reshards(ref, data, tmp_path):
     # the data stream continued: steps 21..40 neither repeat nor skip any position of the epoch order
     seen = [i for s in range(1, STEPS + 1) for i in ref["indices"][s]]
     assert [i for s in range(21, STEPS + 1) for i in idx[s]] == seen[20 * 32:]
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path):
+    """Generic loop + real Checkpointer: the loss turns NaN at step 8 (a step fn that blows up)."""
+    import jax.numpy as jnp
+    from flax import struct
+
+    from cosmic_jax.train.checkpoint import Checkpointer
+    from cosmic_jax.train.loop import NonFiniteLossError, train_loop
+    from cosmic_jax.train.metrics import MetricWriter
+
+    class S(struct.PyTreeNode):
+        step: jax.Array
+        params: dict
+
+    @jax.jit
+    def step_fn(state, batch, rng):
+        w = state.params["w"] - 0.1 * (state.params["w"] - batch)
+        w = jnp.where(state.step + 1 >= 8, jnp.nan, w)  # diverges at step 8
+        loss = jnp.mean((w - batch) ** 2) + 1.0
+        return S(state.step + 1, {"w": w}), {"loss": loss}
+
+    state = S(jnp.zeros((), jnp.int32), {"w": jnp.zeros(4)})
+    ckpt = Checkpointer(str(tmp_path), save_every=3, keep=5)
+    writer = MetricWriter(str(tmp_path))
+    batches = iter([jnp.full(4, float(i)) for i in range(100)])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss .* at step 8.*checkpoint \(step 6\) is kept") as e:
+        train_loop(state, step_fn, batches, num_steps=20, rng=jax.random.key(0), checkpointer=ckpt,
+                   writer=writer, log_every=1, progress=False)
+    assert e.value.step == 8
+    ckpt.wait()
+    assert ckpt.all_steps() == [3, 6]  # nothing saved at or after the NaN
+    restored, step = ckpt.restore(jax.eval_shape(lambda: state))
+    assert step == 6 and int(restored.step) == 6 and np.all(np.isfinite(np.asarray(restored.params["w"])))
+    ckpt.close()
+    writer.close()
