@@ -1,13 +1,16 @@
 """Vectorised rendering of synthetic nucleus crops from interpretable morphology parameters.
 
-A nucleus is a soft-edged, centred ellipse with a dome-shaped intensity profile, band-limited
+A nucleus is a soft-edged, centred ellipse with a radial (dome or ring) intensity profile, band-limited
 chromatin texture and a few Gaussian nucleoli. Everything is computed for a whole batch at
 once with numpy (no per-image Python loop), so streaming a million crops is cheap.
 
 The parameters (see :data:`MORPH_PARAMS`) come from an unconstrained latent ``u`` via
 :func:`params_from_latent`; the rendering adds its own nuisance randomness (orientation,
 texture field, nucleoli count and positions, pixel noise), which is *not* part of the cell
-state shared with expression.
+state shared with expression. The first five parameters (:data:`ROBUST_PARAMS`) are global,
+low-frequency properties (size, shape, brightness, radial profile, texture strength) that are
+read off an image precisely; the generator lets only those carry the shared state, so the
+state is recoverable from the image.
 """
 
 from __future__ import annotations
@@ -20,25 +23,30 @@ MORPH_PARAMS = (
     "elongation",  # major / minor axis ratio
     "intensity",  # mean chromatin intensity
     "texture_amplitude",  # relative std of the chromatin texture
+    "profile",  # radial slope: > 0 dome (bright centre), < 0 ring (bright periphery)
     "texture_scale",  # spatial scale (px) of the band-limited texture
     "nucleoli_rate",  # Poisson mean of the nucleoli count
     "nucleoli_brightness",  # peak added intensity of each nucleolus
 )
+ROBUST_PARAMS = MORPH_PARAMS[:5]
 
 # Ranges chosen so the largest, most elongated nucleus still fits a 64x64 crop with margin
 # (16 * sqrt(2.2) ~ 24 px semi-major axis < 31.5 px half-width).
 PARAM_RANGES = {
-    "radius": (7.0, 16.0),
+    "radius": (8.0, 16.0),
     "elongation": (1.0, 2.2),
-    "intensity": (0.25, 0.75),
-    "texture_amplitude": (0.02, 0.30),
-    "texture_scale": (2.0, 4.0),
-    "nucleoli_rate": (0.2, 4.0),
-    "nucleoli_brightness": (0.15, 0.50),
+    "intensity": (0.20, 0.60),
+    "texture_amplitude": (0.02, 0.20),
+    "profile": (-1.0, 1.0),
+    "texture_scale": (0.8, 1.8),
+    "nucleoli_rate": (0.5, 4.0),
+    "nucleoli_brightness": (0.10, 0.35),
 }
 
 MAX_NUCLEOLI = 6
-_LATENT_GAIN = 1.6  # latent sd ~1 then covers most of each range through the sigmoid
+# Latent sd ~1.2 (state + offsets) then spans most of each range while the sigmoid stays far
+# from saturation, so latent differences remain visible over the whole population.
+_LATENT_GAIN = 1.0
 _RIM_PX = 1.2  # width of the soft nucleus rim
 _NUCLEOLUS_SIGMA_PX = 0.9
 
@@ -62,6 +70,15 @@ def params_from_latent(u: np.ndarray, image_size: int = 64) -> dict[str, np.ndar
         out[name] = lo + (hi - lo) / (1.0 + np.exp(-_LATENT_GAIN * u[:, j]))
     out["radius"] = out["radius"] * (image_size / 64.0)
     return out
+
+
+def latent_for(name: str, value: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`params_from_latent` for one parameter (64 px radius units)."""
+    lo, hi = PARAM_RANGES[name]
+    frac = (np.asarray(value, dtype=np.float64) - lo) / (hi - lo)
+    if np.any((frac <= 0) | (frac >= 1)):
+        raise ValueError(f"{name}: value {value} outside its range {PARAM_RANGES[name]}")
+    return np.log(frac / (1 - frac)) / _LATENT_GAIN
 
 
 def _bandlimited_noise(rng: np.random.Generator, n: int, size: int, scale: np.ndarray) -> np.ndarray:
@@ -130,7 +147,10 @@ def render_batch(
 
     inten = p["intensity"].astype(f32)[:, None, None]
     amp = p["texture_amplitude"].astype(f32)[:, None, None]
-    body = inten * (1.0 - 0.2 * d2) * (1.0 + amp * texture.astype(f32))
+    # The radial term averages to 0 over the ellipse (E[d2] = 1/2), so the profile does not move
+    # the mean intensity.
+    prof = p["profile"].astype(f32)[:, None, None]
+    body = inten * (1.0 + prof * (0.5 - d2)) * (1.0 + amp * texture.astype(f32))
 
     # Nucleoli positions in the ellipse frame, rotated back to pixel coordinates.
     ex = nuc_r * np.cos(nuc_phi) * a[:, :, 0]

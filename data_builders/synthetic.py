@@ -5,16 +5,17 @@ Generative model (one cell):
   S = (cell type c, response status r, shared programs z_s)      drives BOTH modalities
   z_m  morphology-private programs,  z_e  expression-private programs
 
-  morphology latent u = M_c[c] + W_s z_s + m_r [r = responder] + W_m z_m    (per render parameter)
+  morphology latent u = M_c[c] + W_s z_s + m_r [r = responder] + W_m z_m + nuisance
   image = render(params(u)) with nuisance: orientation, texture field, nucleoli, pixel noise
   log-mean  eta_g = b_g + a (C[c, g] + U_s[g] . z_s) + d_g [r = responder] + e U_e[g] . z_e
   counts_g ~ NegBinomial(mean = L exp(eta_g), inverse dispersion theta),  L ~ LogNormal
 
-The truth (``truth.json``) is defined on quantities an analysis can estimate from the data:
-x_g = log1p(counts_g / library_size * 1e4) and the measured morphology features f_k
-(:mod:`data_builders.morph_features`), as Var(E[. | S]) / Var(.), by nested Monte Carlo.
-The shared/private scales (a, e) = sigma (cos t, sin t) are calibrated so that the overall
-expression fraction equals the requested ``shared_fraction``.
+The truth is Var(E[. | S]) / Var(.), which an analysis can only reach if S is recoverable from
+the image. So S and the private programs drive DIFFERENT render parameters: S drives only the
+robust, global ones (``render.ROBUST_PARAMS``: size, elongation, intensity, texture strength
+through an invertible map of z_s; cell type through well separated radial-profile levels),
+with a small nuisance; z_m drives only texture grain and nucleoli. Truth estimation and
+calibration live in :mod:`data_builders.synthetic_truth` (re-exported here).
 """
 
 from __future__ import annotations
@@ -24,36 +25,31 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from data_builders import morph_features, render
+from data_builders.synthetic_truth import (  # noqa: F401  (re-exported public API)
+    DEFINITIONS,
+    attainability,
+    build_anndata,
+    calibrate,
+    expression_truth,
+    morphology_truth,
+    truth_dict,
+)
 
 RESPONSE_LEVELS = ("untreated", "resistant", "responder")
 RESPONDER = 2
 RESPONDER_PARAMS = ("radius", "intensity")  # planted morphology effect of responding
+# Render parameters driven by S: z_s -> the first four (an orthogonal map, so z_s is
+# identifiable); the cell type -> profile (one level per type) plus smaller offsets everywhere.
+SHARED_PARAMS = ("radius", "elongation", "intensity", "texture_amplitude")
+CELLTYPE_PARAM = "profile"
+PRIVATE_PARAMS = ("texture_scale", "nucleoli_rate", "nucleoli_brightness")
 # Seed-sequence streams: each purpose gets its own independent generator.
-_WORLD, _CALIB, _STATE, _COUNTS, _RENDER, _EXPR_MC, _MORPH_MC = range(7)
-
-DEFINITIONS = """\
-S = everything that drives morphology AND expression jointly: cell type, response status
-(untreated / resistant / responder) and the shared continuous programs (obsm['true_shared']).
-Expression: x_g = log1p(counts_g / library_size * 1e4), library_size = total counts of the cell.
-expr_var_explained_by_morph_per_gene[g] = Var(E[x_g | S]) / Var(x_g).
-expr_var_explained_by_morph = sum_g Var(E[x_g | S]) / sum_g Var(x_g) (all genes).
-Morphology: f = morph_features.measure(crop) (features listed in feature_names; standardising
-does not change the ratios). morph_var_explained_by_expr_per_feature[k] = Var(E[f_k | S]) / Var(f_k);
-morph_var_explained_by_expr = mean over features of that ratio.
-Variances are over the population the generator samples from (cell-type, treatment and response
-proportions as configured), estimated by nested Monte Carlo: outer draws of S, inner draws of
-everything else (private programs, library size, negative-binomial noise; for images the private
-programs, orientation, texture field, nucleoli and pixel noise), with the unbiased ANOVA
-correction Var(E[y|S]) = Var(inner means) - E[inner var] / n_inner. *_se are jackknife standard
-errors over groups of outer draws. Because expression and morphology are conditionally
-independent given S, these equal the fractions explainable from the other modality whenever S is
-recoverable from it (an upper bound otherwise)."""
-
+_WORLD, _CALIB, _STATE, _COUNTS, _RENDER, _EXPR_MC, _MORPH_MC, _CHECK = range(8)
 
 @dataclasses.dataclass
 class SyntheticConfig:
@@ -70,8 +66,10 @@ class SyntheticConfig:
     responder_gene_effect: float = 1.0  # |log fold change| of planted genes, responders vs rest
     responder_morph_effect: float = 1.5  # latent shift of RESPONDER_PARAMS for responders
     expr_signal_sd: float = 1.5  # sigma: sd of the log-mean signal, split by the calibrated angle
-    cell_type_weight: float = 0.5  # share of the shared expression/morphology signal from cell type
-    morph_shared_weight: float = 0.9  # share of morphology latent variance driven by S
+    cell_type_weight: float = 0.5  # share of the shared expression signal from cell type
+    morph_celltype_offset: float = 0.5  # sd of cell-type offsets of the SHARED_PARAMS latents
+    morph_profile_span: float = 0.75  # cell-type radial profiles: linspace(-span, span, K), in (0, 1)
+    morph_param_noise: float = 0.08  # sd of per-cell render nuisance on the S-driven latents
     library_size_mean: float = 5000.0
     library_size_log_sd: float = 0.25
     nb_inverse_dispersion: float = 20.0
@@ -99,7 +97,17 @@ class SyntheticConfig:
         for k in positive:
             if not getattr(self, k) > 0:
                 raise ValueError(f"SyntheticConfig.{k} must be > 0, got {getattr(self, k)!r}")
-        for k in ("treated_fraction", "responder_fraction", "cell_type_weight", "morph_shared_weight"):
+        if not 0.0 < self.morph_profile_span < 1.0:
+            raise ValueError(f"SyntheticConfig.morph_profile_span must be in (0, 1), got {self.morph_profile_span!r}")
+        for k in ("morph_celltype_offset", "morph_param_noise", "responder_morph_effect"):
+            if not getattr(self, k) >= 0:
+                raise ValueError(f"SyntheticConfig.{k} must be >= 0, got {getattr(self, k)!r}")
+        if self.n_shared > len(SHARED_PARAMS):
+            raise ValueError(
+                f"SyntheticConfig.n_shared={self.n_shared} exceeds the {len(SHARED_PARAMS)} S-driven render "
+                f"parameters {SHARED_PARAMS}: the shared programs would not be recoverable from the image"
+            )
+        for k in ("treated_fraction", "responder_fraction", "cell_type_weight"):
             if not 0.0 <= getattr(self, k) <= 1.0:
                 raise ValueError(f"SyntheticConfig.{k} must be in [0, 1], got {getattr(self, k)!r}")
         for k in ("calib_inner", "expr_mc_inner", "morph_mc_inner", "mc_groups"):
@@ -224,16 +232,21 @@ def make_world(config: SyntheticConfig, seed: int) -> World:
     resp_idx = rng.choice(g, cfg.n_responder_genes, replace=False)
     lfc[resp_idx] = cfg.responder_gene_effect * rng.choice([-1.0, 1.0], cfg.n_responder_genes)
 
-    # Every render parameter gets exactly the configured S / private variance split (rows are
-    # normalised), so S is strongly visible in all of size, shape, intensity and texture.
-    msw = cfg.morph_shared_weight
-    mct = rng.standard_normal((k, p))
-    mct -= mct.mean(axis=0)
-    m_ct = np.sqrt(msw * cw) * mct / np.sqrt((mct**2).mean(axis=0))
-    m_sh = rng.standard_normal((p, cfg.n_shared))
-    m_sh *= np.sqrt(msw * (1 - cw)) / np.linalg.norm(m_sh, axis=1, keepdims=True)
-    m_pr = rng.standard_normal((p, cfg.n_morph_private))
-    m_pr *= np.sqrt(1 - msw) / np.linalg.norm(m_pr, axis=1, keepdims=True)
+    # Morphology: S only moves the robust render parameters, z_m only the others, so S is a
+    # function of the image up to the small render nuisance (see the module docstring).
+    idx = {n: i for i, n in enumerate(render.MORPH_PARAMS)}
+    sh = [idx[n] for n in SHARED_PARAMS]
+    pr = [idx[n] for n in PRIVATE_PARAMS]
+    q, _ = np.linalg.qr(rng.standard_normal((len(sh), len(sh))))
+    m_sh = np.zeros((p, cfg.n_shared))
+    m_sh[sh] = q[:, : cfg.n_shared]  # orthonormal columns: each z_s direction is its own image axis
+    m_ct = np.zeros((k, p))
+    m_ct[:, sh] = cfg.morph_celltype_offset * rng.standard_normal((k, len(sh)))
+    levels = np.linspace(-cfg.morph_profile_span, cfg.morph_profile_span, k)  # equally spaced in the image
+    m_ct[:, idx[CELLTYPE_PARAM]] = rng.permutation(render.latent_for(CELLTYPE_PARAM, levels))
+    m_pr = np.zeros((p, cfg.n_morph_private))
+    m_pr[pr] = rng.standard_normal((len(pr), cfg.n_morph_private))
+    m_pr[pr] /= np.linalg.norm(m_pr[pr], axis=1, keepdims=True)
     m_resp = np.array([cfg.responder_morph_effect if n in RESPONDER_PARAMS else 0.0 for n in render.MORPH_PARAMS])
     return World(
         config=cfg, seed=int(seed), gene_names=[f"gene{i:04d}" for i in range(g)],
@@ -291,14 +304,18 @@ def log_normalize(counts: np.ndarray) -> np.ndarray:
     return np.log1p(counts / lib * 1e4)
 
 
-def morph_latent(world: World, state: dict[str, np.ndarray], z_m: np.ndarray) -> np.ndarray:
-    """(n, P) morphology latent from S and the morphology-private programs z_m (n, n_morph_private)."""
-    return (
+def morph_latent(
+    world: World, state: dict[str, np.ndarray], z_m: np.ndarray, nuisance: np.ndarray | None = None
+) -> np.ndarray:
+    """(n, P) morphology latent from S, the private programs z_m (n, n_morph_private) and the
+    render nuisance (n, P) (added to the S-driven parameters only)."""
+    u = (
         world.morph_celltype[state["cell_type"]]
         + state["shared"] @ world.morph_shared.T
         + world.morph_responder * (state["response"] == RESPONDER)[:, None]
         + z_m @ world.morph_private.T
     )
+    return u if nuisance is None else u + nuisance
 
 
 def sample_images(world: World, state: dict[str, np.ndarray], rng: np.random.Generator):
@@ -307,154 +324,13 @@ def sample_images(world: World, state: dict[str, np.ndarray], rng: np.random.Gen
     Returns:
       images (n, H, W) float32, z_m (n, n_morph_private), params dict name -> (n,), nuisance dict.
     """
-    z_m = rng.standard_normal((len(state["cell_type"]), world.config.n_morph_private))
-    params = render.params_from_latent(morph_latent(world, state, z_m), world.config.image_size)
+    n, cfg = len(state["cell_type"]), world.config
+    z_m = rng.standard_normal((n, cfg.n_morph_private))
+    s_driven = np.isin(render.MORPH_PARAMS, SHARED_PARAMS + (CELLTYPE_PARAM,))
+    nuisance = cfg.morph_param_noise * rng.standard_normal((n, len(render.MORPH_PARAMS))) * s_driven
+    params = render.params_from_latent(morph_latent(world, state, z_m, nuisance), cfg.image_size)
     images, nuisance = render.render_batch(params, rng, world.config.image_size, world.config.pixel_noise)
     return images, z_m, params, nuisance
-
-
-# ----------------------------------------------------------------------------- ground truth
-
-
-class _Nested:
-    """Sufficient statistics of a nested design y[outer, inner, d], grouped for the jackknife."""
-
-    def __init__(self, n_groups: int, n_inner: int, dim: int):
-        self.n_inner = n_inner
-        self.count = np.zeros(n_groups)
-        self.s1 = np.zeros((n_groups, dim))  # sum of inner means
-        self.s2 = np.zeros((n_groups, dim))  # sum of squared inner means
-        self.sw = np.zeros((n_groups, dim))  # sum of inner variances
-        self.t1 = np.zeros((n_groups, dim))  # sum over all samples (for the population mean)
-        self.t2 = np.zeros((n_groups, dim))
-
-    def add(self, y: np.ndarray, group: np.ndarray) -> None:
-        """y: (n_outer_chunk, n_inner, dim); group: (n_outer_chunk,) group index per outer draw."""
-        m = y.mean(axis=1)
-        w = y.var(axis=1, ddof=1)
-        np.add.at(self.count, group, 1.0)
-        np.add.at(self.s1, group, m)
-        np.add.at(self.s2, group, m**2)
-        np.add.at(self.sw, group, w)
-        np.add.at(self.t1, group, y.sum(axis=1))
-        np.add.at(self.t2, group, (y**2).sum(axis=1))
-
-    @staticmethod
-    def _bw(count, s1, s2, sw, n_inner):
-        var_means = (s2 - s1**2 / count) / (count - 1)
-        within = sw / count
-        return var_means - within / n_inner, within
-
-    def estimates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Between (D,), within (D,), and leave-one-group-out between/within (K, D)."""
-        tot = [a.sum(axis=0) for a in (self.count, self.s1, self.s2, self.sw)]
-        b, w = self._bw(*tot, self.n_inner)
-        loo = [t - a for t, a in zip(tot, (self.count, self.s1, self.s2, self.sw))]  # (K,), (K, D)...
-        bl, wl = self._bw(loo[0][:, None], loo[1], loo[2], loo[3], self.n_inner)
-        return b, w, bl, wl
-
-    def population_mean_std(self) -> tuple[np.ndarray, np.ndarray]:
-        n = self.count.sum() * self.n_inner
-        mean = self.t1.sum(axis=0) / n
-        return mean, np.sqrt(np.maximum(self.t2.sum(axis=0) / n - mean**2, 0.0))
-
-
-def _jackknife(stat: Callable[[np.ndarray, np.ndarray], np.ndarray], nested: _Nested):
-    b, w, bl, wl = nested.estimates()
-    full = stat(b, w)
-    reps = np.stack([stat(bl[k], wl[k]) for k in range(len(bl))])
-    k = len(reps)
-    se = np.sqrt((k - 1) / k * ((reps - reps.mean(axis=0)) ** 2).sum(axis=0))
-    return full, se
-
-
-def _run_nested(
-    world: World, rng: np.random.Generator, n_outer: int, n_inner: int, n_groups: int, dim: int,
-    inner_fn: Callable[[dict[str, np.ndarray], np.random.Generator], np.ndarray], chunk: int,
-) -> _Nested:  # fmt: skip
-    nested = _Nested(n_groups, n_inner, dim)
-    for start in range(0, n_outer, chunk):
-        m = min(chunk, n_outer - start)
-        state = sample_state(world, m, rng)
-        rep = _take(state, np.repeat(np.arange(m), n_inner))
-        y = inner_fn(rep, rng).reshape(m, n_inner, dim)
-        nested.add(y, (start + np.arange(m)) % n_groups)
-    return nested
-
-
-def expression_truth(
-    world: World, rng: np.random.Generator, n_outer: int | None = None, n_inner: int | None = None
-) -> dict[str, Any]:
-    """Nested-MC truth of Var(E[x_g | S]) / Var(x_g) (see :data:`DEFINITIONS`).
-
-    Returns:
-      dict: ``per_gene`` (G,), ``per_gene_se`` (G,), ``overall`` float, ``overall_se`` float.
-    """
-    cfg = world.config
-    n_outer = n_outer or cfg.expr_mc_outer
-    n_inner = n_inner or cfg.expr_mc_inner
-    nested = _run_nested(
-        world, rng, n_outer, n_inner, cfg.mc_groups, cfg.n_genes,
-        lambda st, r: log_normalize(sample_counts(world, st, r)["counts"]), chunk=1000,
-    )  # fmt: skip
-    per_gene, per_gene_se = _jackknife(lambda b, w: b / (b + w), nested)
-    overall, overall_se = _jackknife(lambda b, w: np.array(b.sum() / (b + w).sum()), nested)
-    return {
-        "per_gene": per_gene, "per_gene_se": per_gene_se,
-        "overall": float(overall), "overall_se": float(overall_se),
-    }  # fmt: skip
-
-
-def morphology_truth(
-    world: World, rng: np.random.Generator, n_outer: int | None = None, n_inner: int | None = None
-) -> dict[str, Any]:
-    """Nested-MC truth of Var(E[f_k | S]) / Var(f_k) on measured features (images rendered).
-
-    Returns:
-      dict: ``per_feature`` (F,), ``per_feature_se``, ``overall`` (mean over features),
-      ``overall_se``, and the population ``feature_mean`` / ``feature_std`` (F,) of raw features.
-    """
-    cfg = world.config
-    n_outer = n_outer or cfg.morph_mc_outer
-    n_inner = n_inner or cfg.morph_mc_inner
-    nested = _run_nested(
-        world, rng, n_outer, n_inner, cfg.mc_groups, len(morph_features.FEATURE_NAMES),
-        lambda st, r: morph_features.measure_batch(sample_images(world, st, r)[0]),
-        chunk=max(1, cfg.chunk_cells // n_inner),
-    )  # fmt: skip
-    per_f, per_f_se = _jackknife(lambda b, w: b / (b + w), nested)
-    overall, overall_se = _jackknife(lambda b, w: np.array(np.mean(b / (b + w))), nested)
-    mean, std = nested.population_mean_std()
-    return {
-        "per_feature": per_f, "per_feature_se": per_f_se, "overall": float(overall),
-        "overall_se": float(overall_se), "feature_mean": mean, "feature_std": std,
-    }  # fmt: skip
-
-
-def calibrate(world: World, shared_fraction: float, rng_seed: int | None = None, xtol: float = 2e-3) -> World:
-    """Set the shared/private angle so the overall expression truth equals ``shared_fraction``.
-
-    Uses a fixed-seed (common random numbers) MC estimate inside Brent's method, so the
-    objective is a smooth function of the angle.
-    """
-    from scipy.optimize import brentq
-
-    cfg = world.config
-    seed = world.seed if rng_seed is None else rng_seed
-
-    def frac(angle: float) -> float:
-        w = dataclasses.replace(world, angle=float(angle))
-        return expression_truth(w, _rng(seed, _CALIB), cfg.calib_outer, cfg.calib_inner)["overall"]
-
-    hi, lo = frac(0.0), frac(np.pi / 2)
-    if not lo + 0.005 < shared_fraction < hi - 0.005:
-        raise ValueError(
-            f"shared_fraction={shared_fraction} is not reachable with this config: the overall true "
-            f"expression fraction ranges over ({lo:.3f}, {hi:.3f}) (raise expr_signal_sd or "
-            "library_size_mean for larger values)"
-        )
-    angle = brentq(lambda t: frac(t) - shared_fraction, 0.0, np.pi / 2, xtol=xtol)
-    return dataclasses.replace(world, angle=float(angle))
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -572,12 +448,12 @@ def generate(
     timings["counts"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    adata = _build_anndata(
+    adata = build_anndata(
         world, shared_fraction, state, cell_ids, counts.astype(np.int32), lib_factor, z_m_all, z_e_all,
         params_all, feats_all, expr_truth, morph_truth,
     )  # fmt: skip
     adata.write_h5ad(os.path.join(out_dir, "cells.h5ad"))
-    truth = _truth_dict(world, shared_fraction, n_cells, expr_truth, morph_truth)
+    truth = truth_dict(world, shared_fraction, n_cells, expr_truth, morph_truth)
     with open(os.path.join(out_dir, "truth.json"), "w") as f:
         json.dump(truth, f, indent=1)
     timings["write"] = time.perf_counter() - t
@@ -590,110 +466,9 @@ def generate(
         "n_cells": n_cells,
         "expr_shared_scale": world.shared_scale,
         "expr_private_scale": world.private_scale,
-        "expr_var_explained_by_morph": truth["expr_var_explained_by_morph"],
-        "expr_var_explained_by_morph_se": truth["expr_var_explained_by_morph_se"],
-        "morph_var_explained_by_expr": truth["morph_var_explained_by_expr"],
-        "morph_var_explained_by_expr_se": truth["morph_var_explained_by_expr_se"],
+        **{k + se: truth[k + se] for k in ("expr_var_explained_by_morph", "morph_var_explained_by_expr")
+           for se in ("", "_se")},  # fmt: skip
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
-    }
-
-
-def _build_anndata(world, shared_fraction, state, cell_ids, counts, lib_factor, z_m, z_e, params, feats, et, mt):
-    import anndata as ad
-    import pandas as pd
-
-    cfg = world.config
-    response = np.asarray(RESPONSE_LEVELS, dtype=object)[state["response"]]
-    obs = pd.DataFrame(
-        {
-            "cell_id": cell_ids,
-            "cell_type": pd.Categorical(np.asarray(world.cell_types, dtype=object)[state["cell_type"]],
-                                        categories=world.cell_types),
-            "treatment": pd.Categorical(np.where(state["response"] > 0, "treated", "control"),
-                                        categories=["control", "treated"]),
-            "response": pd.Categorical(response, categories=list(RESPONSE_LEVELS)),
-            "library_size": counts.sum(axis=1).astype(np.int64),
-            "true_library_factor": lib_factor,
-        },
-        index=pd.Index(cell_ids, name="cell"),
-    )  # fmt: skip
-    var = pd.DataFrame(
-        {
-            "gene_name": world.gene_names,
-            "is_responder_gene": world.responder_lfc != 0,
-            "responder_log_fold_change": world.responder_lfc,
-            "true_expr_frac_explained_by_morph": et["per_gene"],
-            "true_expr_frac_explained_by_morph_se": et["per_gene_se"],
-            "true_shared_mix": world.shared_mix,
-        },
-        index=pd.Index(world.gene_names, name="gene"),
-    )
-    param_cols = list(render.MORPH_PARAMS) + ["orientation", "nucleoli_count"]
-    obsm = {
-        "true_shared": state["shared"],
-        "true_morph_private": z_m,
-        "true_expr_private": z_e,
-        "true_morph_params": pd.DataFrame(params, index=obs.index, columns=param_cols),
-    }
-    if cfg.measure_features:
-        z = morph_features.standardize(feats, mt["feature_mean"], mt["feature_std"])
-        obsm["morph_features"] = pd.DataFrame(z, index=obs.index, columns=list(morph_features.FEATURE_NAMES))
-    varm = {
-        "true_celltype_effects": (world.shared_scale * world.expr_celltype).T,
-        "true_shared_loadings": world.shared_scale * world.expr_shared,
-        "true_expr_private_loadings": world.private_scale * world.expr_private,
-    }
-    uns = {
-        "synthetic": {
-            "config_json": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
-            "seed": world.seed,
-            "shared_fraction": float(shared_fraction),
-            "expr_shared_scale": world.shared_scale,
-            "expr_private_scale": world.private_scale,
-            "response_levels": list(RESPONSE_LEVELS),
-            "feature_names": list(morph_features.FEATURE_NAMES),
-            "feature_mean": mt["feature_mean"],
-            "feature_std": mt["feature_std"],
-        }
-    }
-    return ad.AnnData(X=counts, obs=obs, var=var, obsm=obsm, varm=varm, uns=uns)
-
-
-def _truth_dict(world: World, shared_fraction, n_cells, et, mt) -> dict[str, Any]:
-    cfg = world.config
-    fn = list(morph_features.FEATURE_NAMES)
-    resp_features = sorted({f for p in RESPONDER_PARAMS for f in morph_features.PARAM_TO_FEATURES[p]})
-    return {
-        "expr_var_explained_by_morph": et["overall"],
-        "expr_var_explained_by_morph_se": et["overall_se"],
-        "morph_var_explained_by_expr": mt["overall"],
-        "morph_var_explained_by_expr_se": mt["overall_se"],
-        "expr_var_explained_by_morph_per_gene": dict(zip(world.gene_names, map(float, et["per_gene"]))),
-        "expr_var_explained_by_morph_per_gene_se": dict(zip(world.gene_names, map(float, et["per_gene_se"]))),
-        "morph_var_explained_by_expr_per_feature": dict(zip(fn, map(float, mt["per_feature"]))),
-        "morph_var_explained_by_expr_per_feature_se": dict(zip(fn, map(float, mt["per_feature_se"]))),
-        "responder_genes": world.responder_genes,
-        "responder_log_fold_change": {world.gene_names[g]: float(world.responder_lfc[g])
-                                      for g in np.flatnonzero(world.responder_lfc)},  # fmt: skip
-        "responder_features": resp_features,
-        "responder_morph_params": list(RESPONDER_PARAMS),
-        "cell_types": world.cell_types,
-        "response_levels": list(RESPONSE_LEVELS),
-        "feature_names": fn,
-        "feature_standardization": {"mean": mt["feature_mean"].tolist(), "std": mt["feature_std"].tolist()},
-        "shared_fraction_target": float(shared_fraction),
-        "expr_shared_scale": world.shared_scale,
-        "expr_private_scale": world.private_scale,
-        "seed": world.seed,
-        "n_cells": int(n_cells),
-        "n_genes": cfg.n_genes,
-        "monte_carlo": {
-            "expr": {"n_outer": cfg.expr_mc_outer, "n_inner": cfg.expr_mc_inner},
-            "morph": {"n_outer": cfg.morph_mc_outer, "n_inner": cfg.morph_mc_inner},
-            "calibration": {"n_outer": cfg.calib_outer, "n_inner": cfg.calib_inner},
-            "jackknife_groups": cfg.mc_groups,
-        },
-        "definitions": DEFINITIONS,
     }
 
 

@@ -105,6 +105,7 @@ def test_config_json_and_load_for_inference(ref):
     assert not np.array_equal(p20["decoder_pred"]["kernel"], want["decoder_pred"]["kernel"])
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(ref, data, tmp_path):
     w = str(tmp_path / "w")
     rc, out = run_worker(data["train"], w, BASE, devices=8, kill_at=24)
@@ -130,6 +131,7 @@ def test_sigkill_then_resume_matches_uninterrupted(ref, data, tmp_path):
     assert _indices(w) == ref["indices"]  # same examples in the same order, none repeated/skipped
 
 
+@pytest.mark.slow
 def test_resume_on_four_devices_reshards(ref, data, tmp_path):
     w = str(tmp_path / "w")
     shutil.copytree(ref["workdir"], w)

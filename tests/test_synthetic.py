@@ -82,10 +82,14 @@ def test_truth_matches_fresh_independent_monte_carlo(dataset):
     per_f = np.array([truth["morph_var_explained_by_expr_per_feature"][k] for k in morph_features.FEATURE_NAMES])
     per_f_se = np.array([truth["morph_var_explained_by_expr_per_feature_se"][k] for k in morph_features.FEATURE_NAMES])
     assert np.all(np.abs(fresh_m["per_feature"] - per_f) < 4 * np.hypot(fresh_m["per_feature_se"], per_f_se) + 1e-3)
-    # S is strongly visible in the image: size, shape, intensity and texture are mostly S-driven
-    # (each render parameter's latent is morph_shared_weight = 0.9 S).
-    for name, lo in (("area", 0.85), ("elongation", 0.8), ("mean_intensity", 0.8), ("texture_fine", 0.6)):
-        assert truth["morph_var_explained_by_expr_per_feature"][name] > lo, name
+    # S drives only the robust render parameters (small nuisance), z_m only grain and nucleoli:
+    # size, shape, brightness, profile and texture strength are almost fully S-determined,
+    # grain and nucleoli brightness mostly not (the spot count also picks up strong texture).
+    per = truth["morph_var_explained_by_expr_per_feature"]
+    for name, lo in (("area", 0.95), ("elongation", 0.9), ("mean_intensity", 0.9), ("radial_profile", 0.9),
+                     ("texture_energy", 0.6)):  # fmt: skip
+        assert per[name] > lo, (name, per[name])
+    assert per["texture_grain"] < 0.5 and per["nucleoli_intensity"] < 0.5, per
 
 
 @pytest.mark.parametrize("target", [0.2, 0.7])
@@ -125,7 +129,7 @@ def test_h5ad_contents_and_crop_ids(dataset):
     np.testing.assert_array_equal(adata.obs["library_size"].to_numpy(), np.asarray(adata.X).sum(1))
     for key, width in (("true_shared", 4), ("true_morph_private", 3), ("true_expr_private", 4)):
         assert adata.obsm[key].shape == (N_CELLS, width)
-    assert list(adata.obsm["true_morph_params"].columns[:7]) == list(render.MORPH_PARAMS)
+    assert list(adata.obsm["true_morph_params"].columns[:8]) == list(render.MORPH_PARAMS)
     assert set(adata.obs["response"].cat.categories) == {"untreated", "resistant", "responder"}
     assert adata.uns["synthetic"]["seed"] == SEED
     assert truth["cell_types"] == list(adata.obs["cell_type"].cat.categories)
@@ -169,7 +173,9 @@ def test_measured_features_track_render_parameters():
     assert np.corrcoef(col["area"], params["radius"] ** 2)[0, 1] > 0.98
     assert np.corrcoef(col["elongation"], params["elongation"])[0, 1] > 0.95
     assert np.corrcoef(col["mean_intensity"], params["intensity"])[0, 1] > 0.95
-    assert np.corrcoef(col["texture_coarse"], params["texture_amplitude"])[0, 1] > 0.5
+    assert np.corrcoef(col["radial_profile"], params["profile"])[0, 1] > 0.95
+    assert np.corrcoef(col["texture_energy"], params["texture_amplitude"])[0, 1] > 0.75
+    assert np.corrcoef(col["texture_grain"], params["texture_scale"])[0, 1] < -0.4
     assert np.corrcoef(col["nucleoli_count"], nuis["nucleoli_count"])[0, 1] > 0.3
     np.testing.assert_array_equal(morph_features.measure(imgs[5]), feats[5])  # single == batch path
 
@@ -191,6 +197,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         synthetic.make_config(overrides=["not_a_key=3"])
     with pytest.raises(ValueError, match="n_genes"):
         synthetic.make_config(overrides=["n_genes=abc"])
+    with pytest.raises(ValueError, match="n_shared=5 exceeds"):
+        synthetic.make_config(overrides=["n_shared=5"])
     with pytest.raises(ValueError, match="not reachable"):
         synthetic.calibrate(synthetic.make_world(_cfg(expr_signal_sd=0.3), 0), 0.9)
     with pytest.raises(ValueError, match="crop 1: no nucleus"):
@@ -203,3 +211,16 @@ def test_existing_dataset_not_silently_overwritten(dataset):
     with pytest.raises(FileExistsError, match="overwrite"):
         synthetic.generate(dataset["dir"], 10, 0, 0.5, _cfg())
     assert dataclasses.asdict(synthetic.load_world(dataset["dir"]).config) == dataclasses.asdict(_cfg())
+
+
+def test_state_recoverable_from_image_and_expression():
+    """The truth is attainable: held-out R^2 from S, render params, features, pixels, expression."""
+    world = synthetic.calibrate(synthetic.make_world(_cfg(), 5), 0.7)
+    truth = synthetic.expression_truth(world, np.random.default_rng(4), n_outer=1500, n_inner=4)["overall"]
+    att = synthetic.attainability(world, n_cells=2500, seed=1)
+    # Small training sets bias held-out R^2 low; the old design (S mixed with private factors in
+    # every render parameter) reached only ~0.33 from features at a truth of 0.7.
+    for key in ("expr_from_state", "expr_from_params", "expr_from_features"):
+        assert truth - 0.06 < att[key] < truth + 0.03, (key, att[key], truth)
+    assert att["cell_type_accuracy_from_features"] > 0.95
+    assert att["morph_from_expr"] > 0.5

@@ -34,6 +34,7 @@ class JointConfig:
     flow_width: int = 256
     flow_depth: int = 3
     time_embed_dim: int = 128  # sinusoidal features of t
+    time_max_freq: float = 10.0  # highest angular frequency of those (high = wiggly v(t) = costly ODE)
     compute_dtype: str = "float32"  # matmul input dtype ("bfloat16" halves matmul cost on AVX512-BF16)
     ot: bool = False  # minibatch (conditional) OT coupling of noise to targets
     ot_epsilon: float = 0.05  # Sinkhorn entropic regularisation, relative to the mean cost

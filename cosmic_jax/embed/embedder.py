@@ -27,12 +27,11 @@ class EmbedInputError(ValueError):
     """Images handed to :class:`Embedder` do not fit the model; the message says what is wrong."""
 
 
-def _tqdm(total: int, enabled: bool | None, desc: str):
+def _tqdm(n_batches: int, enabled: bool | None, desc: str):
     from tqdm.auto import tqdm
 
-    n_batches = total
     disable = (not enabled) if enabled is not None else n_batches < _PROGRESS_MIN_BATCHES
-    return tqdm(total=total, desc=desc, unit="batch", disable=disable, leave=False)
+    return tqdm(total=n_batches, desc=desc, unit="batch", disable=disable, leave=False)
 
 
 class Embedder:
@@ -216,7 +215,7 @@ class Embedder:
         return x
 
     # ------------------------------------------------------------------ embedding
-    def _run(self, chunks: Iterable[np.ndarray], n_total: int, desc: str) -> np.ndarray:
+    def _run(self, chunks: Iterable[np.ndarray], n_total: int, desc: str, progress: bool | None) -> np.ndarray:
         """Embed validated float32 chunks of <= batch_size images; returns (n_total, D)."""
         import jax
 
@@ -224,7 +223,7 @@ class Embedder:
         out = np.empty((n_total, self.dim), np.float32)
         pending: list[tuple[int, int, Any]] = []  # (start, n, device array) not yet copied back
         start = 0
-        bar = _tqdm(-(-n_total // b), self.progress, desc)
+        bar = _tqdm(-(-n_total // b), self.progress if progress is None else progress, desc)
 
         def drain(keep: int):
             # Copy finished batches to host, leaving ``keep`` in flight so the host prepares the
@@ -278,11 +277,7 @@ class Embedder:
             for s in range(0, len(x), b):
                 yield self.check_images(x[s:s + b], offset=s)
 
-        old, self.progress = self.progress, self.progress if progress is None else progress
-        try:
-            return self._run(chunks(), len(x), "embed")
-        finally:
-            self.progress = old
+        return self._run(chunks(), len(x), "embed", progress)
 
     def embed_dataset(self, data_dir: str, *, progress: bool | None = None) -> tuple[np.ndarray, list[str]]:
         """Embed every crop of a crop dataset directory, in dataset order.
@@ -318,11 +313,7 @@ class Embedder:
                 ids.extend(batch_ids)
                 yield x
 
-        old, self.progress = self.progress, self.progress if progress is None else progress
-        try:
-            emb = self._run(chunks(), n, f"embed {os.path.basename(data_dir.rstrip('/'))}")
-        finally:
-            self.progress = old
+        emb = self._run(chunks(), n, f"embed {os.path.basename(data_dir.rstrip('/'))}", progress)
         return emb, ids
 
     # ------------------------------------------------------------------ AnnData

@@ -111,7 +111,8 @@ def encoder_params(embedder: Any) -> dict[str, Any]:
 
     from cosmic_jax.models.mae import MAE
 
-    flat = {k: jax.ShapeDtypeStruct(np.shape(v), np.result_type(v)) for k, v in _flat_items(embedder.params)}
+    flat = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype)
+            for k, v in _flat_items(embedder.params)}
     x = jax.ShapeDtypeStruct((1, *embedder.input_shape), np.float32)
     model = embedder.model
 

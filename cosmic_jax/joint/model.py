@@ -72,6 +72,7 @@ class _Nets:
 def _build_nets(cfg: JointConfig, dm: int, de: int) -> _Nets:
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
     flow = partial(VelocityMLP, width=cfg.flow_width, depth=cfg.flow_depth, time_embed_dim=cfg.time_embed_dim,
+                   time_max_freq=cfg.time_max_freq,
                    use_null=cfg.cfg_dropout > 0, dtype=dtype)
     enc = partial(Encoder, cfg.latent_dim, cfg.enc_width, cfg.enc_depth)
     return _Nets(enc_m=enc(), enc_e=enc(), flow_e=flow(out_dim=de), flow_m=flow(out_dim=dm))

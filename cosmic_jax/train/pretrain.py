@@ -158,6 +158,12 @@ def _warn_config_change(workdir: str, new: dict[str, Any]) -> None:
         log.warning("%s: resuming with a changed config; differing keys: %s", workdir, changed)
 
 
+def run_rngs(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(init, train, hook) keys of a run: what makes two runs with one seed identical."""
+    init_rng, train_rng, hook_rng = jax.random.split(jax.random.key(seed), 3)
+    return init_rng, train_rng, hook_rng
+
+
 def train_and_evaluate(
     config: PretrainConfig, data_dir: str, workdir: str, extra_hooks: tuple[Hook, ...] = ()
 ) -> dict[str, Any]:
@@ -198,8 +204,7 @@ def train_and_evaluate(
     _warn_config_change(workdir, run_cfg)
     save_config(workdir, run_cfg)
 
-    rng = jax.random.key(config.seed)
-    init_rng, train_rng, hook_rng = jax.random.split(rng, 3)
+    init_rng, train_rng, hook_rng = run_rngs(config.seed)
     init_fn = functools.partial(create_train_state, model_cfg, optim_cfg)
     abstract = jax.eval_shape(init_fn, init_rng)
     shardings = shd.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
