@@ -25,7 +25,7 @@ MORPH_PARAMS = (
     "texture_amplitude",  # relative std of the chromatin texture
     "profile",  # radial slope: > 0 dome (bright centre), < 0 ring (bright periphery)
     "texture_scale",  # spatial scale (px) of the band-limited texture
-    "nucleoli_rate",  # Poisson mean of the nucleoli count
+    "nucleoli_rate",  # Poisson mean of the nucleoli count beyond the first
     "nucleoli_brightness",  # peak added intensity of each nucleolus
 )
 ROBUST_PARAMS = MORPH_PARAMS[:5]
@@ -39,8 +39,8 @@ PARAM_RANGES = {
     "texture_amplitude": (0.02, 0.20),
     "profile": (-1.0, 1.0),
     "texture_scale": (0.8, 1.8),
-    "nucleoli_rate": (0.5, 4.0),
-    "nucleoli_brightness": (0.10, 0.35),
+    "nucleoli_rate": (0.2, 3.0),
+    "nucleoli_brightness": (0.10, 0.60),
 }
 
 MAX_NUCLEOLI = 6
@@ -128,7 +128,7 @@ def render_batch(
     # Nuisance draws, in a fixed order so a given rng state always gives the same batch.
     orientation = rng.uniform(0.0, np.pi, n)
     texture = _bandlimited_noise(rng, n, size, p["texture_scale"])
-    n_nuc = np.minimum(rng.poisson(p["nucleoli_rate"]), MAX_NUCLEOLI)
+    n_nuc = np.minimum(1 + rng.poisson(p["nucleoli_rate"]), MAX_NUCLEOLI)  # >= 1: brightness always shows
     nuc_r = 0.55 * np.sqrt(rng.uniform(size=(n, MAX_NUCLEOLI)))
     nuc_phi = rng.uniform(0.0, 2 * np.pi, size=(n, MAX_NUCLEOLI))
     pix = rng.standard_normal((n, size, size), dtype=np.float32)

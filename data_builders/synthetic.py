@@ -42,12 +42,14 @@ from data_builders.synthetic_truth import (  # noqa: F401  (re-exported public A
 
 RESPONSE_LEVELS = ("untreated", "resistant", "responder")
 RESPONDER = 2
-RESPONDER_PARAMS = ("radius", "intensity")  # planted morphology effect of responding
+# Planted morphology effect of responding: bright nucleoli. A parameter of its own, so the
+# response is not confounded with the z_s-driven size / intensity.
+RESPONDER_PARAMS = ("nucleoli_brightness",)
 # Render parameters driven by S: z_s -> the first four (an orthogonal map, so z_s is
 # identifiable); the cell type -> profile (one level per type) plus smaller offsets everywhere.
 SHARED_PARAMS = ("radius", "elongation", "intensity", "texture_amplitude")
 CELLTYPE_PARAM = "profile"
-PRIVATE_PARAMS = ("texture_scale", "nucleoli_rate", "nucleoli_brightness")
+PRIVATE_PARAMS = ("texture_scale", "nucleoli_rate")
 # Seed-sequence streams: each purpose gets its own independent generator.
 _WORLD, _CALIB, _STATE, _COUNTS, _RENDER, _EXPR_MC, _MORPH_MC, _CHECK = range(8)
 
@@ -64,7 +66,7 @@ class SyntheticConfig:
     responder_fraction: float = 0.5  # among treated cells
     n_responder_genes: int = 20
     responder_gene_effect: float = 1.0  # |log fold change| of planted genes, responders vs rest
-    responder_morph_effect: float = 1.5  # latent shift of RESPONDER_PARAMS for responders
+    responder_morph_effect: float = 3.0  # latent shift of RESPONDER_PARAMS for responders
     expr_signal_sd: float = 1.5  # sigma: sd of the log-mean signal, split by the calibrated angle
     cell_type_weight: float = 0.5  # share of the shared expression signal from cell type
     morph_celltype_offset: float = 0.5  # sd of cell-type offsets of the SHARED_PARAMS latents
@@ -247,6 +249,7 @@ def make_world(config: SyntheticConfig, seed: int) -> World:
     m_pr = np.zeros((p, cfg.n_morph_private))
     m_pr[pr] = rng.standard_normal((len(pr), cfg.n_morph_private))
     m_pr[pr] /= np.linalg.norm(m_pr[pr], axis=1, keepdims=True)
+    m_ct[:, [idx[n] for n in RESPONDER_PARAMS]] = -cfg.responder_morph_effect / 2  # centre the two levels
     m_resp = np.array([cfg.responder_morph_effect if n in RESPONDER_PARAMS else 0.0 for n in render.MORPH_PARAMS])
     return World(
         config=cfg, seed=int(seed), gene_names=[f"gene{i:04d}" for i in range(g)],
@@ -326,7 +329,7 @@ def sample_images(world: World, state: dict[str, np.ndarray], rng: np.random.Gen
     """
     n, cfg = len(state["cell_type"]), world.config
     z_m = rng.standard_normal((n, cfg.n_morph_private))
-    s_driven = np.isin(render.MORPH_PARAMS, SHARED_PARAMS + (CELLTYPE_PARAM,))
+    s_driven = np.isin(render.MORPH_PARAMS, SHARED_PARAMS + (CELLTYPE_PARAM,) + RESPONDER_PARAMS)
     nuisance = cfg.morph_param_noise * rng.standard_normal((n, len(render.MORPH_PARAMS))) * s_driven
     params = render.params_from_latent(morph_latent(world, state, z_m, nuisance), cfg.image_size)
     images, nuisance = render.render_batch(params, rng, world.config.image_size, world.config.pixel_noise)

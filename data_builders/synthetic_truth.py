@@ -295,27 +295,29 @@ def build_anndata(world, shared_fraction, state, cell_ids, counts, lib_factor, z
 # ----------------------------------------------------------------------------- attainability
 
 
-def _heldout_r2(inputs: np.ndarray, target: np.ndarray, n_train: int, seed: int, n_target_pcs: int = 40):
-    """Held-out R^2 (sum-of-variance weighted over target columns) of an MLP from inputs to target.
+def _heldout_r2(inputs: np.ndarray, target: np.ndarray, n_train: int, seed: int):
+    """Held-out R^2 (sum-of-variance weighted over target columns) of a nonlinear regression.
 
-    The target is reduced to its leading PCs for the fit (the signal lives in a few dimensions;
-    the rest is noise) and reconstructed for scoring against every column.
+    Kernel ridge regression (RBF, Nystroem features, ridge penalty chosen by leave-one-out CV
+    on the training cells): closed-form, so the check stays fast on a CPU.
+
+    Returns:
+      (overall R^2, per-column R^2 (D,)) on the held-out cells.
     """
-    from sklearn.decomposition import PCA
-    from sklearn.neural_network import MLPRegressor
+    from sklearn.kernel_approximation import Nystroem
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    xi = StandardScaler().fit(inputs[:n_train]).transform(inputs)
     tr, te = slice(0, n_train), slice(n_train, None)
-    # Unscaled PCA, so the fit weights genes by variance like the score does.
-    k = min(n_target_pcs, target.shape[1])
-    pca = PCA(k, random_state=seed).fit(target[tr])
-    scores = pca.transform(target[tr])
-    s_sd = scores.std(0) + 1e-12
-    mlp = MLPRegressor(hidden_layer_sizes=(256, 256), alpha=1e-3, max_iter=300, early_stopping=True,
-                       n_iter_no_change=15, random_state=seed)  # fmt: skip
-    mlp.fit(xi[tr], scores / s_sd)
-    pred = pca.inverse_transform(mlp.predict(xi[te]) * s_sd)
+    d = inputs.shape[1]
+    model = make_pipeline(
+        StandardScaler(),
+        Nystroem(gamma=0.5 / d, n_components=min(1000, n_train), random_state=seed),
+        RidgeCV(alphas=np.logspace(-3, 2, 6)),
+    )
+    model.fit(inputs[tr], target[tr])
+    pred = model.predict(inputs[te])
     resid = ((target[te] - pred) ** 2).sum(0)
     total = ((target[te] - target[te].mean(0)) ** 2).sum(0)
     return float(1 - resid.sum() / total.sum()), 1 - resid / total
@@ -327,7 +329,7 @@ def attainability(world, n_cells: int = 6000, seed: int = 0, test_fraction: floa
     Expression side (sum-of-variance weighted R^2 of x over all genes) predicted from (a) the
     true S, (b) the true render parameters, (c) the measured morphology features, (d) the raw
     crops (PCA, 64 comps); morphology side (mean over features of R^2 of the standardised
-    measured features) predicted from the expression PCs. Each should approach the truth (a
+    measured features) predicted from the expression PCs (50). Regressions: RBF kernel ridge. Each should approach the truth (a
     held-out estimate is slightly below it from finite training data).
 
     Args:
@@ -335,7 +337,7 @@ def attainability(world, n_cells: int = 6000, seed: int = 0, test_fraction: floa
       n_cells: cells simulated; the last ``test_fraction`` are held out.
 
     Returns:
-      dict of R^2 values: ``expr_from_state``, ``expr_from_params``, ``expr_from_features``,
+      dict of held-out R^2 values: ``expr_from_state``, ``expr_from_params``, ``expr_from_features``,
       ``expr_from_pixels``, ``morph_from_expr`` and ``morph_from_expr_per_feature`` (F,),
       ``cell_type_accuracy_from_features`` (held-out logistic regression).
     """

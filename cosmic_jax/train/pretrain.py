@@ -228,6 +228,8 @@ def train_and_evaluate(
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     index_log = _IndexLog(workdir, start, mesh, config.log_batch_indices)
     step_fn = shd.jit_step(train_step, mesh, shardings)
+    if jax.process_count() > 1:
+        step_fn = _compile_in_lockstep(step_fn, state, mesh, gb, want, train_rng)
     try:
         state = train_loop(
             state,
@@ -253,6 +255,26 @@ def train_and_evaluate(
         if hasattr(data_iter, "close"):
             data_iter.close()
     return {"step": int(jax.device_get(state.step)), "start_step": start, "state": state, "mesh": mesh}
+
+
+def _compile_in_lockstep(step_fn, state, mesh, global_batch: int, image_shape, rng):
+    """Compile the step ahead of time, then wait for every process before the first collective.
+
+    CPU (gloo) collectives give up after 30 s if a peer is still compiling; a barrier on the
+    distributed client (long timeout) lines the processes up first.
+    """
+    from jax._src import distributed
+
+    bs = shd.batch_sharding(mesh)
+    batch = {
+        "image": jax.ShapeDtypeStruct((global_batch, *image_shape), np.float32, sharding=bs),
+        "index": jax.ShapeDtypeStruct((global_batch,), jax.dtypes.canonicalize_dtype(np.int64), sharding=bs),
+    }
+    compiled = step_fn.lower(state, batch, rng).compile()
+    client = distributed.global_state.client
+    if client is not None:
+        client.wait_at_barrier("cosmic_pretrain_step_compiled", timeout_in_ms=30 * 60 * 1000)
+    return compiled
 
 
 def _asdict(obj: Any) -> Any:
