@@ -184,8 +184,7 @@ def test_end_to_end_synthetic_recovers_truth(tmp_path, frac):
 
     Cheaper documented morphology embedding: the crops' true render parameters (what a perfect
     image encoder would extract) stand in for the MAE embedding; the measured features are
-    appended as in the pipeline. The world uses morph_shared_weight=1, n_shared=2 so that S is
-    recoverable from morphology (otherwise truth is only an upper bound; see notes/analysis.md).
+    appended as in the pipeline.
     """
     import json
 
@@ -197,7 +196,7 @@ def test_end_to_end_synthetic_recovers_truth(tmp_path, frac):
     from data_builders.synthetic import generate, make_config
 
     d = str(tmp_path / "syn")
-    cfg = make_config("quick", None, ["morph_shared_weight=1.0", "n_shared=2", "cell_type_weight=0.7"])
+    cfg = make_config("quick")
     generate(d, 1500, 0, frac, cfg)
     adata = ad.read_h5ad(os.path.join(d, "cells.h5ad"))
     truth = json.load(open(os.path.join(d, "truth.json")))

@@ -4,11 +4,15 @@
     p(e | m) = N(m A, sigma^2 I)
     p(m | e) = N(e A^T Sigma / sigma^2, Sigma),  Sigma = (I + A A^T / sigma^2)^-1
 
-One model is fitted per module (data-parallel over the 8 forced host devices of conftest).
+One model is fitted per module on one device (fast); the resume test trains data-parallel over the
+8 forced host devices of conftest.
 """
 
 import json
 import os
+import shutil
+
+import jax
 
 import numpy as np
 import pytest
@@ -32,10 +36,9 @@ def _toy(n, seed):
 def fitted(tmp_path_factory):
     m, e, _, _ = _toy(4000, seed=1)
     cfg = get_config("quick", dict(steps=800, batch_size=256, flow_width=64, flow_depth=2, enc_width=64,
-                                   latent_dim=16, lr=2e-3))
-    workdir = str(tmp_path_factory.mktemp("joint"))
-    model = fit_joint(m, e, cfg, workdir=workdir, seed=0, labels=(m[:, 0] > 0).astype(int))
-    return model, workdir
+                                   latent_dim=16, lr=2e-3, num_devices=1))
+    model = fit_joint(m, e, cfg, seed=0, labels=(m[:, 0] > 0).astype(int))
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +48,16 @@ def heldout():
 
 
 def test_training_loss_falls(fitted):
-    model, _ = fitted
+    model = fitted
     h = model.loss_history
-    assert len(h["loss"]) == 800 and model.info["devices"] == 8
+    assert len(h["loss"]) == 800 and model.info["devices"] == 1
     for k in ("loss", "fm_expr", "fm_morph", "contrastive"):
         first, last = np.mean(h[k][:50]), np.mean(h[k][-100:])
         assert last < first - 0.05, (k, first, last)
 
 
 def test_conditionals_recover_mean_and_variance_in_both_directions(fitted, heldout):
-    model, _ = fitted
+    model = fitted
     m, e, m_raw, a = heldout
     s = 200
     # p(e | m)
@@ -81,7 +84,7 @@ def test_conditionals_recover_mean_and_variance_in_both_directions(fitted, heldo
 
 
 def test_default_solver_matches_fine_reference(fitted, heldout):
-    model, _ = fitted
+    model = fitted
     m = heldout[0][:100]
     fast = model.sample_expr_given_morph(m, num_samples=4, seed=3)  # midpoint, 8 steps (16 NFE)
     ref = model.sample_expr_given_morph(m, num_samples=4, seed=3, solver="dopri8")  # adaptive, tol 1e-5
@@ -91,7 +94,7 @@ def test_default_solver_matches_fine_reference(fitted, heldout):
 
 
 def test_samples_do_not_depend_on_chunking_and_seed_matters(fitted, heldout):
-    model, _ = fitted
+    model = fitted
     m = heldout[0][:50]
     big = model.sample_expr_given_morph(m, num_samples=3, seed=5)
     small = model.sample_expr_given_morph(m, num_samples=3, seed=5, chunk_rows=12)
@@ -103,7 +106,7 @@ def test_samples_do_not_depend_on_chunking_and_seed_matters(fitted, heldout):
 
 
 def test_contrastive_retrieval_beats_chance(fitted, heldout):
-    model, _ = fitted
+    model = fitted
     m, e = heldout[0][:200], heldout[1][:200]
     acc = model.retrieval_accuracy(m, e, k=5)
     assert acc > 10 * 5 / 200, acc  # chance is 2.5 %
@@ -114,25 +117,21 @@ def test_contrastive_retrieval_beats_chance(fitted, heldout):
 
 
 def test_save_load_round_trip_gives_identical_samples(fitted, heldout, tmp_path):
-    model, workdir = fitted
+    model = fitted
     m = heldout[0][:40]
     model.save(str(tmp_path / "saved"))
     loaded = JointModel.load(str(tmp_path / "saved"))
     np.testing.assert_array_equal(loaded.sample_expr_given_morph(m, 5, seed=9), model.sample_expr_given_morph(m, 5, seed=9))
     np.testing.assert_array_equal(loaded.encode_morph(m), model.encode_morph(m))
     assert loaded.config == model.config and loaded.loss_history == model.loss_history
-    # fit_joint with a workdir saved the final model there too, and no pickle anywhere
-    again = JointModel.load(os.path.join(workdir, "model"))
-    np.testing.assert_array_equal(again.sample_morph_given_expr(heldout[1][:10], 2, seed=1),
-                                  model.sample_morph_given_expr(heldout[1][:10], 2, seed=1))
-    for root, _, files in os.walk(workdir):
+    for root, _, files in os.walk(tmp_path):  # orbax + JSON only, no pickle
         assert not any(f.endswith((".pkl", ".pickle")) for f in files), root
     with open(tmp_path / "saved" / "joint_model.json") as f:
         assert json.load(f)["dim_expr"] == DE
 
 
 def test_bad_inputs_raise_clear_errors(fitted, tmp_path):
-    model, _ = fitted
+    model = fitted
     m, e, _, _ = _toy(64, seed=3)
     cfg = get_config("quick", dict(steps=1))
     bad = m.copy()
@@ -155,3 +154,23 @@ def test_bad_inputs_raise_clear_errors(fitted, tmp_path):
         JointModel.load(str(tmp_path))
     with pytest.raises(ValueError, match="unknown JointConfig key 'stepz'"):
         get_config("default", ["stepz=3"])
+
+
+def test_data_parallel_fit_resumes_exactly_from_checkpoint(tmp_path):
+    m, e, _, _ = _toy(256, seed=4)
+    cfg = get_config("quick", dict(steps=20, batch_size=64, flow_width=32, flow_depth=1, enc_width=32, enc_depth=1,
+                                   latent_dim=8, checkpoint_every=10, steps_per_call=10, warmup_steps=5))
+    work = tmp_path / "run"
+    full = fit_joint(m, e, cfg, workdir=str(work), seed=1)
+    assert full.info["devices"] == 8 and full.info["batch_size"] == 64
+    assert sorted(os.listdir(work / "checkpoints")) == ["10", "20"]
+    # a crash between the checkpoints: the step-20 checkpoint and the final model never got written
+    shutil.rmtree(work / "checkpoints" / "20")
+    shutil.rmtree(work / "model")
+    resumed = fit_joint(m, e, cfg, workdir=str(work), seed=1)
+    assert resumed.loss_history == full.loss_history
+    for a, b in zip(jax.tree.leaves(resumed.params), jax.tree.leaves(full.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert JointModel.load(str(work / "model")).loss_history == full.loss_history
+    with pytest.raises(ValueError, match="different JointConfig"):
+        fit_joint(m, e, get_config("quick", dict(steps=30)), workdir=str(work))

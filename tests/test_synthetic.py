@@ -174,8 +174,8 @@ def test_measured_features_track_render_parameters():
     assert np.corrcoef(col["area"], params["radius"] ** 2)[0, 1] > 0.98
     assert np.corrcoef(col["elongation"], params["elongation"])[0, 1] > 0.95
     assert np.corrcoef(col["mean_intensity"], params["intensity"])[0, 1] > 0.95
-    assert np.corrcoef(col["radial_profile"], params["profile"])[0, 1] > 0.95
-    assert np.corrcoef(col["texture_energy"], params["texture_amplitude"])[0, 1] > 0.75
+    assert np.corrcoef(col["radial_profile"], params["profile"])[0, 1] > 0.9
+    assert np.corrcoef(col["texture_energy"], params["texture_amplitude"])[0, 1] > 0.55
     assert np.corrcoef(col["texture_grain"], params["texture_scale"])[0, 1] < -0.4
     assert np.corrcoef(col["nucleoli_count"], nuis["nucleoli_count"])[0, 1] > 0.3
     np.testing.assert_array_equal(morph_features.measure(imgs[5]), feats[5])  # single == batch path
@@ -218,8 +218,8 @@ def test_state_recoverable_from_image_and_expression():
     """The truth is attainable: held-out R^2 from S, render params, features, pixels, expression."""
     world = synthetic.calibrate(synthetic.make_world(_cfg(), 5), 0.7)
     truth = synthetic.expression_truth(world, np.random.default_rng(4), n_outer=1500, n_inner=4)["overall"]
-    att = synthetic.attainability(world, n_cells=2500, seed=1)
-    # Held-out kernel ridge on 2,000 training cells is biased low (worst for the 10-d inputs);
+    att = synthetic.attainability(world, n_cells=1500, seed=1)
+    # Held-out kernel ridge on 1,200 training cells is biased low (worst for the 10-d inputs);
     # the old design (S mixed with private factors in every parameter) reached only ~0.33 from
     # the features at a truth of 0.7 even with an MLP.
     assert truth - 0.05 < att["expr_from_state"] < truth + 0.03, (att, truth)

@@ -51,6 +51,7 @@ class JointConfig:
     grad_clip: float = 1.0
     steps_per_call: int = 50  # train steps fused in one jitted lax.scan (amortises dispatch)
     log_every: int = 100
+    checkpoint_every: int = 1000  # with a workdir: orbax checkpoint cadence (resume point)
     num_devices: int = 0  # data-parallel devices (0 = all local devices)
     # sampling
     solver: str = "midpoint"

@@ -20,6 +20,7 @@ the caller's units.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -372,6 +373,54 @@ class JointModel:
 # training
 
 
+@functools.lru_cache(maxsize=8)
+def _train_fns(cfg: JointConfig, n: int, dm: int, de: int, batch: int, devices: tuple):
+    """Jitted (init, train-chunk) for one problem shape, cached so repeated / resumed fits reuse the compile.
+
+    Returns:
+      init(key) -> state; chunk(state, m_std, e_std, root_key, num_steps) -> (state, per-step aux);
+      the state's shardings; the replicated sharding.
+    """
+    from cosmic_jax.train import sharding as shd
+
+    mesh = shd.make_mesh(devices=list(devices))
+    rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
+    nets = _build_nets(cfg, dm, de)
+    tx = make_optimizer(cfg)
+
+    def init_state(key):
+        params = _init_params(nets, cfg, dm, de, key)
+        return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    abstract = jax.eval_shape(init_state, jax.random.key(0))
+    state_sh = shd.state_shardings(abstract, mesh)
+    init_fn = jax.jit(init_state, out_shardings=state_sh)
+
+    def train_chunk(state, m_all, e_all, root, num):
+        def one(st, _):
+            # keys from (seed, step): a resumed run draws exactly the batches of an uninterrupted one
+            kidx, kloss = jax.random.split(jax.random.fold_in(jax.random.fold_in(root, 1), st["step"]))
+            # Without replacement (no duplicate partners = no false InfoNCE negatives) while the
+            # permutation is cheap; uniform with replacement for large N (duplicates ~B^2/2N, rare).
+            if n <= 16 * batch:
+                idx = jax.random.choice(kidx, n, (batch,), replace=False)
+            else:
+                idx = jax.random.randint(kidx, (batch,), 0, n)
+            mb = jax.lax.with_sharding_constraint(m_all[idx], bsh)
+            eb = jax.lax.with_sharding_constraint(e_all[idx], bsh)
+            grads, aux = jax.grad(partial(_loss_fn, nets=nets, cfg=cfg), has_aux=True)(
+                st["params"], m=mb, e=eb, key=kloss)
+            upd, opt = tx.update(grads, st["opt"], st["params"])
+            params = optax.apply_updates(st["params"], upd)
+            return {"params": params, "opt": opt, "step": st["step"] + 1}, aux
+
+        return jax.lax.scan(one, state, None, length=num)
+
+    chunk_fn = jax.jit(train_chunk, static_argnums=(4,), in_shardings=(state_sh, rep, rep, rep),
+                       out_shardings=(state_sh, rep), donate_argnums=(0,))
+    return init_fn, chunk_fn, state_sh, rep
+
+
 def fit_joint(m, e, config: JointConfig | None = None, workdir: str | None = None, seed: int | None = None,
               labels=None, verbose: bool = False) -> JointModel:
     """Fit encoders + both conditional flows on paired cells.
@@ -398,45 +447,14 @@ def fit_joint(m, e, config: JointConfig | None = None, workdir: str | None = Non
     ms = (m - stats["m"]["mean"]) / stats["m"]["std"]
     es = (e - stats["e"]["mean"]) / stats["e"]["std"]
 
-    devices = jax.devices()[: cfg.num_devices or None]
-    mesh = shd.make_mesh(devices=devices)
+    devices = tuple(jax.devices()[: cfg.num_devices or None])
     ndev = len(devices)
     batch = max(ndev, min(cfg.batch_size, n) // ndev * ndev)  # no duplicate cells within a batch if N is small
-    nets = _build_nets(cfg, dm, de)
-    tx = make_optimizer(cfg)
-    rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
-
-    def init_state(key):
-        params = _init_params(nets, cfg, dm, de, key)
-        return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
+    init_fn, chunk_fn, state_sh, rep = _train_fns(cfg, n, dm, de, batch, devices)
     root = jax.random.key(seed)
-    state, state_sh = shd.create_sharded_state(init_state, mesh, jax.random.fold_in(root, 0))
+    state = init_fn(jax.random.fold_in(root, 0))
     data_m = jax.device_put(ms, rep)
     data_e = jax.device_put(es, rep)
-
-    def train_chunk(state, dm_, de_, num):
-        def one(st, _):
-            k = jax.random.fold_in(jax.random.fold_in(root, 1), st["step"])
-            kidx, kloss = jax.random.split(k)
-            # Without replacement (no duplicate partners = no false InfoNCE negatives) while the
-            # permutation is cheap; uniform with replacement for large N (duplicates ~B^2/2N, rare).
-            if n <= 16 * batch:
-                idx = jax.random.choice(kidx, n, (batch,), replace=False)
-            else:
-                idx = jax.random.randint(kidx, (batch,), 0, n)
-            mb = jax.lax.with_sharding_constraint(dm_[idx], bsh)
-            eb = jax.lax.with_sharding_constraint(de_[idx], bsh)
-            grads, aux = jax.grad(partial(_loss_fn, nets=nets, cfg=cfg), has_aux=True)(
-                st["params"], m=mb, e=eb, key=kloss)
-            upd, opt = tx.update(grads, st["opt"], st["params"])
-            params = optax.apply_updates(st["params"], upd)
-            return {"params": params, "opt": opt, "step": st["step"] + 1}, aux
-
-        return jax.lax.scan(one, state, None, length=num)
-
-    chunk_fn = jax.jit(train_chunk, static_argnums=(3,), in_shardings=(state_sh, rep, rep),
-                       out_shardings=(state_sh, rep), donate_argnums=(0,))
 
     history: dict[str, list[float]] = {"loss": [], "fm_expr": [], "fm_morph": [], "contrastive": []}
     ckpt = None
@@ -444,7 +462,7 @@ def fit_joint(m, e, config: JointConfig | None = None, workdir: str | None = Non
         from cosmic_jax.train.checkpoint import Checkpointer
 
         os.makedirs(workdir, exist_ok=True)
-        ckpt = Checkpointer(workdir, save_every=max(cfg.steps_per_call, cfg.log_every * 10), keep=2)
+        ckpt = Checkpointer(workdir, save_every=cfg.checkpoint_every, keep=2, async_save=False)
         cfg_path = os.path.join(workdir, "joint_config.json")
         if ckpt.latest_step() is not None:
             saved_cfg = json.load(open(cfg_path)) if os.path.exists(cfg_path) else None
@@ -465,7 +483,9 @@ def fit_joint(m, e, config: JointConfig | None = None, workdir: str | None = Non
     step = int(state["step"])
     while step < cfg.steps:
         num = min(cfg.steps_per_call, cfg.steps - step)
-        state, aux = chunk_fn(state, data_m, data_e, num)
+        if ckpt is not None:  # end chunks on checkpoint steps
+            num = min(num, cfg.checkpoint_every - step % cfg.checkpoint_every)
+        state, aux = chunk_fn(state, data_m, data_e, root, num)
         aux = jax.device_get(aux)
         for k in history:
             history[k].extend(np.asarray(aux[k], np.float64).tolist())
