@@ -177,8 +177,9 @@ def test_measured_features_track_render_parameters():
     assert np.corrcoef(col["radial_profile"], params["profile"])[0, 1] > 0.9
     assert np.corrcoef(col["texture_energy"], params["texture_amplitude"])[0, 1] > 0.55
     assert np.corrcoef(col["texture_grain"], params["texture_scale"])[0, 1] < -0.4
-    assert np.corrcoef(col["nucleoli_count"], nuis["nucleoli_count"])[0, 1] > 0.3
-    np.testing.assert_array_equal(morph_features.measure(imgs[5]), feats[5])  # single == batch path
+    assert np.corrcoef(col["nucleoli_intensity"], params["nucleoli_brightness"])[0, 1] > 0.5
+    # single == batch path (up to BLAS summation order in the quadratic fit)
+    np.testing.assert_allclose(morph_features.measure(imgs[5]), feats[5], rtol=1e-12, atol=1e-14)
 
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
