@@ -19,7 +19,10 @@ large crops) cannot overflow or lose the residual signal.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
+
+_EXP = os.environ.get("MAE_EXP", "")  # TEMP: profiling ablations
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +48,8 @@ def dense(features: int, names: tuple[str, str], dtype: Dtype, name: str) -> nn.
 
 def layer_norm(eps: float, name: str) -> nn.LayerNorm:
     """float32 LayerNorm (statistics and output), whatever the compute dtype."""
+    if "L" in _EXP:
+        return lambda x: x
     return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name,
                         scale_init=_part(_ones, ("embed",)), bias_init=_part(_zeros, ("embed",)))
 
@@ -71,9 +76,12 @@ class Attention(nn.Module):
         # Scale q (T*hd values) rather than the (T, T) logits; softmax runs in float32.
         q = qkv[:, :, 0] * jnp.asarray(hd**-0.5, qkv.dtype)
         k, v = qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+        if "A" in _EXP:
+            out = (v + q + k).reshape(b, t, d)
+        else:
+            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
         return dense(d, ("heads", "embed"), self.dtype, "out")(out)
 
 
@@ -88,7 +96,8 @@ class Mlp(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         d = x.shape[-1]
         y = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc1")(x)
-        y = nn.gelu(y, approximate=self.gelu_approximate)
+        if "G" not in _EXP:
+            y = nn.gelu(y, approximate=self.gelu_approximate)
         return dense(d, ("mlp", "embed"), self.dtype, "fc2")(y)
 
 
