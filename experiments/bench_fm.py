@@ -3,8 +3,8 @@
 Same problem and protocol as the peer: a 64-d target e generated from N(0, I) noise conditioned on the
 cell's own 64-d m; m ~ N(0, I), e = tanh(m W) + 0.3 noise; batch 1024; float32; XLA CPU defaults;
 3 warm-up steps (the first holds the compile) then timed steps, each ended by block_until_ready.
-Network: `VelocityMLP` sized like CellFlow's mlp3x256 (0.92M params): width 256, 5 residual blocks,
-256 sinusoidal time features (0.91M).
+Network: `VelocityMLP` sized like CellFlow's mlp3x256 (0.92M params): width 256, 3 residual trunk
+blocks, a 6-layer condition encoder, 256 sinusoidal time features (0.907M; the `bench` JointConfig).
 
 Parts (``--parts``, comma list):
   train    jitted loss + grad + Adam step (params/opt donated), one step per call ("step") and
@@ -70,7 +70,8 @@ def build(args):
     from cosmic_jax.joint.flow import VelocityMLP, flow_matching_loss
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    net = VelocityMLP(out_dim=D, width=args.width, depth=args.depth, time_embed_dim=args.time_dim, dtype=dtype)
+    net = VelocityMLP(out_dim=D, width=args.width, depth=args.depth, time_embed_dim=args.time_dim,
+                      cond_depth=args.cond_depth, dtype=dtype)
     params = net.init(jax.random.key(0), jnp.zeros((2, D)), jnp.zeros(2), jnp.zeros((2, D)))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     tx = optax.adam(args.lr)
@@ -185,6 +186,7 @@ def bench_sample(args, out):
 
     # the public sampler: a JointModel whose p(e|m) flow is the trained net (identity standardisation)
     cfg = JointConfig(flow_width=args.width, flow_depth=args.depth, time_embed_dim=args.time_dim,
+                      cond_depth=args.cond_depth,
                       compute_dtype=args.dtype, latent_dim=8, enc_width=16, enc_depth=1)
     nets = _build_nets(cfg, D, D)
     full = jax.device_get(_init_params(nets, cfg, D, D, jax.random.key(0)))
@@ -229,7 +231,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--depth", type=int, default=5)
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--cond-depth", type=int, default=6)
     ap.add_argument("--time-dim", type=int, default=256)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -243,6 +246,7 @@ def main():
     import jax
 
     base = dict(peer="cosmic_jax", dtype=args.dtype, batch=args.batch, width=args.width, depth=args.depth,
+                cond_depth=args.cond_depth,
                 tag=args.tag, jax=jax.__version__, host=platform.node(), time=time.strftime("%Y-%m-%dT%H:%M:%S"),
                 loadavg=os.getloadavg()[0])
 

@@ -69,6 +69,8 @@ class VelocityMLP(nn.Module):
       time_embed_dim: sinusoidal features of t.
       time_max_freq: highest angular frequency of those features (keep it low: see
         `sinusoidal_embedding`).
+      cond_depth: Dense layers of the condition encoder. It runs once per ODE solve (not per
+        step), so parameters spent here cost training FLOPs but not sampling FLOPs.
       use_null: learn a null condition embedding (classifier-free guidance / condition dropout).
       dtype: matmul compute dtype (params stay float32).
     """
@@ -78,13 +80,13 @@ class VelocityMLP(nn.Module):
     depth: int = 3
     time_embed_dim: int = 128
     time_max_freq: float = 10.0
+    cond_depth: int = 2
     use_null: bool = False
     dtype: Any = jnp.float32
 
     def setup(self):
         w, dt = self.width, self.dtype
-        self.cond_in = nn.Dense(w, dtype=dt)
-        self.cond_out = nn.Dense(w, dtype=dt)
+        self.cond_layers = [nn.Dense(w, dtype=dt) for _ in range(max(self.cond_depth, 1))]
         self.time_in = nn.Dense(w, dtype=dt)
         self.time_out = nn.Dense(w, dtype=dt)
         self.x_in = nn.Dense(w, dtype=dt)
@@ -97,7 +99,10 @@ class VelocityMLP(nn.Module):
 
     def embed_condition(self, cond: Array, null_mask: Array | None = None) -> Array:
         """(B, Dc) condition -> (B, W) embedding; rows with null_mask True get the null embedding."""
-        h = self.cond_out(nn.silu(self.cond_in(cond))).astype(jnp.float32)
+        h = self.cond_layers[0](cond)
+        for layer in self.cond_layers[1:]:
+            h = layer(nn.silu(h))
+        h = h.astype(jnp.float32)
         if null_mask is not None:
             if not self.use_null:
                 raise ValueError("null_mask given but VelocityMLP.use_null is False")

@@ -73,7 +73,7 @@ class _Nets:
 def _build_nets(cfg: JointConfig, dm: int, de: int) -> _Nets:
     dtype = jnp.bfloat16 if cfg.compute_dtype == "bfloat16" else jnp.float32
     flow = partial(VelocityMLP, width=cfg.flow_width, depth=cfg.flow_depth, time_embed_dim=cfg.time_embed_dim,
-                   time_max_freq=cfg.time_max_freq,
+                   time_max_freq=cfg.time_max_freq, cond_depth=cfg.cond_depth,
                    use_null=cfg.cfg_dropout > 0, dtype=dtype)
     enc = partial(Encoder, cfg.latent_dim, cfg.enc_width, cfg.enc_depth)
     return _Nets(enc_m=enc(), enc_e=enc(), flow_e=flow(out_dim=de), flow_m=flow(out_dim=dm))
@@ -272,16 +272,18 @@ class JointModel:
             return out
         fn = self._sampler(target, num_samples, method, steps, guidance)
         params = {"flow": self.params["flow_" + target], "enc": self.params["enc_" + ("m" if target == "e" else "e")]}
-        # Equal chunks (cells) rounded up to 256 so a few shapes are compiled and padding is small.
+        # Equal chunks (cells), rounded up to 64 so few shapes are compiled and padding is small.
         rows = max(num_samples, int(chunk_rows or cfg.sample_chunk))
         n_chunks = math.ceil(n * num_samples / rows)
-        per = min(-(-math.ceil(n / n_chunks) // 256) * 256, max(rows // num_samples, 1)) if n > 256 else n
+        per = max(1, min(-(-math.ceil(n / n_chunks) // 64) * 64, rows // num_samples, n))
         base = jax.random.key(seed)
+        pending = []  # dispatch every chunk first (async), then copy back: the host never idles the CPU
         for start in range(0, n, per):
             ids = np.arange(start, min(start + per, n))
             pad = per - ids.size
             ids_p = np.concatenate([ids, np.full(pad, ids[-1])]) if pad else ids
-            res = fn(params, cond_std[ids_p], ids_p.astype(np.int32), base)
+            pending.append((ids, fn(params, cond_std[ids_p], ids_p.astype(np.int32), base)))
+        for ids, res in pending:
             out[:, ids] = np.asarray(res)[:, :ids.size]
         return self._unstd(out, target)
 
