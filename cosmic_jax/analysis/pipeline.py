@@ -86,7 +86,7 @@ def ensure_mae(crops_dir: str, workdir: str, cfg: AnalyzeConfig) -> str:
     if h != w:
         raise V.AnalysisInputError(f"{crops_dir}: crops are {h}x{w}; the MAE needs square crops")
     overrides = [f"steps={cfg.pretrain_steps}", f"model.image_size={h}", f"model.channels={c}",
-                 f"seed={cfg.seed}", "progress=false", "recon_every=0"]
+                 f"seed={cfg.seed}", "progress=false", f"recon_every={cfg.pretrain_steps}"]
     mae_dir = os.path.join(workdir, "mae")
     log.info("no MAE checkpoint in %s: pretraining %s for %d steps in %s", workdir, cfg.pretrain_config,
              cfg.pretrain_steps, mae_dir)
@@ -277,8 +277,10 @@ def run_analysis(data_dir: str | None, workdir: str, cfg: AnalyzeConfig, h5ad: s
         ct = summary["celltype"]
         ct["morphology"] = celltype.probe(x_morph, labels, seed=rng_seed, name="morphology")
         ct["morphology_features"] = celltype.probe(feats.values, labels, seed=rng_seed, name="features")
-        ct["joint_latent"] = celltype.probe(_cross_fitted_latent(fits, m, e, labels, cfg), labels, seed=rng_seed,
-                                            name="joint latent")
+        z = _cross_fitted_latent(fits, m, e, labels, cfg)
+        ct["joint_latent"] = celltype.probe(z, labels, seed=rng_seed, name="joint latent")
+        # Kept for the report's UMAP; plain arrays, no pickle.
+        np.savez(os.path.join(out_dir, "joint_latent.npz"), z=z, cell_type=np.asarray(labels).astype("U"))
         ct["generated_expression"] = celltype.generated_expression_probe(
             m, e, labels, fits.expr_given_morph, n_folds=cfg.n_folds, seed=rng_seed)
     summary["retrieval"] = celltype.retrieval(mom_e.mean, e, num_candidates=min(len(e), 1000), seed=rng_seed)

@@ -119,10 +119,10 @@ def _umap(latent_path: str, fig_dir: str) -> str | None:
 
 
 def _responder_chart(rows: list[dict[str, str]], fig_dir: str, name: str, title: str) -> str | None:
-    eff_key = next((k for k in ("effect_size", "cohens_d", "log_fold_change", "lfc") if rows and k in rows[0]), None)
+    eff_key = next((k for k in ("cohen_d", "effect_size", "log2fc") if rows and k in rows[0]), None)
     if eff_key is None:
         return None
-    q_key = next((k for k in ("q_value", "qvalue", "p_adj", "fdr") if k in rows[0]), None)
+    q_key = next((k for k in ("q_t", "q_mw", "q_value") if k in rows[0]), None)
     eff = np.array([float(r[eff_key]) for r in rows])
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -72,13 +72,24 @@ class Attention(nn.Module):
         h = self.heads
         hd = d // h
         qkv = dense(3 * d, ("embed", "heads"), self.dtype, "qkv")(x)
-        qkv = qkv.reshape(b, t, 3, h, hd)
-        # Scale q (T*hd values) rather than the (T, T) logits; softmax runs in float32.
-        q = qkv[:, :, 0] * jnp.asarray(hd**-0.5, qkv.dtype)
-        k, v = qkv[:, :, 1], qkv[:, :, 2]
-        if "A" in _EXP:
-            out = (v + q + k).reshape(b, t, d)
+        if "3" in _EXP:
+            qkv = qkv.reshape(b, t, 3, h, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
+            q = qkv[0] * jnp.asarray(hd**-0.5, qkv.dtype)
+            k, v = qkv[1], qkv[2]
+            logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+            probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+            out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3).reshape(b, t, d)
+        elif "2" in _EXP:
+            qkv = qkv.reshape(b, t, 3, h, hd)
+            out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, t, d)
+        elif "A" in _EXP:
+            qkv = qkv.reshape(b, t, 3, h, hd)
+            out = (qkv[:, :, 0] + qkv[:, :, 1] + qkv[:, :, 2]).reshape(b, t, d)
         else:
+            qkv = qkv.reshape(b, t, 3, h, hd)
+            # Scale q (T*hd values) rather than the (T, T) logits; softmax runs in float32.
+            q = qkv[:, :, 0] * jnp.asarray(hd**-0.5, qkv.dtype)
+            k, v = qkv[:, :, 1], qkv[:, :, 2]
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
             probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
             out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
