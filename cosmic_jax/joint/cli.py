@@ -52,8 +52,13 @@ def expression_embedding(adata, key: str, n_pcs: int):
 
 
 def run(args) -> int:
+    import logging
+
     import anndata as ad
     import numpy as np
+
+    if not logging.getLogger().handlers:  # show fit_joint's progress lines
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     from cosmic_jax.configs.joint import get_config
     from cosmic_jax.joint.model import fit_joint
