@@ -49,6 +49,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--microbatch", type=int, default=64,
+                    help="OptimConfig.microbatch: images per forward/backward chunk inside the step "
+                         "(0 = whole batch; ignored unless it divides a larger batch)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="MAEConfig override (repeatable)")
     ap.add_argument("--peak-gflops", type=float, default=None,
@@ -71,7 +74,10 @@ def main(argv=None) -> dict:
 
     cfg = get_model_config(args.config, **parse_overrides(args.set))
     ocfg = OptimConfig(lr=TRAIN["lr"], b1=TRAIN["betas"][0], b2=TRAIN["betas"][1],
-                       eps=TRAIN["eps"], weight_decay=TRAIN["weight_decay"])
+                       eps=TRAIN["eps"], weight_decay=TRAIN["weight_decay"],
+                       microbatch=args.microbatch)  # same objective, chunked fwd/bwd
+    if not args.microbatch or args.batch <= args.microbatch or args.batch % args.microbatch:
+        args.microbatch = 0
     rng = np.random.default_rng(args.seed)
     shape = (args.batch, cfg.image_size, cfg.image_size, cfg.channels)
     batches = [{"image": jnp.asarray(rng.standard_normal(shape, dtype=np.float32))}
@@ -120,7 +126,7 @@ def main(argv=None) -> dict:
     res = {
         "kind": "peer", "peer": "cosmic_jax-mae", "mode": "jit",
         "config": args.config, "batch": args.batch, "params": int(n_params),
-        "overrides": args.set, "dtype": cfg.dtype,
+        "overrides": args.set, "dtype": cfg.dtype, "microbatch": args.microbatch,
         "warmup_s": warm_times, "first_step_s": warm_times[0] if warm_times else None,
         "step_s": times, "median_step_s": statistics.median(times),
         "img_s_median": med_ips, "img_s_min": min(ips), "img_s_max": max(ips),

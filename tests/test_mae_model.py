@@ -165,6 +165,21 @@ def test_step_deterministic_and_mask_from_step(tiny):
     assert float(mc["lr"]) > 0 and float(mc["loss"]) != float(ma["loss"])
 
 
+def test_microbatch_step_is_mean_over_chunks(tiny):
+    cfg, state0 = tiny
+    batch = {"image": structured_images(8)}
+    key = jax.random.key(3)
+    mb = state0.replace(optim_cfg=OPT.replace(microbatch=4))
+    s1, m = jax.jit(train_step)(mb, batch, key)
+    step_key = jax.random.fold_in(key, 0)
+    losses = [float(_fwd(state0.params, batch["image"][4 * c:4 * c + 4],
+                         jax.random.fold_in(step_key, c))[0]) for c in range(2)]
+    assert float(m["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)
+    assert int(s1.step) == 1 and np.isfinite(float(m["grad_norm"]))
+    with pytest.raises(ValueError, match="multiple of microbatch=3"):
+        jax.jit(train_step)(state0.replace(optim_cfg=OPT.replace(microbatch=3)), batch, key)
+
+
 def test_grad_accumulation_and_clipping():
     params = {"w": {"kernel": jnp.ones((3, 2))}, "b": {"bias": jnp.ones((2,))}}
     grads = jax.tree_util.tree_map(lambda p: 10.0 * jnp.ones_like(p), params)

@@ -19,10 +19,7 @@ large crops) cannot overflow or lose the residual signal.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
-
-_EXP = os.environ.get("MAE_EXP", "")  # TEMP: profiling ablations
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +31,19 @@ Dtype = Any
 _xavier = nn.initializers.xavier_uniform()
 _zeros = nn.initializers.zeros_init()
 _ones = nn.initializers.ones_init()
+
+
+_SQRT_HALF = 0.7071067811865476
+
+
+def gelu_erf(x: jnp.ndarray) -> jnp.ndarray:
+    """Exact GELU, x * Phi(x), via erf.
+
+    Same function as ``jax.nn.gelu(approximate=False)`` (which uses erfc; max difference ~5e-7),
+    but XLA:CPU lowers erf to a short polynomial while erfc needs exp and selects: forward +
+    backward on (8320, 1024) take 27 ms instead of 58 ms on 2 cores.
+    """
+    return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(_SQRT_HALF, x.dtype)))
 
 
 def _part(init: Callable, names: tuple) -> Callable:
@@ -48,8 +58,6 @@ def dense(features: int, names: tuple[str, str], dtype: Dtype, name: str) -> nn.
 
 def layer_norm(eps: float, name: str) -> nn.LayerNorm:
     """float32 LayerNorm (statistics and output), whatever the compute dtype."""
-    if "L" in _EXP:
-        return lambda x: x
     return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32, name=name,
                         scale_init=_part(_ones, ("embed",)), bias_init=_part(_zeros, ("embed",)))
 
@@ -72,27 +80,15 @@ class Attention(nn.Module):
         h = self.heads
         hd = d // h
         qkv = dense(3 * d, ("embed", "heads"), self.dtype, "qkv")(x)
-        if "3" in _EXP:
-            qkv = qkv.reshape(b, t, 3, h, hd).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, hd)
-            q = qkv[0] * jnp.asarray(hd**-0.5, qkv.dtype)
-            k, v = qkv[1], qkv[2]
-            logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
-            probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-            out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3).reshape(b, t, d)
-        elif "2" in _EXP:
-            qkv = qkv.reshape(b, t, 3, h, hd)
-            out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, t, d)
-        elif "A" in _EXP:
-            qkv = qkv.reshape(b, t, 3, h, hd)
-            out = (qkv[:, :, 0] + qkv[:, :, 1] + qkv[:, :, 2]).reshape(b, t, d)
-        else:
-            qkv = qkv.reshape(b, t, 3, h, hd)
-            # Scale q (T*hd values) rather than the (T, T) logits; softmax runs in float32.
-            q = qkv[:, :, 0] * jnp.asarray(hd**-0.5, qkv.dtype)
-            k, v = qkv[:, :, 1], qkv[:, :, 2]
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-            probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+        # One transpose to head-major (3, B, H, T, hd) makes both attention matmuls canonical
+        # batched dots; per-q/k/v transposes cost ~4x more in the T=65 decoder forward.
+        qkv = qkv.reshape(b, t, 3, h, hd).transpose(2, 0, 3, 1, 4)
+        # Scale q (T*hd values) rather than the (T, T) logits; softmax runs in float32.
+        q = qkv[0] * jnp.asarray(hd**-0.5, qkv.dtype)
+        k, v = qkv[1], qkv[2]
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3).reshape(b, t, d)
         return dense(d, ("heads", "embed"), self.dtype, "out")(out)
 
 
@@ -107,8 +103,7 @@ class Mlp(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         d = x.shape[-1]
         y = dense(self.mlp_dim, ("embed", "mlp"), self.dtype, "fc1")(x)
-        if "G" not in _EXP:
-            y = nn.gelu(y, approximate=self.gelu_approximate)
+        y = nn.gelu(y, approximate=True) if self.gelu_approximate else gelu_erf(y)
         return dense(d, ("mlp", "embed"), self.dtype, "fc2")(y)
 
 

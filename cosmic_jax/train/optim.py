@@ -28,6 +28,10 @@ class OptimConfig:
     weight_decay: float = 0.05
     clip_norm: float | None = None  # global-norm gradient clipping; None/0 = off
     accum_steps: int = 1  # >1 wraps the optimizer in optax.MultiSteps
+    # >0: inside one train step, run forward/backward on chunks of this many images (lax.scan)
+    # and average their gradients before the single update. Same objective; the smaller working
+    # set keeps the decoder's (B*65, 1024) activations in L3 on CPU (see notes/mae_speed.md).
+    microbatch: int = 0
 
     def replace(self, **kw) -> "OptimConfig":
         return dataclasses.replace(self, **kw)

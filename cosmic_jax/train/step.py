@@ -86,6 +86,35 @@ def _loss_fn(params, model_cfg: MAEConfig, images: jax.Array, rng: jax.Array):
     return loss
 
 
+def _loss_and_grads(params, model_cfg: MAEConfig, images: jax.Array, rng: jax.Array,
+                    microbatch: int):
+    """Loss and gradient of the batch mean; with ``microbatch`` as the mean over equal chunks.
+
+    Chunk c uses mask key ``fold_in(rng, c)``. Every sample has the same number of masked
+    patches, so the mean of chunk losses is the batch loss and the mean of chunk gradients is its
+    gradient.
+    """
+    grad_fn = jax.value_and_grad(_loss_fn)
+    b = images.shape[0]
+    if not microbatch or microbatch >= b:
+        return grad_fn(params, model_cfg, images, rng)
+    if b % microbatch:
+        raise ValueError(f"batch size {b} is not a multiple of microbatch={microbatch}")
+    n = b // microbatch
+    chunks = images.reshape((n, microbatch) + images.shape[1:])
+
+    def body(carry, xs):
+        loss_sum, grad_sum = carry
+        c, x = xs
+        loss, grads = grad_fn(params, model_cfg, x, jax.random.fold_in(rng, c))
+        return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                           (jnp.arange(n), chunks))
+    return loss_sum / n, jax.tree_util.tree_map(lambda g: g / n, grad_sum)
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     """One optimizer (micro-)step.
 
@@ -101,8 +130,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     if "image" not in batch:
         raise KeyError(f"batch has no 'image' key (keys: {sorted(batch)})")
     step_rng = jax.random.fold_in(rng, state.step)
-    loss, grads = jax.value_and_grad(_loss_fn)(state.params, state.model_cfg, batch["image"],
-                                               step_rng)
+    loss, grads = _loss_and_grads(state.params, state.model_cfg, batch["image"], step_rng,
+                                  state.optim_cfg.microbatch)
     tx = _tx(state.optim_cfg)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
