@@ -44,6 +44,15 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, fig_dir: str, name: str, tight: bool = True) -> str:
+    if tight:
+        fig.tight_layout()
+    out = os.path.join(fig_dir, name)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def _loss_curve(mae_dir: str, fig_dir: str) -> str | None:
     path = os.path.join(mae_dir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -58,11 +67,7 @@ def _loss_curve(mae_dir: str, fig_dir: str) -> str | None:
     ax.set_xlabel("step")
     ax.set_ylabel("masked-patch MSE")
     ax.set_title("MAE pretraining loss")
-    fig.tight_layout()
-    out = os.path.join(fig_dir, "mae_loss.png")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, fig_dir, "mae_loss.png")
 
 
 def _per_gene_chart(rows: list[dict[str, str]], fig_dir: str) -> str | None:
@@ -87,11 +92,7 @@ def _per_gene_chart(rows: list[dict[str, str]], fig_dir: str) -> str | None:
         ax.set_xlabel("genes (sorted)")
         ax.set_ylabel("estimated fraction")
     ax.set_title("Expression variance reflected in morphology, per gene")
-    fig.tight_layout()
-    out = os.path.join(fig_dir, "per_gene_explained.png")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, fig_dir, "per_gene_explained.png")
 
 
 def _umap(latent_path: str, fig_dir: str) -> str | None:
@@ -111,11 +112,7 @@ def _umap(latent_path: str, fig_dir: str) -> str | None:
     ax.set_title("Joint latent (UMAP) by cell type")
     ax.set_xticks([])
     ax.set_yticks([])
-    fig.tight_layout()
-    out = os.path.join(fig_dir, "joint_umap.png")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, fig_dir, "joint_umap.png")
 
 
 def _responder_chart(rows: list[dict[str, str]], fig_dir: str, name: str, title: str) -> str | None:
@@ -135,11 +132,7 @@ def _responder_chart(rows: list[dict[str, str]], fig_dir: str, name: str, title:
         ax.bar(np.arange(len(eff)), np.sort(eff))
     ax.set_xlabel(eff_key.replace("_", " "))
     ax.set_title(title)
-    fig.tight_layout()
-    out = os.path.join(fig_dir, name)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, fig_dir, name)
 
 
 def _crop_grid(nuclei_dir: str, fig_dir: str, n: int = 16) -> str | None:
@@ -155,10 +148,7 @@ def _crop_grid(nuclei_dir: str, fig_dir: str, n: int = 16) -> str | None:
         ax.imshow(src[int(i)]["image"][..., 0], cmap="gray")
         ax.axis("off")
     fig.suptitle(f"real nuclei crops ({len(src)} in {os.path.basename(nuclei_dir)})", fontsize=8)
-    out = os.path.join(fig_dir, "real_crops.png")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, fig_dir, "real_crops.png", tight=False)
 
 
 def write_report(workdir: str, data_dir: str | None = None, nuclei_dir: str | None = None,
