@@ -56,7 +56,8 @@ class JointConfig:
     num_devices: int = 0  # data-parallel devices (0 = all local devices)
     # sampling
     solver: str = "midpoint"
-    solver_steps: int = 8
+    solver_steps: int = 6
+    solver_time_power: float = 0.7  # fixed-step grid t_i = (i/n)^power: < 1 = finer steps near t = 1
     sample_chunk: int = 1024  # rows (cells x samples) per jitted solve: small = activations stay in cache
     # data checks
     min_cells: int = 16
@@ -72,6 +73,8 @@ class JointConfig:
         for name in ("latent_dim", "enc_width", "flow_width", "flow_depth", "steps", "batch_size", "solver_steps"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"JointConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.solver_time_power <= 0:
+            raise ValueError(f"JointConfig.solver_time_power must be > 0, got {self.solver_time_power}")
         if not 0.0 <= self.cfg_dropout < 1.0:
             raise ValueError(f"JointConfig.cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
 

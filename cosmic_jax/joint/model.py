@@ -234,6 +234,7 @@ class JointModel:
     # -- conditional sampling ------------------------------------------------------------------
     def _sampler(self, target: str, num_samples: int, method: str, steps: int, guidance: float):
         key = ("sample", target, num_samples, method, steps, guidance)
+        power = self.config.solver_time_power
         if key in self._jit_cache:
             return self._jit_cache[key]
         flow = self.nets.flow_e if target == "e" else self.nets.flow_m
@@ -249,7 +250,8 @@ class JointModel:
             c = cond.shape[0]
             x0 = jnp.swapaxes(noise, 0, 1).reshape(num_samples * c, d_out)
             cond_rows = jnp.broadcast_to(cond[None], (num_samples,) + cond.shape).reshape(num_samples * c, -1)
-            x1 = solve_flow(flow, params["flow"], cond_rows, x0, method=method, steps=steps, guidance=guidance)
+            x1 = solve_flow(flow, params["flow"], cond_rows, x0, method=method, steps=steps,
+                            time_power=power, guidance=guidance)
             return x1.reshape(num_samples, c, d_out)
 
         self._jit_cache[key] = jax.jit(run)
