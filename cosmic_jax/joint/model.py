@@ -249,9 +249,8 @@ class JointModel:
             cond = src_enc.apply(params["enc"], cond_src) if latent_cond else cond_src
             c = cond.shape[0]
             x0 = jnp.swapaxes(noise, 0, 1).reshape(num_samples * c, d_out)
-            cond_rows = jnp.broadcast_to(cond[None], (num_samples,) + cond.shape).reshape(num_samples * c, -1)
-            x1 = solve_flow(flow, params["flow"], cond_rows, x0, method=method, steps=steps,
-                            time_power=power, guidance=guidance)
+            x1 = solve_flow(flow, params["flow"], cond, x0, method=method, steps=steps, time_power=power,
+                            guidance=guidance, repeats=num_samples)
             return x1.reshape(num_samples, c, d_out)
 
         self._jit_cache[key] = jax.jit(run)

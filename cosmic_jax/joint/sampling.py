@@ -105,20 +105,24 @@ def diffrax_solve(vel: VelocityFn, x0: Array, method: str = "tsit5", rtol: float
     return sol.ys[-1], sol.stats["num_accepted_steps"]
 
 
-def flow_velocity_fn(module: Any, params: Any, cond: Array, guidance: float = 1.0) -> VelocityFn:
+def flow_velocity_fn(module: Any, params: Any, cond: Array, guidance: float = 1.0, repeats: int = 1) -> VelocityFn:
     """Velocity closure for a `VelocityMLP` with the condition embedding precomputed.
 
     Args:
       module: a `VelocityMLP` (its embed_condition / embed_time / trunk methods are used).
       params: its variables ({"params": ...}).
-      cond: (B, Dc) per-row conditions.
+      cond: (C, Dc) per-row conditions.
       guidance: classifier-free guidance weight w: v = v_null + w (v_cond - v_null); 1 = plain.
+      repeats: x holds `repeats` draws per condition, sample-major (B = repeats * C rows: row
+        r * C + i is draw r of condition i); the condition is embedded once, not once per draw.
     Returns:
       vel(x, t) -> (B, D).
     """
     c_emb = module.apply(params, cond, method=module.embed_condition)
+    if repeats > 1:
+        c_emb = jnp.tile(c_emb, (repeats, 1))
     if guidance != 1.0:
-        n_emb = module.apply(params, cond.shape[0], method=module.null_condition)
+        n_emb = module.apply(params, c_emb.shape[0], method=module.null_condition)
 
     def vel(x, t):
         t_emb = module.apply(params, jnp.asarray(t, jnp.float32), method=module.embed_time)
@@ -132,14 +136,14 @@ def flow_velocity_fn(module: Any, params: Any, cond: Array, guidance: float = 1.
 
 
 def solve_flow(module: Any, params: Any, cond: Array, x0: Array, *, method: str = "midpoint",
-               steps: int = 6, time_power: float = 0.7, guidance: float = 1.0, rtol: float = 1e-5,
-               atol: float = 1e-5) -> Array:
-    """Push noise x0 (B, D) through the conditional flow given cond (B, Dc). Pure; jit it.
+               steps: int = 6, time_power: float = 0.7, guidance: float = 1.0, repeats: int = 1,
+               rtol: float = 1e-5, atol: float = 1e-5) -> Array:
+    """Push noise x0 (B, D) through the conditional flow given cond (C, Dc), B = repeats * C. Pure; jit it.
 
     Returns:
       (B, D) samples (adaptive methods use rtol/atol, fixed methods `steps` and `time_power`).
     """
-    vel = flow_velocity_fn(module, params, cond, guidance)
+    vel = flow_velocity_fn(module, params, cond, guidance, repeats)
     if method in FIXED_METHODS:
         return fixed_step_solve(vel, x0, steps, method, time_power=time_power)
     return diffrax_solve(vel, x0, method, rtol=rtol, atol=atol)[0]
