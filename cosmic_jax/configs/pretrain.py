@@ -42,6 +42,9 @@ class PretrainConfig:
     recon_every: int = 500  # 0 = off; PNG grids in W/recon/
     recon_images: int = 8
     probe_every: int = 0  # 0 = off; kNN/linear probe on labelled crops
+    # Also probe the random-init model at step 0 of a fresh run: the baseline that training must beat
+    # (a random ViT already separates easy classes, so "above chance" alone says little).
+    probe_at_start: bool = True
     probe_data: str = ""  # crop dataset with labels in meta; "" = the training data
     probe_label: str = "cell_type"  # meta key holding the class label
     probe_max: int = 1024  # crops used by the probe

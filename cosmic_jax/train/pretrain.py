@@ -108,7 +108,11 @@ def load_probe_set(data_dir: str, label_key: str, max_n: int) -> tuple[np.ndarra
 
 
 def make_probe_hook(cfg: PretrainConfig, model_cfg, data_dir: str, mesh) -> Hook:
-    """Every ``probe_every`` steps: kNN / linear probe accuracy of mean-pooled encoder features."""
+    """Every ``probe_every`` steps: kNN / linear probe accuracy of mean-pooled encoder features.
+
+    ``train_and_evaluate`` also calls it at step 0 of a fresh run (``probe_at_start``), so the
+    random-init accuracy, the baseline a useful pretraining must beat, is logged too.
+    """
     from cosmic_jax.models.mae import MAE
 
     images, labels = load_probe_set(cfg.probe_data or data_dir, cfg.probe_label, cfg.probe_max)
@@ -222,10 +226,14 @@ def train_and_evaluate(
     hooks = []
     if config.recon_every > 0:
         hooks.append(make_recon_hook(config, model_cfg, data_dir, workdir, mesh, hook_rng))
-    if config.probe_every > 0:
-        hooks.append(make_probe_hook(config, model_cfg, data_dir, mesh))
-    hooks.extend(extra_hooks)
+    probe = make_probe_hook(config, model_cfg, data_dir, mesh) if config.probe_every > 0 else None
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
+    if probe is not None:
+        if config.probe_at_start and start == 0:
+            # Before the first update (the step donates the state): the random-init baseline.
+            writer.write_scalars(0, probe.fn(0, state))
+        hooks.append(probe)
+    hooks.extend(extra_hooks)
     index_log = _IndexLog(workdir, start, mesh, config.log_batch_indices)
     step_fn = shd.jit_step(train_step, mesh, shardings)
     if jax.process_count() > 1:
