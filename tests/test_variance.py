@@ -68,7 +68,9 @@ def test_finite_sample_bias_correction():
     est = {}
     for s in (2, 200):
         mom = V.sampler_moments(m, toy.sampler, num_samples=s, seed=s)
-        est[s] = V.decompose(e, mom, n_boot=0).overall.estimate
+        est[s] = V.decompose(e, mom, n_boot=0, estimator="var").overall.estimate
+        # The cov estimator needs no correction: the S-sample noise is independent of e.
+        assert abs(V.decompose(e, mom, n_boot=0).overall.estimate - 0.3) < 0.03
         # Without the correction S=2 would add E[Var(e|m)]/2 = 0.35 of the total variance.
         naive = np.trace(np.cov(mom.mean, rowvar=False)) / np.trace(np.cov(e, rowvar=False))
         if s == 2:
@@ -138,3 +140,53 @@ def test_bad_inputs_raise_clear_errors():
     mom = V.sampler_moments(m, toy.sampler, 4)
     with pytest.raises(V.AnalysisInputError, match="moments cover"):
         V.decompose(e[:50], mom)
+    with pytest.raises(V.AnalysisInputError, match="estimator='nope'"):
+        V.decompose(e, mom, estimator="nope")
+
+
+class NoisyShrunkSampler:
+    """The exact sampler with its conditional mean shrunk by ``a`` and a fixed per-cell error.
+
+    Mimics a flexible model fitted on few cells: the error is a function of the condition only
+    (the same for every draw of a cell), independent of the held-out cell's own noise.
+    """
+
+    def __init__(self, toy, a: float, noise_sd: float, seed: int):
+        self.toy, self.a, self.noise_sd, self.seed = toy, a, noise_sd, seed
+
+    def __call__(self, cond, num_samples, seed):
+        exact = self.toy.sampler(cond, num_samples, seed)
+        mu = cond @ self.toy.reg
+        err = np.random.default_rng(self.seed).normal(size=mu.shape) * self.noise_sd
+        return exact + (self.a - 1.0) * mu[None] + err[None]
+
+
+@pytest.mark.parametrize("frac", [0.2, 0.7])
+def test_cov_estimator_ignores_estimation_noise_var_estimator_does_not(frac):
+    toy = GaussianToy(frac, seed=7)
+    m, e = toy.draw(4000)
+    noise_sd = np.sqrt(0.1 * np.trace(toy.s_ee) / e.shape[1])  # error variance = 10% of the total
+    mom = V.sampler_moments(m, NoisyShrunkSampler(toy, 1.0, noise_sd, 0), num_samples=4, seed=1)
+    cov = V.decompose(e, mom, n_boot=100, estimator="cov").overall
+    var = V.decompose(e, mom, n_boot=0, estimator="var").overall.estimate
+    assert abs(cov.estimate - frac) < 0.03 and cov.ci_low < frac < cov.ci_high
+    assert var - frac > 0.07  # the noise's 0.10 of the total counts as "explained"
+    # A shrunk mean a*mu: cov reads a*frac (first order), var reads a^2*frac.
+    mom = V.sampler_moments(m, NoisyShrunkSampler(toy, 0.8, 0.0, 0), num_samples=4, seed=1)
+    assert abs(V.decompose(e, mom, n_boot=0).overall.estimate - 0.8 * frac) < 0.03
+    assert abs(V.decompose(e, mom, n_boot=0, estimator="var").overall.estimate - 0.64 * frac) < 0.03
+
+
+def test_cov_estimator_metric_bootstrap_and_per_dim_match_direct_formulas():
+    toy = GaussianToy(0.5, seed=8)
+    m, e = toy.draw(1500)
+    mom = V.sampler_moments(m, toy.sampler, num_samples=3, seed=0)
+    g = np.diag(np.linspace(0.5, 2.0, e.shape[1]))
+    resid = np.full(len(e), 0.3)
+    dec = V.decompose(e, mom, metric=g, resid_sq=resid, n_boot=200, estimator="cov")
+    c = np.cov(mom.mean, e, rowvar=False)[:8, 8:]
+    want = np.trace(c @ g) / (np.trace(np.cov(e, rowvar=False) @ g) + resid.sum() / (len(e) - 1))
+    assert dec.overall.estimate == pytest.approx(want, rel=1e-10)
+    np.testing.assert_allclose(dec.per_dim, np.diag(c) / e.var(0, ddof=1), rtol=1e-10)
+    assert dec.overall.ci_low < want < dec.overall.ci_high
+    assert np.all(dec.per_dim_ci[0] < dec.per_dim) and np.all(dec.per_dim < dec.per_dim_ci[1])

@@ -27,6 +27,9 @@ def register(subparsers) -> None:
     p.add_argument("--pretrain-steps", type=int, default=None, help="MAE steps when pretraining is needed")
     p.add_argument("--folds", type=int, default=None, help="cross-fitting folds")
     p.add_argument("--samples", type=int, default=None, help="samples per held-out cell")
+    p.add_argument("--estimator", default="cov", choices=["cov", "var"],
+                   help="explained variance: Cov(held-out conditional mean, target) (default, robust to the "
+                        "fit's estimation noise) or the finite-S-corrected Var(conditional mean)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--joint", nargs="*", default=[], metavar="key=value", help="JointConfig overrides")
     p.set_defaults(func=_run)
@@ -41,7 +44,8 @@ def _run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.data is None and args.h5ad is None:
         raise SystemExit("cosmic analyze: give --data DIR or --h5ad FILE")
-    kw = {"label_key": args.label_key, "seed": args.seed, "joint_overrides": tuple(args.joint)}
+    kw = {"label_key": args.label_key, "seed": args.seed, "joint_overrides": tuple(args.joint),
+          "estimator": args.estimator}
     if args.pretrain_steps is not None:
         kw["pretrain_steps"] = args.pretrain_steps
     if args.folds is not None:

@@ -47,12 +47,13 @@ class AnalyzeConfig:
     joint_variant: str = "default"
     joint_overrides: tuple[str, ...] = ()
     label_key: str = "cell_type"
+    estimator: str = "cov"  # variance.decompose: "cov" (robust to the fit's estimation noise) or "var"
     seed: int = 0
 
     @classmethod
     def quick(cls, **kw) -> "AnalyzeConfig":
         base = dict(n_folds=3, num_samples=8, n_boot=100, expr_comps=20, morph_comps=8,
-                    pretrain_steps=300, joint_variant="quick")
+                    pretrain_steps=300, joint_variant="analysis")
         return cls(**{**base, **kw})
 
 
@@ -142,7 +143,8 @@ class JointFits:
 def expression_decomposition(expr, m, fit_fn, cfg: AnalyzeConfig, strata) -> tuple[V.VarianceDecomposition, np.ndarray, V.ConditionalMoments]:
     """Expression variance explained by morphology, overall (gene space) and per gene."""
     mom = V.cross_fit_moments(m, fit_fn, cfg.num_samples, cfg.n_folds, cfg.seed, strata)
-    dec = V.decompose(expr.scores, mom, metric=expr.metric, resid_sq=expr.resid_sq, n_boot=cfg.n_boot, seed=cfg.seed)
+    dec = V.decompose(expr.scores, mom, metric=expr.metric, resid_sq=expr.resid_sq, n_boot=cfg.n_boot, seed=cfg.seed,
+                      estimator=cfg.estimator)
     per_gene = V.per_readout_explained(dec.explained_cov, expr.loadings, expr.gene_var)
     return dec, per_gene, mom
 
@@ -150,7 +152,7 @@ def expression_decomposition(expr, m, fit_fn, cfg: AnalyzeConfig, strata) -> tup
 def morphology_decomposition(feats: np.ndarray, e: np.ndarray, fit_fn, cfg: AnalyzeConfig, strata):
     """Morphology-feature variance explained by expression (mean over features of the ratios)."""
     mom = V.cross_fit_moments(e, fit_fn, cfg.num_samples, cfg.n_folds, cfg.seed, strata)
-    return V.decompose(feats, mom, aggregate="mean_ratio", n_boot=cfg.n_boot, seed=cfg.seed)
+    return V.decompose(feats, mom, aggregate="mean_ratio", n_boot=cfg.n_boot, seed=cfg.seed, estimator=cfg.estimator)
 
 
 def _truth(data_dir: str | None) -> dict | None:

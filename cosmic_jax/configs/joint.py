@@ -95,6 +95,11 @@ VARIANTS: dict[str, dict] = {
     # a few seconds on a laptop CPU: smoke runs and the CLI's --quick
     "quick": dict(steps=600, batch_size=256, enc_width=64, flow_width=128, flow_depth=2, log_every=50,
                   warmup_steps=50, steps_per_call=50),
+    # quick networks trained to convergence for the variance decomposition (`cosmic analyze --quick`,
+    # the end-to-end test): at 1000 steps lr 1e-3 the conditional mean was still shrunk (slope 0.96
+    # vs the true E[e|S] at truth 0.70); lr 2e-3 reaches what 2000 steps at 1e-3 reach (notes/analysis.md)
+    "analysis": dict(steps=1000, lr=2e-3, batch_size=256, enc_width=64, flow_width=128, flow_depth=2,
+                     log_every=50, warmup_steps=50, steps_per_call=50),
     # the benchmark network: total params comparable to CellFlow's mlp3x256 (0.92M)
     # (width 256, 3 trunk blocks, 6-layer condition encoder, 256 time features: 0.907M per flow;
     # per ODE step only the trunk runs: 0.43M)
