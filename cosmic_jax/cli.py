@@ -20,6 +20,9 @@ _COMMAND_MODULES = (
     "cosmic_jax.analysis.cli",  # cosmic analyze
 )
 
+# commands whose XLA runs allocate large per-call temp buffers (huge-page malloc helps them)
+_XLA_HEAVY_COMMANDS = ("pretrain", "embed", "fit-joint", "analyze")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -43,10 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     # grain workers read absl flags; mark them parsed since argparse owns the command line.
     flags.FLAGS.mark_as_parsed()
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in _XLA_HEAVY_COMMANDS:
+        from cosmic_jax.runtime import reexec_with_hugepage_malloc
+
+        reexec_with_hugepage_malloc()  # before jax starts; see cosmic_jax/runtime.py
     try:
         result = args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        # Input errors already name the file/record/key at fault; a traceback adds nothing.
+    except (ValueError, FileNotFoundError, KeyError, FloatingPointError) as e:
+        # Input errors (and a diverged run's non-finite loss) already name the file/record/key/step
+        # at fault; a traceback adds nothing.
         if os.environ.get("COSMIC_TRACEBACK"):
             raise
         print(f"cosmic {args.command}: error: {e}", file=sys.stderr)

@@ -48,18 +48,6 @@ def _peer_cfg_from_model(cfg) -> dict:
                 norm_pix_loss=cfg.norm_pix_loss)
 
 
-_THP_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def _reexec_with_hugepages() -> None:
-    """Restart this script with glibc's THP tunable set (read only at process start)."""
-    cur = os.environ.get("GLIBC_TUNABLES", "")
-    if _THP_TUNABLE in cur.split(":"):
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (cur, _THP_TUNABLE) if t))
-    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:], env)
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-hugepages", action="store_true",
@@ -81,7 +69,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     if not args.no_hugepages and argv is None:
-        _reexec_with_hugepages()
+        from cosmic_jax.runtime import reexec_with_hugepage_malloc
+
+        reexec_with_hugepage_malloc()
 
     import numpy as np
     import jax

@@ -29,8 +29,11 @@ CONFIG_FILE = "config.json"
 CKPT_DIR = "checkpoints"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint or run config cannot be read; the message names the path."""
+class CheckpointError(RuntimeError, ValueError):
+    """A checkpoint or run config cannot be read; the message names the path.
+
+    Also a ValueError: it is bad input to the command that read it (the CLI reports it in one line).
+    """
 
 
 def _to_jsonable(obj: Any) -> Any:
