@@ -96,6 +96,10 @@ def compare(args) -> list[dict]:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # no forced host devices: one CPU device using both cores
     env["JAX_PLATFORMS"] = "cpu"
+    # what `cosmic embed` runs with (cosmic_jax/runtime.py); the torch peer gets it too, for fairness
+    from cosmic_jax.runtime import HUGEPAGE_TUNABLE
+
+    env["GLIBC_TUNABLES"] = HUGEPAGE_TUNABLE
     results = []
     tmp = os.path.join(os.path.dirname(os.path.abspath(args.json)) if args.json else "/tmp", ".peer_embed.jsonl")
     for rep in range(args.reps):
