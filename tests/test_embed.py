@@ -83,6 +83,13 @@ def test_batch_size_independent_and_one_compile(cfg, params, images, emb4):
     assert emb4._encode._cache_size() == 1  # every N above went through the same compiled batch
 
 
+def test_micro_batched_pass_matches_reference(cfg, params, images):
+    emb = Embedder(cfg, params, batch_size=8, micro_batch=2)  # 4 encoder passes per compiled call
+    assert emb.micro_batch == 2
+    np.testing.assert_allclose(emb.embed(images), reference(cfg, params, images), atol=ATOL)
+    assert Embedder(cfg, params, batch_size=8, micro_batch=3).micro_batch == 8  # not a divisor: one pass
+
+
 def test_n0_n1_dtypes_and_channel_axis(cfg, params, images, emb4):
     assert emb4.embed(images[:0]).shape == (0, cfg.hidden)
     one = emb4.embed(images[:1])
