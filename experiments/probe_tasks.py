@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from data_builders.render import MORPH_PARAMS, render_batch  # noqa: E402
+from _train_helpers import chromatin_params  # noqa: E402
 
 
 def shifted(images, rng, max_shift):
@@ -112,16 +113,7 @@ def render_task(task, n, seed, size=32):
     """(images (n, size, size, 1), labels (n,) in {0, 1}) for one candidate task."""
     rng = np.random.default_rng(seed)
     lab = rng.integers(0, 2, n)
-    p = {
-        "radius": rng.uniform(6.0, 9.0, n),
-        "elongation": rng.uniform(1.0, 1.6, n),
-        "intensity": rng.uniform(0.35, 0.55, n),
-        "texture_amplitude": rng.uniform(0.05, 0.15, n),
-        "profile": rng.uniform(-0.3, 0.3, n),
-        "texture_scale": rng.uniform(0.8, 1.2, n),
-        "nucleoli_rate": rng.uniform(0.5, 1.5, n),
-        "nucleoli_brightness": rng.uniform(0.2, 0.4, n),
-    }
+    p = chromatin_params(rng, n, mixed=(task == "mix"))  # "mix": unlabelled training mix, everything varies
     if task == "profile":  # ring vs dome at equal mean intensity
         p["profile"] = np.where(lab == 0, rng.uniform(-1.0, -0.6, n), rng.uniform(0.6, 1.0, n))
     elif task == "texture":  # smooth vs grainy chromatin
@@ -138,17 +130,8 @@ def render_task(task, n, seed, size=32):
         lab = rng.integers(0, 4, n)
         p["profile"] = np.where(lab % 2 == 0, -1.0, 1.0) * rng.uniform(0.6, 1.0, n)
         p["elongation"] = np.where(lab // 2 == 0, rng.uniform(1.0, 1.15, n), rng.uniform(1.9, 2.3, n))
-    elif task == "mix":  # unlabelled training mix: everything varies
-        p = {
-            "radius": rng.uniform(5.0, 10.0, n),
-            "elongation": rng.uniform(1.0, 2.6, n),
-            "intensity": rng.uniform(0.3, 0.6, n),
-            "texture_amplitude": rng.uniform(0.02, 0.5, n),
-            "profile": rng.uniform(-1.0, 1.0, n),
-            "texture_scale": rng.uniform(0.7, 2.0, n),
-            "nucleoli_rate": rng.uniform(0.0, 5.0, n),
-            "nucleoli_brightness": rng.uniform(0.2, 0.5, n),
-        }
+    elif task == "mix":
+        pass
     else:
         raise KeyError(task)
     img, _ = render_batch({k: p[k] for k in MORPH_PARAMS}, rng, image_size=size)

@@ -47,6 +47,35 @@ def write_blob_dataset(out_dir: str, n: int, seed: int = 0, size: int = 32) -> s
     return out_dir
 
 
+def chromatin_params(rng: np.random.Generator, n: int, profile=None, mixed: bool = False) -> dict:
+    """Per-nucleus ``data_builders.render`` parameters (n,) each, drawn in a fixed order.
+
+    ``mixed``: every parameter over a wide range. Otherwise narrow ranges, with ``profile()`` (called
+    in its place in the draw order, so the stream does not shift) or a near-flat profile.
+    """
+    if mixed:
+        return {
+            "radius": rng.uniform(5.0, 10.0, n),
+            "elongation": rng.uniform(1.0, 2.6, n),
+            "intensity": rng.uniform(0.3, 0.6, n),
+            "texture_amplitude": rng.uniform(0.02, 0.5, n),
+            "profile": rng.uniform(-1.0, 1.0, n),
+            "texture_scale": rng.uniform(0.7, 2.0, n),
+            "nucleoli_rate": rng.uniform(0.0, 5.0, n),
+            "nucleoli_brightness": rng.uniform(0.2, 0.5, n),
+        }
+    return {
+        "radius": rng.uniform(6.0, 9.0, n),
+        "elongation": rng.uniform(1.0, 1.6, n),
+        "intensity": rng.uniform(0.35, 0.55, n),
+        "texture_amplitude": rng.uniform(0.05, 0.15, n),
+        "profile": profile() if profile is not None else rng.uniform(-0.3, 0.3, n),
+        "texture_scale": rng.uniform(0.8, 1.2, n),
+        "nucleoli_rate": rng.uniform(0.5, 1.5, n),
+        "nucleoli_brightness": rng.uniform(0.2, 0.4, n),
+    }
+
+
 def chromatin_crops(n: int, size: int = 32, seed: int = 0, mixed: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(n, size, size, 1) float32 rendered nuclei (``data_builders.render``), labels (n,) in {0, 1}.
 
@@ -68,28 +97,10 @@ def chromatin_crops(n: int, size: int = 32, seed: int = 0, mixed: bool = False) 
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, n)
     if mixed:
-        params = {
-            "radius": rng.uniform(5.0, 10.0, n),
-            "elongation": rng.uniform(1.0, 2.6, n),
-            "intensity": rng.uniform(0.3, 0.6, n),
-            "texture_amplitude": rng.uniform(0.02, 0.5, n),
-            "profile": rng.uniform(-1.0, 1.0, n),
-            "texture_scale": rng.uniform(0.7, 2.0, n),
-            "nucleoli_rate": rng.uniform(0.0, 5.0, n),
-            "nucleoli_brightness": rng.uniform(0.2, 0.5, n),
-        }
+        params = chromatin_params(rng, n, mixed=True)
         labels = (params["profile"] > 0).astype(np.int64)
     else:
-        params = {
-            "radius": rng.uniform(6.0, 9.0, n),
-            "elongation": rng.uniform(1.0, 1.6, n),
-            "intensity": rng.uniform(0.35, 0.55, n),
-            "texture_amplitude": rng.uniform(0.05, 0.15, n),
-            "profile": np.where(labels == 0, -1.0, 1.0) * rng.uniform(0.6, 1.0, n),
-            "texture_scale": rng.uniform(0.8, 1.2, n),
-            "nucleoli_rate": rng.uniform(0.5, 1.5, n),
-            "nucleoli_brightness": rng.uniform(0.2, 0.4, n),
-        }
+        params = chromatin_params(rng, n, profile=lambda: np.where(labels == 0, -1.0, 1.0) * rng.uniform(0.6, 1.0, n))
     rendered, _ = render_batch({k: params[k] for k in MORPH_PARAMS}, rng, image_size=size)
     images = np.zeros((n, size, size, 1), np.float32)
     for i, (dy, dx) in enumerate(rng.integers(-4, 5, (n, 2))):
