@@ -15,6 +15,13 @@ every step took ~290k page faults (~0.55 s system CPU of ~7 s). ``GLIBC_TUNABLES
 glibc.malloc.hugetlb=1`` makes glibc madvise(MADV_HUGEPAGE) that memory: ~900 faults/step. glibc
 reads it at start-up only, so the script re-executes itself with it set (recorded in the result).
 
+The step is the one ``cosmic pretrain`` runs: ``jit`` with the mesh's shardings, data parallel
+over all devices. On a CPU host the script first splits the host into XLA devices
+(``--cpu-devices``, auto = one per core with >= 64 images each: 2 on a 2-core box) and chunks
+each device's share into 32-image forward/backward passes (``--microbatch``, auto); see
+cosmic_jax/runtime.py and notes/mae_speed.md. ``--cpu-devices 1 --microbatch 0`` is the plain
+single-device step.
+
 ``--set key=value`` overrides MAEConfig fields (e.g. ``--set dtype=bfloat16``; not for the peer
 comparison, which is float32). XLA CPU flags go through the XLA_FLAGS environment variable and are
 recorded in the result.
@@ -23,6 +30,7 @@ recorded in the result.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -57,9 +65,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--microbatch", type=int, default=32,
-                    help="OptimConfig.microbatch: images per forward/backward chunk inside the step "
-                         "(0 = whole batch; ignored unless it divides a larger batch)")
+    ap.add_argument("--microbatch", type=int, default=-1,
+                    help="OptimConfig.microbatch: images of the global batch per forward/backward "
+                         "chunk inside the step (0 = whole batch; -1 = auto: 32 per device on CPU)")
+    ap.add_argument("--cpu-devices", type=int, default=-1,
+                    help="split a CPU host into N XLA devices, data parallel (-1 = auto: one per "
+                         "core while each gets >= 64 images; 0/1 = one device). See runtime.py")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="MAEConfig override (repeatable)")
     ap.add_argument("--peak-gflops", type=float, default=None,
@@ -72,33 +83,38 @@ def main(argv=None) -> dict:
         from cosmic_jax.runtime import reexec_with_hugepage_malloc
 
         reexec_with_hugepage_malloc()
+    from cosmic_jax.runtime import auto_cpu_devices, split_cpu_devices
+
+    split_cpu_devices(auto_cpu_devices(args.batch) if args.cpu_devices < 0 else args.cpu_devices)
 
     import numpy as np
     import jax
-    import jax.numpy as jnp
     import flax
     import optax
 
     from cosmic_jax.configs.mae import get_model_config, parse_overrides
     from cosmic_jax.models.mae import count_params
-    from cosmic_jax.train.optim import OptimConfig
+    from cosmic_jax.train import sharding as shd
+    from cosmic_jax.train.optim import OptimConfig, resolve_microbatch
     from cosmic_jax.train.step import create_train_state, train_step
 
     cfg = get_model_config(args.config, **parse_overrides(args.set))
-    ocfg = OptimConfig(lr=TRAIN["lr"], b1=TRAIN["betas"][0], b2=TRAIN["betas"][1],
-                       eps=TRAIN["eps"], weight_decay=TRAIN["weight_decay"],
-                       microbatch=args.microbatch)  # same objective, chunked fwd/bwd
-    if not args.microbatch or args.batch <= args.microbatch or args.batch % args.microbatch:
-        args.microbatch = 0
+    mesh = shd.make_mesh()  # data parallel over every device (one unless the CPU host is split)
+    n_dev = mesh.devices.size
+    ocfg = resolve_microbatch(
+        OptimConfig(lr=TRAIN["lr"], b1=TRAIN["betas"][0], b2=TRAIN["betas"][1], eps=TRAIN["eps"],
+                    weight_decay=TRAIN["weight_decay"], microbatch=args.microbatch),
+        args.batch, n_dev, jax.devices()[0].platform)  # chunking: same objective
     rng = np.random.default_rng(args.seed)
     shape = (args.batch, cfg.image_size, cfg.image_size, cfg.channels)
-    batches = [{"image": jnp.asarray(rng.standard_normal(shape, dtype=np.float32))}
+    batches = [shd.shard_batch({"image": rng.standard_normal(shape, dtype=np.float32)}, mesh)
                for _ in range(4)]
     key = jax.random.key(args.seed)
-    state = create_train_state(cfg, ocfg, key, shape)
+    state, shardings = shd.create_sharded_state(
+        functools.partial(create_train_state, cfg, ocfg, sample_shape=shape), mesh, key)
     jax.block_until_ready(state)
     n_params = count_params(state.params)
-    step_fn = jax.jit(train_step, donate_argnums=(0,))
+    step_fn = shd.jit_step(train_step, mesh, shardings)
 
     warm_times = []
     for i in range(args.warmup):
@@ -138,7 +154,8 @@ def main(argv=None) -> dict:
     res = {
         "kind": "peer", "peer": "cosmic_jax-mae", "mode": "jit",
         "config": args.config, "batch": args.batch, "params": int(n_params),
-        "overrides": args.set, "dtype": cfg.dtype, "microbatch": args.microbatch,
+        "overrides": args.set, "dtype": cfg.dtype, "microbatch": ocfg.microbatch,
+        "num_devices": n_dev,
         "warmup_s": warm_times, "first_step_s": warm_times[0] if warm_times else None,
         "step_s": times, "median_step_s": statistics.median(times),
         "img_s_median": med_ips, "img_s_min": min(ips), "img_s_max": max(ips),
@@ -159,7 +176,7 @@ def main(argv=None) -> dict:
     mfu = f"{100 * res['mfu']:.1f}%" if res["mfu"] else "n/a"
     fm = res["foreign_cores_mean"]
     print(f"[cosmic_jax/jit] {args.config} bs{args.batch} params={n_params / 1e6:.2f}M "
-          f"first-step {res['first_step_s']:.1f}s | img/s median {med_ips:.1f} "
+          f"{n_dev} dev mb{ocfg.microbatch} first-step {res['first_step_s']:.1f}s | img/s median {med_ips:.1f} "
           f"(min {min(ips):.1f}, max {max(ips):.1f}) | {gflops:.1f} GFLOP/s | MFU {mfu} | "
           f"loss {losses[0]:.4f}->{losses[-1]:.4f} | foreign load "
           f"{'n/a' if fm is None else f'{fm:.2f}'} cores", flush=True)

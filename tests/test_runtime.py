@@ -35,3 +35,64 @@ def test_reexec_sets_tunable_and_keeps_other_tunables_and_args(tmp_path):
 
 def test_opt_out(tmp_path):
     assert _run(tmp_path, COSMIC_NO_HUGEPAGES="1")["tunables"] == ""
+
+
+def test_auto_cpu_devices_keeps_64_images_per_device():
+    from cosmic_jax.runtime import auto_cpu_devices
+
+    assert auto_cpu_devices(128, cores=2) == 2
+    assert auto_cpu_devices(128, cores=8) == 2  # 4 devices would get 32 images each
+    assert auto_cpu_devices(512, cores=8) == 8
+    assert auto_cpu_devices(96, cores=2) == 1  # 48 per device: too few
+    assert auto_cpu_devices(192, cores=4) == 3
+    assert auto_cpu_devices(1000, cores=1) == 1
+
+
+SPLIT = """
+import json, os, sys
+from cosmic_jax.runtime import split_cpu_devices
+import jax
+first = split_cpu_devices(int(sys.argv[1]))
+n = jax.local_device_count()
+try:
+    late = split_cpu_devices(3)
+except RuntimeError as e:
+    late = str(e)
+print(json.dumps({"set": first, "devices": n, "late": late}))
+"""
+
+
+def _split(tmp_path, n, xla_flags=None):
+    script = tmp_path / "split.py"
+    script.write_text(SPLIT)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if xla_flags:
+        env["XLA_FLAGS"] = xla_flags
+    env["JAX_PLATFORMS"] = "cpu"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, str(script), str(n)], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_split_cpu_devices_before_jax_starts(tmp_path):
+    got = _split(tmp_path, 2)
+    assert got == {"set": True, "devices": 2, "late": False}  # later calls: the flag is there
+    got = _split(tmp_path, 1)
+    assert got["set"] is False and got["devices"] == 1
+    assert "after JAX started" in got["late"]  # too late: refused, not silently ignored
+    # an explicit device-count flag wins
+    got = _split(tmp_path, 2, xla_flags="--xla_force_host_platform_device_count=4")
+    assert got == {"set": False, "devices": 4, "late": False}
+
+
+def test_resolve_microbatch_auto():
+    from cosmic_jax.train.optim import OptimConfig, resolve_microbatch
+
+    auto = OptimConfig(microbatch=-1)
+    assert resolve_microbatch(auto, 128, 2, "cpu").microbatch == 64  # 32 per device, 2 chunks
+    assert resolve_microbatch(auto, 128, 1, "cpu").microbatch == 32
+    assert resolve_microbatch(auto, 64, 2, "cpu").microbatch == 0  # one chunk per device: off
+    assert resolve_microbatch(auto, 128, 1, "gpu").microbatch == 0
+    assert resolve_microbatch(OptimConfig(microbatch=16), 128, 1, "gpu").microbatch == 16

@@ -106,3 +106,32 @@ def test_param_shardings_follow_config(one_step_results):
     mu = [x for x in jax.tree.leaves(fs.opt_state) if getattr(x, "ndim", 0) == 2]
     assert any(x.sharding.spec != P() for x in mu)
     assert all(x.sharding.spec == shd.fsdp_spec(x.shape, 8, 256) for x in mu)
+
+
+def test_microbatch_chunks_keep_the_batch_sharding():
+    """A microbatched step under 8-device DP equals the 1-device one and moves no batch data.
+
+    Chunks are strided rows, so each device's shard splits locally into its part of every chunk:
+    the compiled step must hold no all-to-all / all-gather / collective-permute (only the gradient
+    and loss reductions).
+    """
+    from cosmic_jax.configs.mae import get_model_config
+    from cosmic_jax.train.optim import OptimConfig
+    from cosmic_jax.train.step import create_train_state, train_step
+
+    mc = get_model_config("vit_test", depth=1)
+    oc = OptimConfig(lr=1e-2, eps=1e-3, microbatch=8)  # 32 images: 4 chunks, 1 row per device
+    batch = {"image": np.random.default_rng(1).normal(size=(32, 32, 32, 1)).astype(np.float32)}
+    init = functools.partial(create_train_state, mc, oc)
+    losses, texts = {}, {}
+    for name, devices in (("single", jax.devices()[:1]), ("dp", None)):
+        mesh = shd.make_mesh(-1, 1, devices)
+        state, shardings = shd.create_sharded_state(init, mesh, jax.random.key(0), min_size=256)
+        step = shd.jit_step(train_step, mesh, shardings)
+        sharded = shd.shard_batch(batch, mesh)
+        texts[name] = step.lower(state, sharded, jax.random.key(1)).compile().as_text()
+        losses[name] = float(step(state, sharded, jax.random.key(1))[1]["loss"])
+    assert losses["dp"] == pytest.approx(losses["single"], rel=1e-5)
+    for op in ("all-to-all", "all-gather", "collective-permute"):
+        assert op not in texts["dp"], op
+    assert "all-reduce" in texts["dp"] or "reduce-scatter" in texts["dp"]

@@ -60,7 +60,8 @@ class PretrainConfig:
 def _variant(model: str, lr: float, batch: int, steps: int, warmup: int, **kw) -> PretrainConfig:
     return PretrainConfig(
         model=model,
-        optim=OptimConfig(lr=lr, warmup_steps=warmup, total_steps=-1, weight_decay=0.05, clip_norm=1.0),
+        optim=OptimConfig(lr=lr, warmup_steps=warmup, total_steps=-1, weight_decay=0.05, clip_norm=1.0,
+                          microbatch=-1),
         loader=LoaderConfig(global_batch=batch),
         steps=steps,
         **kw,

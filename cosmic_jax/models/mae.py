@@ -12,8 +12,9 @@ Speed choices (CPU XLA; see notes/mae_speed.md):
   * masking selects visible *pixels* before the patch embedding: the gather touches only input
     data (no gradient, so no scatter in the backward pass) and the patch embedding runs on N/4
     patches;
-  * the decoder "unshuffle" is a one-hot matmul (B,K,N)x(B,K,D): its gradient is the transposed
-    matmul, not a scatter-add;
+  * the decoder takes its tokens as [CLS, visible, masked] rather than in patch order, so there is
+    no unshuffle (nor its scatter gradient), and its last block computes only the masked rows:
+    the loss needs nothing else;
   * position embeddings are numpy constants (not params, no gradient).
 
 Param paths (see also cosmic_jax/models/vit.py for the blocks):
@@ -42,8 +43,22 @@ from cosmic_jax.models.vit import Transformer, _part, dense, layer_norm
 _token_init = nn.initializers.normal(stddev=0.02)
 
 
+def random_shuffle(rng: jax.Array, batch: int, num_patches: int) -> jnp.ndarray:
+    """(B, N) int32: a uniformly random permutation of the patches per sample; the first K are
+    kept visible, the rest masked."""
+    noise = jax.random.uniform(rng, (batch, num_patches))
+    # argsort, not lax.top_k: XLA's SPMD partitioner all-gathers TopK's input, so under data
+    # parallelism top_k made every step gather the whole batch's noise; a sort along the last
+    # axis stays batch-sharded.
+    return jnp.argsort(noise, axis=-1).astype(jnp.int32)
+
+
+def _mask_from_keep(ids_keep: jnp.ndarray, num_patches: int) -> jnp.ndarray:
+    return 1.0 - jax.nn.one_hot(ids_keep, num_patches, dtype=jnp.float32).sum(axis=1)
+
+
 def random_masking(rng: jax.Array, batch: int, num_patches: int, num_visible: int):
-    """Per-sample uniform random choice of visible patches.
+    """Per-sample uniform random choice of visible patches (the same draw as training's).
 
     Args:
       rng: PRNG key.
@@ -55,11 +70,8 @@ def random_masking(rng: jax.Array, batch: int, num_patches: int, num_visible: in
       ids_keep: (B, K) int32 indices of the visible patches (distinct within a row).
       masked: (B, N) float32, 1 = masked (predicted, in the loss), 0 = visible.
     """
-    noise = jax.random.uniform(rng, (batch, num_patches))
-    # top_k of iid uniform noise = a uniformly random K-subset; cheaper than a full argsort.
-    _, ids_keep = jax.lax.top_k(noise, num_visible)
-    visible = jax.nn.one_hot(ids_keep, num_patches, dtype=jnp.float32).sum(axis=1)
-    return ids_keep.astype(jnp.int32), 1.0 - visible
+    ids_keep = random_shuffle(rng, batch, num_patches)[:, :num_visible]
+    return ids_keep, _mask_from_keep(ids_keep, num_patches)
 
 
 def norm_pix_target(patches: jnp.ndarray, eps: float) -> jnp.ndarray:
@@ -81,9 +93,13 @@ def masked_mse(pred: jnp.ndarray, patches: jnp.ndarray, masked: jnp.ndarray,
     Returns:
       scalar float32.
     """
-    target = norm_pix_target(patches, eps) if norm_pix_loss else patches
-    per_patch = jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)  # (B, N)
+    per_patch = _patch_mse(pred, patches, norm_pix_loss, eps)  # (B, N)
     return jnp.sum(per_patch * masked) / jnp.maximum(jnp.sum(masked), 1.0)
+
+
+def _patch_mse(pred, patches, norm_pix_loss: bool, eps: float) -> jnp.ndarray:
+    target = norm_pix_target(patches, eps) if norm_pix_loss else patches
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
 
 
 class MAE(nn.Module):
@@ -141,46 +157,57 @@ class MAE(nn.Module):
         return self.encoder(self._with_cls(x), upto=upto)
 
     # ----------------------------------------------------------------------------- training
-    def __call__(self, images: jnp.ndarray, rng: jax.Array):
+    def __call__(self, images: jnp.ndarray, rng: jax.Array, decode_visible: bool = False):
         """Masked-autoencoding forward pass and loss.
 
         Args:
           images: (B, H, W, C) float.
           rng: PRNG key for the per-sample random mask.
+          decode_visible: also predict the visible patches (for pictures; the loss ignores them,
+            so training leaves them out of the decoder's last block).
 
         Returns:
           loss: scalar float32, MSE over masked patches only.
-          aux: {"pred": (B, N, P) float32 decoder output (normalised-patch space with
-            norm_pix_loss), "mask": (B, N) float32, 1 = masked}.
+          aux: {"pred": (B, N, P) float32 decoder output in patch order (normalised-patch space
+            with norm_pix_loss; visible patches are 0 unless ``decode_visible``),
+            "mask": (B, N) float32, 1 = masked}.
         """
         cfg = self.config
         x = self._prep(images)
         b = x.shape[0]
         n, k = cfg.num_patches, cfg.num_visible
         patches = patchify(x, cfg.patch_size)  # (B, N, P)
-        ids_keep, masked = random_masking(rng, b, n, k)
+        ids = random_shuffle(rng, b, n)
+        ids_keep, ids_mask = ids[:, :k], ids[:, k:]
         vis = jnp.take_along_axis(patches, ids_keep[:, :, None], axis=1)  # input data: no grad
         h = self._encode_tokens(vis, self.pos[ids_keep])
         h = self.encoder_norm(h)
-        pred = self._decode(h, ids_keep, masked)
-        loss = masked_mse(pred, patches, masked, cfg.norm_pix_loss, cfg.norm_pix_eps)
-        return loss, {"pred": pred, "mask": masked}
+        pred = self._decode(h, ids_keep, ids_mask, decode_visible)  # (B, [K+]N-K, P), ids order
+        target = jnp.take_along_axis(patches, ids_mask[:, :, None], axis=1)
+        loss = jnp.mean(_patch_mse(pred[:, -(n - k):], target, cfg.norm_pix_loss, cfg.norm_pix_eps))
+        # Back to patch order for the caller (dead code under a training step's jit).
+        rows = jnp.arange(b)[:, None]
+        full = jnp.zeros((b, n, pred.shape[-1]), pred.dtype).at[rows, ids[:, n - pred.shape[1]:]].set(pred)
+        return loss, {"pred": full, "mask": _mask_from_keep(ids_keep, n)}
 
-    def _decode(self, h: jnp.ndarray, ids_keep: jnp.ndarray, masked: jnp.ndarray) -> jnp.ndarray:
-        """Encoder output (B, [1+]K, D) -> per-patch predictions (B, N, P) float32."""
+    def _decode(self, h: jnp.ndarray, ids_keep: jnp.ndarray, ids_mask: jnp.ndarray,
+                decode_visible: bool) -> jnp.ndarray:
+        """Encoder output (B, [1+]K, D) -> float32 predictions, rows in ``ids_keep ++ ids_mask``
+        order: (B, N, P) with ``decode_visible``, else the masked rows only (B, N-K, P).
+
+        Decoder tokens are ordered [CLS, visible, masked] instead of by patch: attention does not
+        care about order (each token carries its position embedding), so no unshuffle is needed,
+        and the masked tokens form one slice that the last block can compute alone.
+        """
         cfg = self.config
         h = self.decoder_embed(h).astype(jnp.float32)  # (B, [1+]K, Dd)
         c = 1 if cfg.cls_token else 0
-        # Unshuffle as a one-hot matmul: token j of the visible set goes to patch ids_keep[j].
-        sel = jax.nn.one_hot(ids_keep, cfg.num_patches, dtype=h.dtype)  # (B, K, N)
-        full = jnp.einsum("bkn,bkd->bnd", sel, h[:, c:])
-        full = full + masked[:, :, None] * self.mask_token.astype(h.dtype)
-        full = full + self.dec_pos
-        if c:
-            full = jnp.concatenate([h[:, :1], full], axis=1)
-        y = self.decoder(full)
+        vis = h[:, c:] + self.dec_pos[ids_keep]
+        msk = self.mask_token.astype(h.dtype) + self.dec_pos[ids_mask]
+        y = self.decoder(jnp.concatenate([h[:, :c], vis, msk], axis=1),
+                         last_rows_from=c if decode_visible else c + ids_keep.shape[1])
         y = self.decoder_norm(y)
-        return self.decoder_pred(y[:, c:]).astype(jnp.float32)
+        return self.decoder_pred(y).astype(jnp.float32)
 
     # ----------------------------------------------------------------------------- inference
     def encode(self, images: jnp.ndarray, layer: int = -1, pool: str = "mean", mask: bool = False,
@@ -216,7 +243,7 @@ class MAE(nn.Module):
         if mask:
             if rng is None:
                 raise ValueError("encode(mask=True) needs rng")
-            ids_keep, _ = random_masking(rng, patches.shape[0], cfg.num_patches, cfg.num_visible)
+            ids_keep = random_shuffle(rng, patches.shape[0], cfg.num_patches)[:, :cfg.num_visible]
             patches = jnp.take_along_axis(patches, ids_keep[:, :, None], axis=1)
             pos = self.pos[ids_keep]
         h = self._encode_tokens(patches, pos, upto=layer)
@@ -244,7 +271,7 @@ class MAE(nn.Module):
            "loss": scalar}.
         """
         cfg = self.config
-        loss, aux = self(images, rng)
+        loss, aux = self(images, rng, decode_visible=True)
         x = self._prep(images)
         patches = patchify(x, cfg.patch_size)
         pred = aux["pred"]

@@ -74,8 +74,8 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """(B, T, D) -> (B, T, D)."""
+    def __call__(self, x: jnp.ndarray, q_start: int = 0) -> jnp.ndarray:
+        """(B, T, D) -> (B, T - q_start, D): all T tokens are keys/values, rows q_start.. query."""
         b, t, d = x.shape
         h = self.heads
         hd = d // h
@@ -84,11 +84,11 @@ class Attention(nn.Module):
         # batched dots; per-q/k/v transposes cost ~4x more in the T=65 decoder forward.
         qkv = qkv.reshape(b, t, 3, h, hd).transpose(2, 0, 3, 1, 4)
         # Scale q (T*hd values) rather than the (T, T) logits; softmax runs in float32.
-        q = qkv[0] * jnp.asarray(hd**-0.5, qkv.dtype)
+        q = qkv[0][:, :, q_start:] * jnp.asarray(hd**-0.5, qkv.dtype)
         k, v = qkv[1], qkv[2]
         logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3).reshape(b, t, d)
+        out = jnp.einsum("bhqk,bhkd->bhqd", probs, v).transpose(0, 2, 1, 3).reshape(b, t - q_start, d)
         return dense(d, ("heads", "embed"), self.dtype, "out")(out)
 
 
@@ -117,10 +117,11 @@ class Block(nn.Module):
     gelu_approximate: bool = False
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-        """(B, T, D) float32 -> (B, T, D) float32."""
+    def __call__(self, x: jnp.ndarray, q_start: int = 0) -> jnp.ndarray:
+        """(B, T, D) float32 -> (B, T - q_start, D) float32: only rows q_start.. are computed
+        (they still attend to all T tokens)."""
         y = layer_norm(self.eps, "norm1")(x)
-        x = x + Attention(self.heads, self.dtype, name="attn")(y).astype(jnp.float32)
+        x = x[:, q_start:] + Attention(self.heads, self.dtype, name="attn")(y, q_start).astype(jnp.float32)
         y = layer_norm(self.eps, "norm2")(x)
         y = Mlp(self.mlp_dim, self.dtype, self.gelu_approximate, name="mlp")(y)
         return x + y.astype(jnp.float32)
@@ -142,16 +143,20 @@ class Transformer(nn.Module):
     remat: bool = False
 
     def setup(self):
-        block_cls = nn.remat(Block) if self.remat else Block
+        block_cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         self.blocks = [
             block_cls(self.heads, self.mlp_dim, self.dtype, self.eps, self.gelu_approximate,
                       name=f"block_{i}")
             for i in range(self.depth)
         ]
 
-    def __call__(self, x: jnp.ndarray, upto: int | None = None) -> jnp.ndarray:
-        """Run blocks 0..upto (inclusive; all when None). (B, T, D) -> (B, T, D)."""
+    def __call__(self, x: jnp.ndarray, upto: int | None = None, last_rows_from: int = 0) -> jnp.ndarray:
+        """Run blocks 0..upto (inclusive; all when None). (B, T, D) -> (B, T - last_rows_from, D).
+
+        ``last_rows_from``: the last block computes only rows from there on (they attend to all T
+        tokens); the MAE decoder uses it to skip the visible tokens, which the loss ignores.
+        """
         last = self.depth - 1 if upto is None else upto
         for i in range(last + 1):
-            x = self.blocks[i](x)
+            x = self.blocks[i](x, last_rows_from if i == last else 0)
         return x

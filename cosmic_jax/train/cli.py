@@ -16,7 +16,7 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=(
             "overrides: model.<MAEConfig field>, optim.<field>, loader.<field>, loader.augment.<field>,\n"
-            "mesh.data / mesh.fsdp, distributed.coordinator_address / num_processes / process_id,\n"
+            "mesh.data / mesh.fsdp / mesh.cpu_devices, distributed.coordinator_address / num_processes / process_id,\n"
             "and top-level fields (seed, log_every, ckpt_every, recon_every, probe_every, ...).\n"
             "example: cosmic pretrain --config test --data crops --workdir runs/a --steps 200 optim.lr=5e-4"
         ),
@@ -44,9 +44,23 @@ def _run(args) -> int:
     if args.steps is not None:
         overrides.append(f"steps={args.steps}")
     cfg = get_config(args.config, overrides)
+    _split_cpu_host(cfg)
 
     from cosmic_jax.train.pretrain import train_and_evaluate
 
     out = train_and_evaluate(cfg, args.data, args.workdir)
     print(f"pretrain: finished at step {out['step']} (started at {out['start_step']}); workdir {args.workdir}")
     return 0
+
+
+def _split_cpu_host(cfg) -> None:
+    """Apply ``mesh.cpu_devices`` before JAX starts (a no-op on GPU/TPU hosts; see runtime.py)."""
+    import logging
+
+    from cosmic_jax.runtime import auto_cpu_devices, split_cpu_devices
+
+    n = cfg.mesh.cpu_devices
+    if n < 0:
+        n = auto_cpu_devices(cfg.loader.global_batch)
+    if split_cpu_devices(n):
+        logging.getLogger(__name__).info("CPU host split into %d XLA devices (mesh.cpu_devices=0 turns this off)", n)

@@ -28,9 +28,10 @@ class OptimConfig:
     weight_decay: float = 0.05
     clip_norm: float | None = None  # global-norm gradient clipping; None/0 = off
     accum_steps: int = 1  # >1 wraps the optimizer in optax.MultiSteps
-    # >0: inside one train step, run forward/backward on chunks of this many images (lax.scan)
-    # and average their gradients before the single update. Same objective; the smaller working
-    # set keeps the decoder's (B*65, 1024) activations in L3 on CPU (see notes/mae_speed.md).
+    # >0: inside one train step, run forward/backward on chunks of this many images of the global
+    # batch (lax.scan) and average their gradients before the single update. Same objective; the
+    # smaller working set keeps the decoder's (B*65, 1024) activations in L3 on CPU (see
+    # notes/mae_speed.md). -1 = auto, resolved by `resolve_microbatch` before the step is built.
     microbatch: int = 0
 
     def replace(self, **kw) -> "OptimConfig":
@@ -38,6 +39,24 @@ class OptimConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Images per device per chunk on CPU: the decoder activations of 32 images fit a 32 MB L3.
+CPU_MICROBATCH_PER_DEVICE = 32
+
+
+def resolve_microbatch(cfg: OptimConfig, global_batch: int, num_devices: int, platform: str) -> OptimConfig:
+    """Replace ``microbatch=-1`` (auto) by a concrete chunk size for this batch and mesh.
+
+    Auto chunks only on CPU (``CPU_MICROBATCH_PER_DEVICE`` images per device, when each device's
+    share of the batch is a larger multiple of it); accelerators have no such cache cliff, so 0.
+    """
+    if cfg.microbatch >= 0:
+        return cfg
+    per_device = global_batch // max(1, num_devices)
+    m = CPU_MICROBATCH_PER_DEVICE
+    auto = m * num_devices if platform == "cpu" and per_device > m and per_device % m == 0 else 0
+    return dataclasses.replace(cfg, microbatch=auto)
 
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:

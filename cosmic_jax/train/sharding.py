@@ -52,6 +52,11 @@ class MeshConfig:
     fsdp_min_size: int = 1024
     # Use only the first N devices (0 = all): e.g. single-device runs on a forced-8-device host.
     num_devices: int = 0
+    # CPU hosts only, applied by `cosmic pretrain` before JAX starts: split the host into this many
+    # XLA devices (data parallel over its cores; see cosmic_jax/runtime.py). -1 = auto (one per
+    # core while each gets >= 64 images of the global batch), 0 = leave the host as one device.
+    # An explicit --xla_force_host_platform_device_count in XLA_FLAGS wins.
+    cpu_devices: int = -1
 
 
 @dataclasses.dataclass

@@ -90,18 +90,23 @@ def _loss_and_grads(params, model_cfg: MAEConfig, images: jax.Array, rng: jax.Ar
                     microbatch: int):
     """Loss and gradient of the batch mean; with ``microbatch`` as the mean over equal chunks.
 
-    Chunk c uses mask key ``fold_in(rng, c)``. Every sample has the same number of masked
-    patches, so the mean of chunk losses is the batch loss and the mean of chunk gradients is its
-    gradient.
+    Chunk c holds the strided rows ``images[c::n]`` (n chunks) and uses mask key
+    ``fold_in(rng, c)``. Strided, not contiguous: with the batch split over devices each device's
+    rows fall into every chunk in equal parts, so the reshape keeps the batch sharding and no chunk
+    is resharded. Every sample has the same number of masked patches, so the mean of chunk losses
+    is the batch loss and the mean of chunk gradients is its gradient.
     """
     grad_fn = jax.value_and_grad(_loss_fn)
     b = images.shape[0]
     if not microbatch or microbatch >= b:
         return grad_fn(params, model_cfg, images, rng)
+    if microbatch < 0:
+        raise ValueError(f"microbatch={microbatch} (auto) must be resolved first: "
+                         "cosmic_jax.train.optim.resolve_microbatch")
     if b % microbatch:
         raise ValueError(f"batch size {b} is not a multiple of microbatch={microbatch}")
     n = b // microbatch
-    chunks = images.reshape((n, microbatch) + images.shape[1:])
+    chunks = images.reshape((microbatch, n) + images.shape[1:]).swapaxes(0, 1)
 
     def body(carry, xs):
         loss_sum, grad_sum = carry
