@@ -241,3 +241,30 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_good_checkpoint(tmp_path
     assert step == 6 and int(restored.step) == 6 and np.all(np.isfinite(np.asarray(restored.params["w"])))
     ckpt.close()
     writer.close()
+
+
+def test_cli_splits_a_cpu_host_and_chunks_the_batch(data, tmp_path):
+    """`cosmic pretrain` with no device-count flag: one XLA device per core (>= 64 images each) and
+    32-image chunks per device; `mesh.cpu_devices=0 optim.microbatch=0` turns both off."""
+    import subprocess
+    import sys
+
+    from _train_helpers import subprocess_env
+
+    from cosmic_jax.runtime import auto_cpu_devices
+
+    env = subprocess_env(1)
+    del env["XLA_FLAGS"]
+    over = ["steps=2", "optim.warmup_steps=1", "log_every=1", "ckpt_every=2", "recon_every=0", "probe_every=0", "progress=false",
+            "loader.global_batch=128", "loader.read_threads=1", "model.depth=1"]
+    n = auto_cpu_devices(128)
+    for extra, devices, micro in (([], n, 32 * n if n > 1 else 32), (["mesh.cpu_devices=0", "optim.microbatch=0"], 1, 0)):
+        w = str(tmp_path / f"w{devices}{micro}")
+        cmd = [sys.executable, "-m", "cosmic_jax.cli", "pretrain", "--config", "test", "--data", data["train"],
+               "--workdir", w] + over + extra
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        assert (f"CPU host split into {devices} XLA devices" in r.stderr) == (devices > 1), r.stderr[-2000:]
+        assert f"over {devices} cpu devices; microbatch {micro}" in r.stderr, r.stderr[-2000:]
+        losses = losses_by_step(w)
+        assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())

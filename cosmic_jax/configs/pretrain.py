@@ -19,7 +19,7 @@ from typing import Any
 
 from cosmic_jax.data.augment import AugmentConfig
 from cosmic_jax.data.loader import LoaderConfig
-from cosmic_jax.train.optim import OptimConfig
+from cosmic_jax.train.optim import OptimConfig, resolve_microbatch
 from cosmic_jax.train.sharding import DistributedConfig, MeshConfig
 
 
@@ -51,10 +51,20 @@ class PretrainConfig:
     log_batch_indices: bool = False  # write W/batch_indices.p<i>.jsonl (data-order checks)
     progress: bool = True
 
-    def resolved_optim(self) -> OptimConfig:
-        if self.optim.total_steps < 0:
-            return dataclasses.replace(self.optim, total_steps=self.steps)
-        return self.optim
+    def resolved_optim(self, num_devices: int | None = None, platform: str | None = None) -> OptimConfig:
+        """The optimizer config with its "auto" values made concrete: ``total_steps=-1`` -> ``steps``,
+        ``microbatch=-1`` -> per ``resolve_microbatch`` for the mesh's device count and platform
+        (default: all of JAX's devices)."""
+        optim = self.optim
+        if optim.total_steps < 0:
+            optim = dataclasses.replace(optim, total_steps=self.steps)
+        if optim.microbatch < 0:
+            import jax
+
+            optim = resolve_microbatch(optim, self.loader.global_batch,
+                                       jax.device_count() if num_devices is None else num_devices,
+                                       platform or jax.default_backend())
+        return optim
 
 
 def _variant(model: str, lr: float, batch: int, steps: int, warmup: int, **kw) -> PretrainConfig:

@@ -186,14 +186,14 @@ def train_and_evaluate(
     from cosmic_jax.configs.mae import get_model_config
     from cosmic_jax.data.loader import make_train_iterator
     from cosmic_jax.data.records import CropSource
-    from cosmic_jax.train.optim import resolve_microbatch
     from cosmic_jax.train.step import create_train_state, train_step
 
     shd.maybe_initialize_distributed(config.distributed)
     mesh = shd.mesh_from_config(config.mesh)
     model_cfg = get_model_config(config.model, **config.model_overrides)
-    optim_cfg = resolve_microbatch(config.resolved_optim(), config.loader.global_batch,
-                                   mesh.devices.size, mesh.devices.flat[0].platform)
+    optim_cfg = config.resolved_optim(mesh.devices.size, mesh.devices.flat[0].platform)
+    log.info("mesh %s over %d %s devices; microbatch %d", dict(mesh.shape), mesh.devices.size,
+             mesh.devices.flat[0].platform, optim_cfg.microbatch)
 
     shape = tuple(CropSource(data_dir).image_shape)
     want = (model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
