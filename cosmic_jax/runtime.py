@@ -89,3 +89,16 @@ def split_cpu_devices(n: int) -> bool:
     # First in the list: XLA ignored flags that followed intra_op_parallelism_threads.
     os.environ["XLA_FLAGS"] = f"{DEVICE_COUNT_FLAG}={n} {flags}".strip()
     return True
+
+
+def apply_cpu_devices(setting: int, global_batch: int) -> int:
+    """The ``cpu_devices`` option of the commands: -1 = auto for this batch (skipped quietly when
+    JAX has already started, e.g. a command run from a Python session), 0/1 = no split, N = split
+    into N (an error once JAX has started). Returns the device count set, or 0 if none was."""
+    n = auto_cpu_devices(global_batch) if setting < 0 else setting
+    if setting < 0 and "jax" in sys.modules:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            return 0
+    return n if split_cpu_devices(n) else 0

@@ -69,7 +69,7 @@ def run_jax(args) -> dict:
     ips = [args.batch / t for t in times]
     return {
         "kind": "embed", "peer": "cosmic_jax-Embedder", "mode": "jit-inference", "config": args.config,
-        "batch": args.batch, "step_s": times, "img_s_median": statistics.median(ips),
+        "batch": args.batch, "num_devices": emb.num_devices, "micro_batch": emb.micro_batch, "step_s": times, "img_s_median": statistics.median(ips),
         "img_s_min": min(ips), "img_s_max": max(ips), "first_call_s": first,
         "others_cores_per_step": [c["others_cores"] for c in cpu],
         "own_cores_mean": statistics.mean(c["own_cores"] for c in cpu),
@@ -94,7 +94,7 @@ def compare(args) -> list[dict]:
     if not os.path.exists(PEER_PY):
         raise SystemExit(f"{PEER_PY} missing: create the torch peer venv first (see notes/embed.md)")
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # no forced host devices: one CPU device using both cores
+    env.pop("XLA_FLAGS", None)  # the child splits the CPU host per --cpu-devices
     env["JAX_PLATFORMS"] = "cpu"
     # what `cosmic embed` runs with (cosmic_jax/runtime.py); the torch peer gets it too, for fairness
     from cosmic_jax.runtime import HUGEPAGE_TUNABLE
@@ -107,7 +107,8 @@ def compare(args) -> list[dict]:
         for who in order:
             if who == "jax":
                 cmd = [sys.executable, os.path.abspath(__file__), "--mode", "jax", "--config", args.config,
-                       "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+                       "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps),
+                       "--cpu-devices", str(args.cpu_devices)]
             else:
                 if os.path.exists(tmp):
                     os.remove(tmp)
@@ -149,10 +150,16 @@ def main(argv=None) -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None, help="append results (JSONL)")
+    ap.add_argument("--cpu-devices", type=int, default=-1,
+                    help="split a CPU host into N XLA devices for the Embedder (-1 = auto, as "
+                         "`cosmic embed`; 1 = one device)")
     args = ap.parse_args(argv)
     if args.compare:
         compare(args)
         return
+    from cosmic_jax.runtime import apply_cpu_devices
+
+    apply_cpu_devices(args.cpu_devices, args.batch)
     res = run_jax(args)
     print(json.dumps(res))
 

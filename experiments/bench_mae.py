@@ -83,9 +83,9 @@ def main(argv=None) -> dict:
         from cosmic_jax.runtime import reexec_with_hugepage_malloc
 
         reexec_with_hugepage_malloc()
-    from cosmic_jax.runtime import auto_cpu_devices, split_cpu_devices
+    from cosmic_jax.runtime import apply_cpu_devices
 
-    split_cpu_devices(auto_cpu_devices(args.batch) if args.cpu_devices < 0 else args.cpu_devices)
+    apply_cpu_devices(args.cpu_devices, args.batch)
 
     import numpy as np
     import jax

@@ -84,10 +84,27 @@ def test_batch_size_independent_and_one_compile(cfg, params, images, emb4):
 
 
 def test_micro_batched_pass_matches_reference(cfg, params, images):
-    emb = Embedder(cfg, params, batch_size=8, micro_batch=2)  # 4 encoder passes per compiled call
+    emb = Embedder(cfg, params, batch_size=8, micro_batch=2, devices=1)  # 4 passes per compiled call
     assert emb.micro_batch == 2
     np.testing.assert_allclose(emb.embed(images), reference(cfg, params, images), atol=ATOL)
-    assert Embedder(cfg, params, batch_size=8, micro_batch=3).micro_batch == 8  # not a divisor: one pass
+    # not a divisor: one pass
+    assert Embedder(cfg, params, batch_size=8, micro_batch=3, devices=1).micro_batch == 8
+
+
+def test_batches_split_over_devices_with_micro_batches(cfg, params, images):
+    """Data parallel over the 8 forced host devices, 2 passes per device: same embeddings, and the
+    chunking keeps the batch sharding (no collectives in the compiled call)."""
+    import jax
+
+    emb = Embedder(cfg, params, batch_size=32, micro_batch=2)
+    assert emb.num_devices == jax.local_device_count() == 8 and emb.micro_batch == 2
+    np.testing.assert_allclose(emb.embed(images), reference(cfg, params, images), atol=ATOL)
+    x = jax.device_put(np.zeros((32, 32, 32, 1), np.float32), emb._batch_sharding)
+    hlo = emb._encode.lower(emb.params, x).compile().as_text()
+    assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce"))
+    assert Embedder(cfg, params, batch_size=12).num_devices == 6  # largest count dividing the batch
+    with pytest.raises(ValueError, match="devices must be"):
+        Embedder(cfg, params, devices=0)
 
 
 def test_n0_n1_dtypes_and_channel_axis(cfg, params, images, emb4):

@@ -96,3 +96,18 @@ def test_resolve_microbatch_auto():
     assert resolve_microbatch(auto, 64, 2, "cpu").microbatch == 0  # one chunk per device: off
     assert resolve_microbatch(auto, 128, 1, "gpu").microbatch == 0
     assert resolve_microbatch(OptimConfig(microbatch=16), 128, 1, "gpu").microbatch == 16
+
+
+def test_apply_cpu_devices_auto_is_quiet_once_jax_started(monkeypatch):
+    import jax
+    import pytest
+
+    from cosmic_jax.runtime import apply_cpu_devices
+
+    jax.devices()  # this test process: backends exist
+    assert apply_cpu_devices(2, 128) == 0  # the suite's explicit device-count flag wins
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert apply_cpu_devices(-1, 4096) == 0  # auto: skipped quietly, too late to split
+    assert os.environ.get("XLA_FLAGS") is None
+    with pytest.raises(RuntimeError, match="after JAX started"):
+        apply_cpu_devices(2, 128)  # asked for explicitly: an error, not silently ignored

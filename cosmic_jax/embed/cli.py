@@ -28,6 +28,10 @@ def register(subparsers) -> None:
     p.add_argument("--pool", choices=("mean", "cls"), default=None,
                    help="mean of patch tokens (default) or CLS token")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--cpu-devices", type=int, default=-1,
+                   help="CPU hosts: split into N XLA devices, each batch spread over them (-1 = auto: "
+                        "one per core while each gets >= 64 images; 1 = one device). Other backends "
+                        "use all their local devices")
     p.add_argument("--key", default="X_cosmic", help="obsm key for .h5ad output")
     p.add_argument("--id-key", default=None,
                    help="obs column with cell ids in an existing .h5ad (default: cell_id column, else obs_names)")
@@ -73,6 +77,9 @@ def run_embed(args: argparse.Namespace) -> int:
     kind = os.path.splitext(out)[1].lower()
     if kind not in (".npy", ".h5ad"):
         raise SystemExit(f"--output must end in .npy or .h5ad, got {out!r}")
+    from cosmic_jax.runtime import apply_cpu_devices
+
+    apply_cpu_devices(args.cpu_devices, args.batch_size)
     emb = _make_embedder(args)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if kind == ".npy":

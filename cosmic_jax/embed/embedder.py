@@ -50,8 +50,12 @@ class Embedder:
         often embed microscopy better than the last one.
       pool: ``"mean"`` (mean of patch tokens, default) or ``"cls"`` (the CLS token).
       batch_size: images per compiled call; the last batch is zero-padded.
-      micro_batch: images per encoder pass inside a call (a ``lax.map`` over chunks, for cache
-        locality); used when it divides ``batch_size``, else the whole batch is one pass.
+      micro_batch: images per encoder pass on each device inside a call (a ``lax.map`` over
+        chunks, for cache locality); used when it divides the per-device batch, else that whole
+        batch is one pass.
+      devices: how many local devices to split each batch over (data parallel, params
+        replicated); None = all of the default backend's local devices. The largest count up to
+        that which divides ``batch_size`` is used (``num_devices``).
       step: training step the params come from (metadata only).
       source: where the params come from, e.g. a workdir or export dir (metadata only).
       progress: tqdm bar: None = only for long inputs, True/False = always/never.
@@ -66,20 +70,21 @@ class Embedder:
         pool: str = DEFAULT_POOL,
         batch_size: int = DEFAULT_BATCH,
         micro_batch: int = DEFAULT_MICRO_BATCH,
+        devices: int | None = None,
         step: int | None = None,
         source: str | None = None,
         progress: bool | None = None,
     ):
         import flax.linen as nn
         import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
         from cosmic_jax.models.mae import MAE
 
         self.model_cfg = model_cfg
         self.model = MAE(model_cfg)
         # init_variables() boxes params with logical-axis metadata; inference wants plain arrays.
-        self.params = nn.meta.unbox(params)
-        params = self.params
+        params = nn.meta.unbox(params)
         self.depth = int(model_cfg.depth)
         self.layer = self._check_layer(layer)
         if pool not in POOLS:
@@ -90,6 +95,16 @@ class Embedder:
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
+        local = jax.local_devices()
+        if devices is not None and int(devices) < 1:
+            raise ValueError(f"devices must be >= 1 or None (all local devices), got {devices}")
+        most = min(len(local), len(local) if devices is None else int(devices))
+        d = max(k for k in range(1, most + 1) if self.batch_size % k == 0)
+        self.num_devices = d
+        mesh = Mesh(np.array(local[:d]), ("batch",))
+        self._batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.params = jax.device_put(params, replicated)
         self.step = step
         self.source = source
         self.progress = progress
@@ -100,19 +115,25 @@ class Embedder:
         def encode(params, images):
             return model.apply({"params": params}, images, method=MAE.encode, layer=layer_, pool=pool_)
 
-        micro = int(micro_batch) if int(micro_batch) > 0 and self.batch_size % int(micro_batch) == 0 else self.batch_size
+        per_device = self.batch_size // d
+        micro = int(micro_batch) if int(micro_batch) > 0 and per_device % int(micro_batch) == 0 else per_device
         self.micro_batch = micro
+        passes = per_device // micro
 
         def encode_chunked(params, images):
-            n = images.shape[0]
-            if micro >= n:
+            if passes == 1:
                 return encode(params, images)
-            out = jax.lax.map(lambda c: encode(params, c), images.reshape((n // micro, micro) + images.shape[1:]))
-            return out.reshape((n,) + out.shape[2:])
+            # Pass c takes the strided rows c, c + passes, ...: every pass spans all devices'
+            # shards, so the chunking keeps the batch sharding (no data moves between devices).
+            n, rest = images.shape[0], images.shape[1:]
+            out = jax.lax.map(lambda c: encode(params, c),
+                              images.reshape((n // passes, passes) + rest).swapaxes(0, 1))
+            return out.swapaxes(0, 1).reshape((n,) + out.shape[2:])
 
         # un-jitted and unchunked: export.py serialises it with a symbolic batch dimension
         self._encode_fn = encode
-        self._encode = jax.jit(encode_chunked)
+        self._encode = jax.jit(encode_chunked, in_shardings=(replicated, self._batch_sharding),
+                               out_shardings=self._batch_sharding)
         # Shape inference without compiling: output width for N = 0 and for callers.
         spec = jax.ShapeDtypeStruct((self.batch_size, *self.input_shape), np.float32)
         out = jax.eval_shape(encode, params, spec)
@@ -172,7 +193,7 @@ class Embedder:
 
     def __repr__(self) -> str:
         return (f"Embedder(model={self.model_name!r}, step={self.step}, layer={self.layer}, "
-                f"pool={self.pool!r}, dim={self.dim}, batch_size={self.batch_size})")
+                f"pool={self.pool!r}, dim={self.dim}, batch_size={self.batch_size}, devices={self.num_devices})")
 
     # ------------------------------------------------------------------ validation
     def _check_layer(self, layer: int) -> int:
@@ -258,7 +279,7 @@ class Embedder:
                 if n < b:
                     pad = np.zeros((b - n, *self.input_shape), np.float32)
                     chunk = np.concatenate([chunk, pad], axis=0)
-                pending.append((start, n, self._encode(self.params, jax.device_put(chunk))))
+                pending.append((start, n, self._encode(self.params, jax.device_put(chunk, self._batch_sharding))))
                 start += n
                 drain(keep=1)
             drain(keep=0)

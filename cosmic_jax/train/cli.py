@@ -57,10 +57,8 @@ def _split_cpu_host(cfg) -> None:
     """Apply ``mesh.cpu_devices`` before JAX starts (a no-op on GPU/TPU hosts; see runtime.py)."""
     import logging
 
-    from cosmic_jax.runtime import auto_cpu_devices, split_cpu_devices
+    from cosmic_jax.runtime import apply_cpu_devices
 
-    n = cfg.mesh.cpu_devices
-    if n < 0:
-        n = auto_cpu_devices(cfg.loader.global_batch)
-    if split_cpu_devices(n):
+    n = apply_cpu_devices(cfg.mesh.cpu_devices, cfg.loader.global_batch)
+    if n:
         logging.getLogger(__name__).info("CPU host split into %d XLA devices (mesh.cpu_devices=0 turns this off)", n)
