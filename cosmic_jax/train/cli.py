@@ -56,9 +56,13 @@ def _run(args) -> int:
 def _split_cpu_host(cfg) -> None:
     """Apply ``mesh.cpu_devices`` before JAX starts (a no-op on GPU/TPU hosts; see runtime.py)."""
     import logging
+    import os
 
     from cosmic_jax.runtime import apply_cpu_devices
 
-    n = apply_cpu_devices(cfg.mesh.cpu_devices, cfg.loader.global_batch)
+    # Each process splits its own host by its share of the batch (known before jax.distributed starts
+    # only when the process count is given; auto-detected clusters count as one process here).
+    procs = cfg.distributed.num_processes or int(os.environ.get("COSMIC_NUM_PROCESSES", "0") or 0) or 1
+    n = apply_cpu_devices(cfg.mesh.cpu_devices, cfg.loader.global_batch // procs)
     if n:
         logging.getLogger(__name__).info("CPU host split into %d XLA devices (mesh.cpu_devices=0 turns this off)", n)
