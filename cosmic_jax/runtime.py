@@ -80,12 +80,9 @@ def split_cpu_devices(n: int) -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if n <= 1 or DEVICE_COUNT_FLAG in flags:
         return False
-    if "jax" in sys.modules:
-        from jax._src import xla_bridge
-
-        if xla_bridge.backends_are_initialized():
-            raise RuntimeError(f"split_cpu_devices({n}) called after JAX started its backends; "
-                               f"set XLA_FLAGS={DEVICE_COUNT_FLAG}={n} before the first JAX computation")
+    if _jax_started():
+        raise RuntimeError(f"split_cpu_devices({n}) called after JAX started its backends; "
+                           f"set XLA_FLAGS={DEVICE_COUNT_FLAG}={n} before the first JAX computation")
     # First in the list: XLA ignored flags that followed intra_op_parallelism_threads.
     os.environ["XLA_FLAGS"] = f"{DEVICE_COUNT_FLAG}={n} {flags}".strip()
     return True
@@ -95,10 +92,16 @@ def apply_cpu_devices(setting: int, global_batch: int) -> int:
     """The ``cpu_devices`` option of the commands: -1 = auto for this batch (skipped quietly when
     JAX has already started, e.g. a command run from a Python session), 0/1 = no split, N = split
     into N (an error once JAX has started). Returns the device count set, or 0 if none was."""
+    if setting < 0 and _jax_started():
+        return 0
     n = auto_cpu_devices(global_batch) if setting < 0 else setting
-    if setting < 0 and "jax" in sys.modules:
-        from jax._src import xla_bridge
-
-        if xla_bridge.backends_are_initialized():
-            return 0
     return n if split_cpu_devices(n) else 0
+
+
+def _jax_started() -> bool:
+    """Whether JAX has created its backends (after which XLA_FLAGS changes are ignored)."""
+    if "jax" not in sys.modules:
+        return False
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
