@@ -204,16 +204,9 @@ class VarianceDecomposition:
     aggregate: str
 
 
-def _weighted_moments(w: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-replicate weighted mean (B, D) and unbiased variance (B, D); w rows sum to n."""
-    n = w.shape[1]
-    mu = w @ x / n
-    var = (w @ (x**2) / n - mu**2) * n / (n - 1)
-    return mu, var
-
-
-def _weighted_cross(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Per-replicate weighted unbiased covariance of matching columns, (B, D); w rows sum to n."""
+def _weighted_cov(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-replicate weighted unbiased covariance of matching columns, (B, D); w rows sum to n.
+    ``x is y`` gives the variance."""
     n = w.shape[1]
     return (w @ (x * y) / n - (w @ x / n) * (w @ y / n)) * n / (n - 1)
 
@@ -283,12 +276,11 @@ def decompose(target: np.ndarray, moments: ConditionalMoments, metric: np.ndarra
                                      explained_cov, target_var, aggregate)
     rng = np.random.default_rng(seed)
     w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (B, N) counts
-    _, var_t = _weighted_moments(w, t)
+    var_t = _weighted_cov(w, t, t)
     if estimator == "cov":
-        expl_b = _weighted_cross(w, m.mean, t)  # (B, D)
+        expl_b = _weighted_cov(w, m.mean, t)  # (B, D)
     else:
-        _, var_mean = _weighted_moments(w, m.mean)
-        expl_b = var_mean - (w @ m.within_diag / n) / s
+        expl_b = _weighted_cov(w, m.mean, m.mean) - (w @ m.within_diag / n) / s
     per_b = expl_b / var_t  # (B, D)
     resid_b = 0.0 if resid_sq is None else w @ resid_sq / (n - 1)
     if aggregate == "mean_ratio":
