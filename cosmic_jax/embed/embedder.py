@@ -80,6 +80,7 @@ class Embedder:
         from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
         from cosmic_jax.models.mae import MAE
+        from cosmic_jax.train.sharding import merge_strided_chunks, strided_chunks
 
         self.model_cfg = model_cfg
         self.model = MAE(model_cfg)
@@ -123,12 +124,9 @@ class Embedder:
         def encode_chunked(params, images):
             if passes == 1:
                 return encode(params, images)
-            # Pass c takes the strided rows c, c + passes, ...: every pass spans all devices'
-            # shards, so the chunking keeps the batch sharding (no data moves between devices).
-            n, rest = images.shape[0], images.shape[1:]
-            out = jax.lax.map(lambda c: encode(params, c),
-                              images.reshape((n // passes, passes) + rest).swapaxes(0, 1))
-            return out.swapaxes(0, 1).reshape((n,) + out.shape[2:])
+            # Strided passes span every device's shard: the chunking moves no data between devices.
+            out = jax.lax.map(lambda c: encode(params, c), strided_chunks(images, passes))
+            return merge_strided_chunks(out)
 
         # un-jitted and unchunked: export.py serialises it with a symbolic batch dimension
         self._encode_fn = encode

@@ -158,6 +158,21 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def strided_chunks(x: jax.Array, n: int) -> jax.Array:
+    """(B, ...) -> (n, B // n, ...) where chunk c holds rows c, c + n, c + 2n, ...
+
+    Strided, not contiguous: with the batch split over devices (each device's rows a multiple of
+    n), every device's shard falls into every chunk in equal parts, so the chunks keep the batch
+    sharding and nothing moves between devices. ``merge_strided_chunks`` undoes it.
+    """
+    return x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
+
+
+def merge_strided_chunks(y: jax.Array) -> jax.Array:
+    """(n, B // n, ...) chunks from ``strided_chunks`` -> (B, ...) in the original row order."""
+    return y.swapaxes(0, 1).reshape((y.shape[0] * y.shape[1],) + y.shape[2:])
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dim split over every device of the mesh."""
     return logical_sharding(mesh, "batch")

@@ -24,6 +24,7 @@ import optax
 
 from cosmic_jax.configs.mae import MAEConfig
 from cosmic_jax.models.mae import MAE
+from cosmic_jax.train.sharding import strided_chunks
 from cosmic_jax.train.optim import OptimConfig, make_optimizer, make_schedule
 
 
@@ -90,11 +91,10 @@ def _loss_and_grads(params, model_cfg: MAEConfig, images: jax.Array, rng: jax.Ar
                     microbatch: int):
     """Loss and gradient of the batch mean; with ``microbatch`` as the mean over equal chunks.
 
-    Chunk c holds the strided rows ``images[c::n]`` (n chunks) and uses mask key
-    ``fold_in(rng, c)``. Strided, not contiguous: with the batch split over devices each device's
-    rows fall into every chunk in equal parts, so the reshape keeps the batch sharding and no chunk
-    is resharded. Every sample has the same number of masked patches, so the mean of chunk losses
-    is the batch loss and the mean of chunk gradients is its gradient.
+    Chunk c holds the strided rows ``images[c::n]`` (n chunks; ``sharding.strided_chunks``: no
+    chunk is resharded under data parallelism) and uses mask key ``fold_in(rng, c)``. Every sample
+    has the same number of masked patches, so the mean of chunk losses is the batch loss and the
+    mean of chunk gradients is its gradient.
     """
     grad_fn = jax.value_and_grad(_loss_fn)
     b = images.shape[0]
@@ -106,7 +106,7 @@ def _loss_and_grads(params, model_cfg: MAEConfig, images: jax.Array, rng: jax.Ar
     if b % microbatch:
         raise ValueError(f"batch size {b} is not a multiple of microbatch={microbatch}")
     n = b // microbatch
-    chunks = images.reshape((microbatch, n) + images.shape[1:]).swapaxes(0, 1)
+    chunks = strided_chunks(images, n)
 
     def body(carry, xs):
         loss_sum, grad_sum = carry
