@@ -29,7 +29,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from data_builders import morph_features, render
+from cosmic_jax.data import morph_features
+from data_builders import render
 from data_builders.synthetic_truth import (  # noqa: F401  (re-exported public API)
     DEFINITIONS,
     attainability,

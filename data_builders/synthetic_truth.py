@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from data_builders import morph_features
+from cosmic_jax.data import morph_features
 
 
 def _syn():

@@ -11,7 +11,8 @@ import os
 import numpy as np
 import pytest
 
-from data_builders import morph_features, render, synthetic
+from cosmic_jax.data import morph_features
+from data_builders import render, synthetic
 
 SEED = 3
 N_CELLS = 400

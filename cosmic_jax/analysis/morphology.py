@@ -16,6 +16,8 @@ import dataclasses
 import numpy as np
 
 from cosmic_jax.analysis.variance import AnalysisInputError
+from cosmic_jax.data import morph_features as mf
+from cosmic_jax.data.records import CropSource
 
 
 @dataclasses.dataclass
@@ -38,14 +40,6 @@ class MorphFeatures:
     std: np.ndarray
 
 
-def features_available() -> bool:
-    try:
-        import data_builders.morph_features  # noqa: F401
-    except ModuleNotFoundError:
-        return False
-    return True
-
-
 def standardize_features(raw: np.ndarray, names: list[str], cell_ids: np.ndarray) -> MorphFeatures:
     """Z-score raw (N, F) features; constant features are an error (they carry no variance)."""
     raw = np.asarray(raw, np.float64)
@@ -60,7 +54,7 @@ def standardize_features(raw: np.ndarray, names: list[str], cell_ids: np.ndarray
 
 
 def measure_crops(crops_dir: str, batch_size: int = 256, progress: bool = False) -> MorphFeatures:
-    """Measure ``data_builders.morph_features`` on every crop of a crop dataset.
+    """Measure ``cosmic_jax.data.morph_features`` on every crop of a crop dataset.
 
     Args:
       crops_dir: crop dataset directory (``cosmic_jax.data.records`` format).
@@ -68,9 +62,6 @@ def measure_crops(crops_dir: str, batch_size: int = 256, progress: bool = False)
     Returns:
       MorphFeatures in dataset order.
     """
-    from cosmic_jax.data.records import CropSource
-    from data_builders import morph_features as mf
-
     src = CropSource(crops_dir)
     raws, ids = [], []
     it = range(0, len(src), batch_size)
