@@ -167,6 +167,12 @@ def _merge(cfg: ml_collections.ConfigDict, data: dict, prefix: str) -> None:
         cfg[k] = v
 
 
-def frozen(cfg: ml_collections.ConfigDict) -> ml_collections.FrozenConfigDict:
-    """Immutable, hashable view (for static jit arguments and flax module attributes)."""
-    return ml_collections.FrozenConfigDict(cfg)
+def frozen(cfg) -> ml_collections.FrozenConfigDict:
+    """Immutable, hashable copy (static jit arguments, flax module attributes, cache keys).
+
+    Built from the plain values, locked: two configs with equal values give equal, equally hashed
+    frozen copies whatever their lock state or history.
+    """
+    c = ml_collections.ConfigDict(cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg))
+    c.lock()
+    return ml_collections.FrozenConfigDict(c)

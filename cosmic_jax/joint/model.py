@@ -81,7 +81,7 @@ class JointModel:
 
     def __init__(self, config: Any, params: dict, stats: dict, loss_history: dict | None = None,
                  info: dict | None = None):
-        self.config = ml_collections.FrozenConfigDict(config)
+        self.config = cfg_io.frozen(config)
         self.params = jax.device_put(jax.device_get(params), jax.devices()[0])
         self.stats = {k: {kk: np.asarray(vv, np.float32) for kk, vv in v.items()} for k, v in stats.items()}
         self.dim_morph = int(self.stats["m"]["mean"].shape[0])

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import ml_collections
 
+from cosmic_jax.configs.overrides import frozen
 from cosmic_jax.models.patches import patchify, sincos_pos_embed_2d, unpatchify
 from cosmic_jax.models.vit import Transformer, _part, dense, layer_norm
 
@@ -51,7 +52,7 @@ def model_config(cfg: Any) -> MAEConfig:
     Raises:
       ValueError naming the config and the field at fault.
     """
-    cfg = ml_collections.FrozenConfigDict(cfg)
+    cfg = frozen(cfg)
     name = cfg.name
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"{name}: image_size {cfg.image_size} not a multiple of patch_size {cfg.patch_size}")

@@ -97,7 +97,7 @@ def train_joint(ms: np.ndarray, es: np.ndarray, cfg: ml_collections.ConfigDict, 
     if cfg.steps <= 0 or cfg.batch_size <= 0 or cfg.steps_per_call <= 0:
         raise ValueError(f"joint steps, batch_size and steps_per_call must be > 0, got "
                          f"{cfg.steps}, {cfg.batch_size}, {cfg.steps_per_call}")
-    frozen = ml_collections.FrozenConfigDict(cfg)
+    frozen = cfg_io.frozen(cfg)
     n, dm = ms.shape
     de = es.shape[1]
     devices = tuple(jax.devices()[: cfg.num_devices or None])

@@ -14,6 +14,8 @@ import jax
 import ml_collections
 import optax
 
+from cosmic_jax.configs import overrides as cfg_io
+
 # Images per device per chunk on CPU: the decoder activations of 32 images fit a 32 MB L3.
 CPU_MICROBATCH_PER_DEVICE = 32
 
@@ -50,7 +52,7 @@ def resolve(optim_cfg: Any, steps: int, global_batch: int = 0, num_devices: int 
         m = CPU_MICROBATCH_PER_DEVICE
         fits = platform == "cpu" and per_device > m and per_device % m == 0
         c.microbatch = m * num_devices if fits else 0
-    return ml_collections.FrozenConfigDict(c)
+    return cfg_io.frozen(c)
 
 
 def make_schedule(cfg: Any) -> optax.Schedule:

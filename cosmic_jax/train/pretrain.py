@@ -215,7 +215,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, data_dir: str, workdir
     init_fn = functools.partial(create_train_state, model_cfg, optim_cfg)
     abstract = jax.eval_shape(init_fn, init_rng)
     shardings = shd.state_shardings(abstract, mesh, param_logical_specs(model_cfg))
-    data_iter = make_train_iterator(data_dir, ml_collections.FrozenConfigDict(config.loader))
+    data_iter = make_train_iterator(data_dir, cfg_io.frozen(config.loader))
     ckpt = Checkpointer(workdir, config.ckpt_every, config.keep_ckpts, config.async_ckpt)
     start = 0
     if ckpt.latest_step() is not None:
