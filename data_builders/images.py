@@ -184,12 +184,11 @@ def read_labels(mask_path: str, image_path: str, frames_shape: tuple[int, ...]) 
     arr = read_array(mask_path, "mask")
     where = f"{mask_path} (mask of {image_path})"
     check_labels(arr, where)
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.shape != tuple(frames_shape):
+    stack = arr[None] if arr.ndim == 2 else arr
+    if stack.shape != tuple(frames_shape):
         want = frames_shape[1:] if frames_shape[0] == 1 else frames_shape
         raise ImageError(f"{where}: shape {arr.shape} does not match the image's frames {tuple(want)}")
-    return arr
+    return stack
 
 
 def write_labels(path: str, labels: np.ndarray, pixel_size: float | None = None) -> None:
