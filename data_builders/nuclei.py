@@ -455,10 +455,8 @@ def _frames_dropped(stats: dict[str, int]) -> int:
 
 
 def _check_labels_dir(labels_dir, out_dir, keys, sources, masks) -> None:
-    if os.path.commonpath([labels_dir, out_dir]) in (labels_dir, out_dir):
-        raise outdir.OutputExistsError(
-            f"--save-labels {labels_dir}: must be a folder outside the crop dataset {out_dir} and not contain it"
-        )
+    if os.path.commonpath([labels_dir, out_dir]) == out_dir:  # the dataset folder is swapped as a whole
+        raise outdir.OutputExistsError(f"--save-labels {labels_dir}: must be a folder outside the crop dataset {out_dir}")
     inputs = set(sources) | set((masks or {}).values())
     for k in keys:
         target = os.path.join(labels_dir, f"{k}.tif")

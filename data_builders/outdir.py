@@ -82,7 +82,7 @@ def staged_dir(out_dir: str, ours: Sequence[str], what: str) -> Iterator[str]:
       ours: glob patterns of every name the builder writes into ``out_dir``.
       what: the kind of dataset, for errors.
     """
-    out_dir = os.path.abspath(out_dir)
+    out_dir = os.path.realpath(out_dir)  # a symlinked output: swap at its target, keep the link
     check_out_dir(out_dir, ours, what)
     parent, name = os.path.split(out_dir)
     with staging(parent, f".{name}.tmp-") as tmp:

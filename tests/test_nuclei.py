@@ -248,6 +248,9 @@ def test_foreign_output_folder_is_refused(stardist, tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["cells.h5ad", "notes.txt"] and (out / "notes.txt").read_text() == "my notes"
     rc, err = _cosmic(capsys, "--images", raw, "--out", out / "notes.txt")
     assert rc == 2 and "exists and is not a folder" in err
+    before = _snapshot(raw)
+    rc, err = _cosmic(capsys, "--images", raw, "--out", tmp_path / "ds", "--save-labels", raw)
+    assert rc == 2 and "--save-labels would overwrite the input file" in err and _snapshot(raw) == before
 
 
 def test_shard_rerun_replaces_only_its_own_files(stardist, tmp_path):
