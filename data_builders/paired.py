@@ -36,6 +36,7 @@ The output is built in a staging folder and swapped in only when complete (:mod:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -146,11 +147,10 @@ def cell_ids(adata, path: str, key: str | None = None) -> list[str]:
         ids = [str(v) for v in adata.obs["cell_id"]]
     else:
         ids = [str(v) for v in adata.obs_names]
-    seen: set[str] = set()
-    dup = [i for i in ids if i in seen or seen.add(i)]
+    dup = sorted(i for i, c in collections.Counter(ids).items() if c > 1)
     if dup:
-        raise PairedError(f"{path}: {len(dup)} duplicate cell id(s), e.g. {sorted(set(dup))[:5]}")
-    if "" in seen:
+        raise PairedError(f"{path}: {len(dup)} duplicate cell id(s), e.g. {dup[:5]}")
+    if "" in ids:
         raise PairedError(f"{path}: cell {ids.index('')} has an empty cell id")
     return ids
 
