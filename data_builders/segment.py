@@ -67,7 +67,7 @@ class SegmentParams:
     opening_rel: float = 0.04  # opening radius / d (at least 1 px)
     min_area_rel: float = 0.05  # smallest kept instance / (pi d^2 / 4)
     max_area_rel: float = 0.0  # largest kept instance / (pi d^2 / 4); 0 disables
-    min_distance_rel: float = 0.16  # watershed seed spacing / d
+    min_distance_rel: float = 0.25  # watershed seed spacing / d
     dist_sigma_rel: float = 0.04  # smoothing of the distance transform / d
     intensity_sigma_rel: float = 0.1  # smoothing of the landscape's intensity part / d
     # absolute overrides (pixels)
@@ -157,7 +157,7 @@ def estimate_diameter(z: np.ndarray, noise: float, params: SegmentParams) -> flo
 
 
 def blob_diameter(
-    z: np.ndarray, noise: float, blob_k: float = 5.0, blob_rel: float = 0.25, per_octave: int = 4
+    z: np.ndarray, noise: float, blob_k: float = 5.0, blob_rel: float = 0.25, per_octave: int = 3
 ) -> float | None:
     """Typical nucleus diameter (px) from scale-space LoG blobs of a scaled image.
 
@@ -171,7 +171,8 @@ def blob_diameter(
     Returns:
       Diameter in pixels, or None when no blob is significant (an empty frame).
     """
-    sigmas = np.exp2(np.arange(0.0, math.log2(min(z.shape) / 8.0) + 1e-9, 1.0 / per_octave))
+    # d from 4 px (sigma sqrt 2) to 0.35 x the frame side (sigma = side / 8)
+    sigmas = np.exp2(np.arange(0.5, math.log2(min(z.shape) / 8.0) + 1e-9, 1.0 / per_octave))
     pyramid: dict[int, np.ndarray] = {1: np.asarray(z, np.float64)}
     responses = []
     for s in sigmas:
@@ -201,9 +202,9 @@ def blob_diameter(
         step = np.where(curv < 0, 0.5 * (below - above) / np.where(curv < 0, curv, -1.0), 0.0)
         votes_s.append(sigmas[i] * np.exp2(np.clip(step, -0.5, 0.5) / per_octave))
         votes_v.append(v)
-    if not votes_v:
+    s, v = np.concatenate(votes_s or [[]]), np.concatenate(votes_v or [[]])
+    if not len(v):
         return None
-    s, v = np.concatenate(votes_s), np.concatenate(votes_v)
     keep = v >= blob_rel * v.max()
     s, w = s[keep], v[keep] * s[keep] ** 2
     order = np.argsort(s)
@@ -284,8 +285,10 @@ def trim_edges(
       labels: (H, W) instances; smooth: the lightly smoothed image the mask was thresholded on;
       inten: a more smoothed copy whose per-instance maximum is the peak (robust to speckle).
     """
-    peaks = ndi.maximum(inten, labels, np.arange(labels.max() + 1))
-    level = background + fraction * (np.asarray(peaks) - background)
+    inside = labels > 0
+    peaks = np.full(labels.max() + 1, -np.inf)
+    np.maximum.at(peaks, labels[inside], inten[inside])
+    level = background + fraction * (peaks - background)
     kept = np.where(smooth >= level[labels], labels, 0)
     holes = ndi.binary_fill_holes(kept > 0) & (kept == 0)
     kept[holes] = labels[holes]

@@ -52,6 +52,7 @@ def old_segmenter(rev: str):
         f.write(src)
     spec = importlib.util.spec_from_file_location(f"segment_{rev}", f.name)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up while it executes
     spec.loader.exec_module(mod)
     os.unlink(f.name)
     return lambda img: mod.segment_nuclei(img.astype(np.float32))
