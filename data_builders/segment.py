@@ -105,12 +105,13 @@ def scale_intensity(image: np.ndarray, low: float = 0.1, high: float = 99.9) -> 
 
     Computed in float64, so float64 inputs beyond the float32 range, or scaled by 1e-30, work.
     Quantising makes the result independent of the input's absolute scale: rounding errors of
-    the scaling (~1e-16 relative) are far below one step.
+    a float64 scaling (~1e-16 relative) are far below one step, and counts scaled in float32
+    are first put back on their integer lattice (:func:`_snap_to_lattice`).
 
     Returns:
       (H, W) float32 in [0, 1], or None for a constant image.
     """
-    x = np.asarray(image, np.float64)
+    x = _snap_to_lattice(np.asarray(image, np.float64))
     lo, hi = np.percentile(x, (low, high))
     if not hi > lo:  # e.g. a few bright nuclei on a constant (zero-padded) frame
         hi = float(x.max())
@@ -118,6 +119,24 @@ def scale_intensity(image: np.ndarray, low: float = 0.1, high: float = 99.9) -> 
         return None
     z = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
     return (np.round(z * LEVELS) / LEVELS).astype(np.float32)
+
+
+def _snap_to_lattice(x: np.ndarray) -> np.ndarray:
+    """Counts (integer-valued data) times any factor, back on their integer lattice.
+
+    A float32 copy of counts times, say, 1e-30 is rounded to 24 bits per value, which moves
+    some values across a quantisation step of :func:`scale_intensity`. When the distinct values
+    sit on a lattice ``u0 + k * step`` (to 0.1 step), they are replaced by ``k``: every such copy
+    becomes the same integer image. Other data are returned unchanged.
+    """
+    u = np.unique(x)
+    if len(u) < 3:
+        return x
+    step = float(np.min(np.diff(u)))
+    k = (u - u[0]) / step
+    if np.max(np.abs(k - np.round(k))) > 0.1:
+        return x
+    return np.round((x - u[0]) / step)
 
 
 def noise_sigma(image: np.ndarray) -> float:
