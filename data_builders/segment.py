@@ -1,30 +1,30 @@
 """Classical nucleus instance segmentation (scikit-image) and its instance-level F1 score.
 
-Every size-dependent step is set from the nucleus diameter ``d`` (pixels), which is estimated
-from each frame (or given as ``SegmentParams.nucleus_diameter_px``, e.g. from a physical pixel
-size), so the same defaults hold across magnifications. Pipeline (one 2-D frame):
+Every size-dependent step is set from the nucleus diameter ``d`` (pixels), estimated from each
+frame or given as ``SegmentParams.nucleus_diameter_px`` (e.g. from a physical pixel size), so
+one set of defaults holds across magnifications. Pipeline (one 2-D frame):
 
-1. Robust intensity scaling: ``clip((x - p_lo) / (p_hi - p_lo), 0, 1)`` with percentiles
-   (default 0.1 / 99.9), computed in float64 and quantised to 16 bits. Hot pixels are clipped,
-   float64 beyond the float32 range works, and the result does not depend on the absolute scale
-   or offset of the input (x * 1e-30 gives the identical label image). A constant frame is empty.
-2. Nucleus scale: scale-space blob detection (scale-normalised Laplacian of Gaussian, Lindeberg).
-   Peaks significant against the pixel noise (Immerkaer's estimator) and within ``blob_rel``
-   of the strongest are kept; ``d = 2 * sqrt(2) * sigma``, median over peaks weighted by
-   response x area. No significant blob means an empty frame.
+1. Robust intensity scaling: ``clip((x - p0.1) / (p99.9 - p0.1), 0, 1)`` computed in float64
+   and quantised to 16 bits. Hot pixels are clipped, float64 beyond the float32 range works,
+   and the label image does not depend on the input's scale, offset or dtype (x * 1e-30 gives
+   the identical labels). A constant frame is empty.
+2. Nucleus diameter: a first guess from scale-space blobs (scale-normalised Laplacian of
+   Gaussian, significant against the pixel noise), refined to the median equivalent diameter
+   of the convex objects of a first foreground mask (see :func:`estimate_diameter`). No
+   significant blob means an empty frame.
 3. Background subtraction: rolling "min then mean" filter of size ``background_rel * d``
-   (uneven illumination, haze). Without it global Otsu + distance watershed scored 0.75 on the
-   stardist image.
-4. Gaussian smoothing (``sigma_rel * d``), global Li threshold, raised to at least the
-   background class's median + ``noise_k`` pixel-noise sigmas so pure-noise frames stay empty
-   while dense frames (nuclei covering half the frame) keep their dim nuclei.
+   (uneven illumination, haze).
+4. Gaussian smoothing, global Li threshold, raised to at least the background class's median +
+   ``noise_k`` pixel-noise sigmas: pure-noise frames stay empty, while frames that nuclei cover
+   by half keep their dim nuclei (a whole-frame median + MAD guard does not).
 5. Opening, hole filling, small-object removal.
 6. Marker watershed on the normalised distance transform plus the normalised smoothed intensity
-   (nuclei are brighter in the middle, dimmer where they touch; distance alone leaves compact
-   clumps unsplit), seeds at least ``min_distance_rel * d`` apart.
-7. Size filter on the final instances (too small / too large are counted, not silently lost).
+   (nuclei are brighter in the middle, dimmer where they touch), seeds ``min_distance_rel * d``
+   apart.
+7. Each instance's edge at half its own peak contrast (:func:`trim_edges`), then a size filter
+   (too small / too large are counted, not silently lost).
 
-Measured quality and sensitivity: notes/segmentation.md (experiments/bench_segment.py).
+Measured quality, speed and sensitivity: notes/segmentation.md (experiments/bench_segment.py).
 """
 
 from __future__ import annotations
@@ -337,6 +337,8 @@ def segment_nuclei(
     image = np.asarray(image)
     if image.ndim != 2:
         raise ValueError(f"{where}: segment_nuclei needs a 2-D frame, got shape {image.shape}")
+    if image.dtype.kind not in "uif" or not np.all(np.isfinite(image)):
+        raise ValueError(f"{where}: segment_nuclei needs finite real pixels (dtype {image.dtype})")
     z = scale_intensity(image, params.low_percentile, params.high_percentile)
     if z is None:
         raise EmptySegmentationError(f"{where}: segmentation found no nuclei (constant frame)")
