@@ -157,9 +157,10 @@ def estimate_diameter(z: np.ndarray, noise: float, params: SegmentParams) -> flo
     Two steps: a first guess from scale-space blobs (:func:`blob_diameter`), then the median
     equivalent diameter ``2 sqrt(area / pi)`` of the convex objects (solidity >= 0.9, not
     touching the border, at least half the guessed diameter: single nuclei, not clumps or debris)
-    of the foreground segmented with that guess. The blob response of touching nuclei peaks at too small a scale (their neighbours
-    fill the dark surround), so the guess alone is ~25% low on dense frames; the objects measure
-    nuclei the way an instance mask does. Fewer than 3 convex objects keep the first guess.
+    of the foreground segmented with that guess. The blob response of touching nuclei peaks at
+    too small a scale (their neighbours fill the dark surround), so the guess alone is ~25% low
+    on dense frames; the objects measure nuclei the way an instance mask does. Fewer than 3
+    convex objects keep the first guess.
     """
     from skimage import measure, segmentation
 
@@ -477,7 +478,8 @@ def rescale_labelled(image: np.ndarray, labels: np.ndarray, factor: float) -> tu
     """
     from skimage import transform
 
-    img = transform.rescale(np.asarray(image, np.float32), factor, order=1, anti_aliasing=factor < 1, preserve_range=True)
+    img = np.asarray(image, np.float32)
+    img = transform.rescale(img, factor, order=1, anti_aliasing=factor < 1, preserve_range=True)
     lab = transform.rescale(labels, factor, order=0, anti_aliasing=False, preserve_range=True)
     return img.astype(np.float32), lab.astype(np.int32)
 

@@ -48,7 +48,10 @@ SWEEP = {  # knob -> values tried (defaults in SegmentParams)
 def old_segmenter(rev: str):
     """``segment_nuclei`` of git revision ``rev`` (loaded from its source, default params)."""
     src = subprocess.run(
-        ["git", "-C", REPO, "show", f"{rev}:data_builders/segment.py"], check=True, capture_output=True, text=True
+        ["git", "-C", REPO, "show", f"{rev}:data_builders/segment.py"],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(src)
