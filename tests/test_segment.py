@@ -36,7 +36,7 @@ def test_diameter_follows_magnification(samples):
     d = {}
     for name in ("stardist", "stardist_down2", "stardist_up1.5"):
         z = seg.scale_intensity(samples[name][0])
-        d[name] = seg.estimate_diameter(z, seg.noise_sigma(z), seg.SegmentParams())
+        d[name] = seg.estimate_diameter(z, seg.noise_sigma(z), seg.segment_params())
     assert 22 <= d["stardist"] <= 30, d  # ground-truth median equivalent diameter 23.7 px
     assert d["stardist_down2"] / d["stardist"] == pytest.approx(0.5, rel=0.1), d
     assert d["stardist_up1.5"] / d["stardist"] == pytest.approx(1.5, rel=0.1), d
@@ -100,7 +100,7 @@ def test_empty_frames_stay_empty(hint):
         "noise on a ramp": rng.normal(100.0, 5.0, (256, 256)) + np.linspace(0.0, 50.0, 256),
         "photon noise": rng.poisson(3.0, (256, 256)).astype(np.float32),
     }
-    params = seg.SegmentParams(nucleus_diameter_px=hint)
+    params = seg.segment_params(nucleus_diameter_px=hint)
     for what, frame in frames.items():
         with pytest.raises(seg.EmptySegmentationError, match=f"{what}: segmentation found no nuclei"):
             seg.segment_nuclei(frame, params, where=what)
@@ -108,13 +108,13 @@ def test_empty_frames_stay_empty(hint):
 
 def test_pixel_overrides_and_diameter_hint(samples):
     img, gt = samples["stardist"]
-    px = seg.pixel_params(seg.SegmentParams(), 40.0)
+    px = seg.pixel_params(seg.segment_params(), 40.0)
     assert (px["background_radius"], px["min_distance"]) == (40, 10)
-    fixed = seg.SegmentParams(background_radius=25, min_distance=4, min_area=30)
+    fixed = seg.segment_params(background_radius=25, min_distance=4, min_area=30)
     px = seg.pixel_params(fixed, 40.0)
     assert (px["background_radius"], px["min_distance"], px["min_area"]) == (25, 4, 30)
     # a diameter given (e.g. from the pixel size) replaces the estimate
-    labels, stats = seg.segment_nuclei(img, seg.SegmentParams(nucleus_diameter_px=24.0))
+    labels, stats = seg.segment_nuclei(img, seg.segment_params(nucleus_diameter_px=24.0))
     assert stats["diameter_px"] == 24.0 and seg.instance_f1(labels, gt)["f1"] >= 0.80
 
 
@@ -137,7 +137,7 @@ def test_crops_centred_and_match_mask(stardist):
     _, img, gt = stardist
     frame = img.astype(np.float32)
     labels = segmentation.relabel_sequential(gt)[0]
-    crops, stats = nuclei.extract_crops(frame, labels, nuclei.CropParams(size=64), "img2d")
+    crops, stats = nuclei.extract_crops(frame, labels, nuclei.crop_settings(size=64), "img2d")
     regions = {r.label: r for r in measure.regionprops(labels, intensity_image=frame)}
     n_border = len(regions) - len(np.unique(segmentation.clear_border(labels))) + 1
     assert stats["dropped_border"] == n_border > 0
@@ -160,7 +160,7 @@ def test_crops_centred_and_match_mask(stardist):
 def test_image_norm_keeps_relative_brightness(stardist):
     _, img, gt = stardist
     labels = segmentation.relabel_sequential(gt)[0]
-    crops, _ = nuclei.extract_crops(img.astype(np.float32), labels, nuclei.CropParams(norm="image"), "x")
+    crops, _ = nuclei.extract_crops(img.astype(np.float32), labels, nuclei.crop_settings(norm="image"), "x")
     # x / p99.9 is linear below the clip: crop means are raw means over one common scale.
     ratios = [c[c > 0].mean() / m["mean_intensity"] for c, _, m in crops]
     assert np.std(ratios) / np.mean(ratios) < 0.01
@@ -170,9 +170,9 @@ def test_large_nucleus_dropped_or_downscaled():
     yy, xx = np.mgrid[:200, :200]
     frame = np.where((yy - 100) ** 2 + (xx - 100) ** 2 < 45**2, 100.0, 5.0).astype(np.float32)
     labels = measure.label(frame > 50)
-    crops, stats = nuclei.extract_crops(frame, labels, nuclei.CropParams(size=32), "big")
+    crops, stats = nuclei.extract_crops(frame, labels, nuclei.crop_settings(size=32), "big")
     assert crops == [] and stats["dropped_too_large_for_crop"] == 1
-    crops, stats = nuclei.extract_crops(frame, labels, nuclei.CropParams(size=32, downscale_large=True), "big")
+    crops, stats = nuclei.extract_crops(frame, labels, nuclei.crop_settings(size=32, downscale_large=True), "big")
     assert stats["downscaled"] == 1 and len(crops) == 1
     crop, _, meta = crops[0]
     assert meta["bbox_h"] == meta["bbox_w"] == 89 and meta["scale"] == pytest.approx(32 / 91)
@@ -184,7 +184,7 @@ def test_timelapse_frames_get_ids(tmp_path):
     stack = tifffile.imread(images.napari_samples()["timelapse"])[:3, :256, :256]
     path = tmp_path / "movie.tif"
     tifffile.imwrite(path, stack, photometric="minisblack")
-    recs, rows, stats = nuclei.process_image(str(path), "movie", seg.SegmentParams(), nuclei.CropParams())
+    recs, rows, stats = nuclei.process_image(str(path), "movie", seg.segment_params(), nuclei.crop_settings())
     assert stats["frames"] == 3 and len(recs) == len(rows) == stats["crops"] > 0
     assert {r["frame"] for r in rows} == {0, 1, 2}
     assert all(r["cell_id"] == f"movie_t{r['frame']}_n{r['label']}" and r["n_frames"] == 3 for r in rows)
@@ -213,11 +213,11 @@ def test_bad_inputs_name_the_file(tmp_path, stardist):
         list(images.iter_frames(_write(tmp_path / "rgb.tif", np.zeros((32, 32, 3), np.uint8))))
     flat = _write(tmp_path / "flat.tif", np.full((64, 64), 7, np.uint16))
     with pytest.raises(seg.EmptySegmentationError, match="flat.tif: segmentation found no nuclei"):
-        nuclei.process_image(flat, "flat", seg.SegmentParams(), nuclei.CropParams())
+        nuclei.process_image(flat, "flat", seg.segment_params(), nuclei.crop_settings())
     stack = _write(tmp_path / "stack.tif", np.stack([img[:128, :128], np.full((128, 128), 7, np.uint16)]))
     with pytest.raises(seg.EmptySegmentationError, match="stack.tif frame 1: segmentation found no"):
-        nuclei.process_image(stack, "stack", seg.SegmentParams(), nuclei.CropParams())
-    _, _, stats = nuclei.process_image(stack, "stack", seg.SegmentParams(), nuclei.CropParams(skip_empty=True))
+        nuclei.process_image(stack, "stack", seg.segment_params(), nuclei.crop_settings())
+    _, _, stats = nuclei.process_image(stack, "stack", seg.segment_params(), nuclei.crop_settings(skip_empty=True))
     assert stats["empty_frames"] == 1 and stats["frames"] == 2 and stats["crops"] > 0
     with pytest.raises(images.ImageError, match="no image files match"):
         images.find_images(str(tmp_path / "*.png"))
