@@ -127,7 +127,7 @@ def extract_crops(
     """
     from skimage import measure, transform
 
-    frame = np.asarray(frame, np.float32)
+    frame = np.asarray(frame, np.float64)  # float64: a float64 source may exceed the float32 range
     side = params.size
     fg = labels > 0
     image_scale = float(np.percentile(frame[fg], 99.9)) if fg.any() else 1.0
@@ -243,7 +243,7 @@ def frame_labels(
     if factor != 1.0:
         shape = tuple(max(1, int(round(n * factor))) for n in frame.shape)
         work_frame = transform.resize(frame, shape, order=1, anti_aliasing=factor < 1, preserve_range=True)
-        work_frame = work_frame.astype(np.float32)
+        work_frame = work_frame.astype(frame.dtype)
     if mask is None:
         seg_labels, seg_stats = seg_lib.segment_nuclei(work_frame, seg_params, where=where)
         labels = nearest_resize(seg_labels, frame.shape) if factor != 1.0 else seg_labels
@@ -298,7 +298,8 @@ def process_image(
     for t in range(n_frames):
         where = f"{path} frame {t}" if n_frames > 1 else path
         stats["frames"] += 1
-        frame = frames[t].astype(np.float32)
+        # float64 sources stay float64: values beyond the float32 range must not turn into inf
+        frame = frames[t].astype(np.float64 if frames.dtype == np.float64 else np.float32)
         try:
             labels, work_frame, work_labels, label_stats = frame_labels(
                 frame, None if masks is None else masks[t], factor, seg_params, where

@@ -190,6 +190,10 @@ def test_timelapse_frames_get_ids(tmp_path):
     assert all(r["cell_id"] == f"movie_t{r['frame']}_n{r['label']}" and r["n_frames"] == 3 for r in rows)
 
 
+def _frames(path):
+    return images.split_frames(images.read_image(str(path)), str(path), None)
+
+
 def _write(path, arr):
     tifffile.imwrite(path, arr, photometric="rgb" if arr.shape[-1] == 3 else "minisblack")
     return str(path)
@@ -198,19 +202,19 @@ def _write(path, arr):
 def test_bad_inputs_name_the_file(tmp_path, stardist):
     img = stardist[1]
     with pytest.raises(images.ImageError, match="image not found: .*nope.tif"):
-        list(images.iter_frames(str(tmp_path / "nope.tif")))
+        _frames(str(tmp_path / "nope.tif"))
     garbage = tmp_path / "garbage.tif"
     garbage.write_bytes(b"this is not a tiff" * 10)
     with pytest.raises(images.ImageError, match="garbage.tif: unreadable image"):
-        list(images.iter_frames(str(garbage)))
+        _frames(str(garbage))
     nan = img[:64, :64].astype(np.float32)
     nan[3, 3] = np.nan
     with pytest.raises(images.ImageError, match="nan.tif: image has 1 NaN/Inf"):
-        list(images.iter_frames(_write(tmp_path / "nan.tif", nan)))
+        _frames(_write(tmp_path / "nan.tif", nan))
     with pytest.raises(images.ImageError, match="5d.tif: unsupported image shape"):
-        list(images.iter_frames(_write(tmp_path / "5d.tif", np.ones((2, 2, 2, 16, 16), np.uint16))))
+        _frames(_write(tmp_path / "5d.tif", np.ones((2, 2, 2, 16, 16), np.uint16)))
     with pytest.raises(images.ImageError, match="rgb.tif: looks multi-channel"):
-        list(images.iter_frames(_write(tmp_path / "rgb.tif", np.zeros((32, 32, 3), np.uint8))))
+        _frames(_write(tmp_path / "rgb.tif", np.zeros((32, 32, 3), np.uint8)))
     flat = _write(tmp_path / "flat.tif", np.full((64, 64), 7, np.uint16))
     with pytest.raises(seg.EmptySegmentationError, match="flat.tif: segmentation found no nuclei"):
         nuclei.process_image(flat, "flat", seg.segment_params(), nuclei.crop_settings())
