@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from cosmic_jax.analysis import variance as V
 from cosmic_jax.analysis.generation import baseline_fit_fn
@@ -190,3 +191,64 @@ def test_cov_estimator_metric_bootstrap_and_per_dim_match_direct_formulas():
     np.testing.assert_allclose(dec.per_dim, np.diag(c) / e.var(0, ddof=1), rtol=1e-10)
     assert dec.overall.ci_low < want < dec.overall.ci_high
     assert np.all(dec.per_dim_ci[0] < dec.per_dim) and np.all(dec.per_dim < dec.per_dim_ci[1])
+
+
+def test_combine_repeats_is_rubins_rule():
+    q, u = np.array([0.40, 0.44, 0.42]), np.array([1e-4, 2e-4, 1.5e-4])
+    c = V.combine_repeats(q, u)
+    w, b = 1.5e-4, np.var(q, ddof=1)
+    total = w + (1 + 1 / 3) * b
+    df = 2 * (1 + w / ((4 / 3) * b)) ** 2
+    half = stats.t.ppf(0.975, df) * np.sqrt(total)
+    assert c["estimate"] == pytest.approx(0.42)
+    assert c["total_var"] == pytest.approx(total) and c["total_var"] > c["within_var"] == pytest.approx(w)
+    assert c["df"] == pytest.approx(df)
+    assert (c["ci_low"], c["ci_high"]) == pytest.approx((0.42 - half, 0.42 + half))
+    one = V.combine_repeats(q[:1], u[:1])  # R = 1: the bootstrap alone, normal reference
+    assert one["between_var"] == 0 and np.isinf(one["df"])
+    assert one["ci_high"] - 0.40 == pytest.approx(1.959964 * 1e-2, rel=1e-5)
+    with pytest.raises(V.AnalysisInputError, match="must match"):
+        V.combine_repeats(q, u[:2])
+
+
+def _refit_noisy_fit_fn(toy, sd: float, seed: int):
+    """fit_fn_for(r): every fold fit draws its own shrinkage a ~ N(1, sd) of the exact conditional
+    mean, as a flexible model fitted from a random start does (the cov estimator reads a x truth)."""
+
+    def fit_fn_for(r):
+        rng = np.random.default_rng([seed, r])
+        return lambda train: NoisyShrunkSampler(toy, 1.0 + sd * rng.standard_normal(), 0.0, 0)
+
+    return fit_fn_for
+
+
+def test_refit_decompose_combines_repeats_by_formula():
+    toy = GaussianToy(0.5, seed=9)
+    m, e = toy.draw(800)
+    dec = V.refit_decompose(e, m, _refit_noisy_fit_fn(toy, 0.1, 0), repeats=4, num_samples=4, n_folds=2, n_boot=100)
+    reps = np.array([d.overall.estimate for d in dec.repeats])
+    o = dec.overall
+    assert o.repeats == 4 and o.estimate == pytest.approx(reps.mean()) and list(o.repeat_estimates) == list(reps)
+    assert o.between_var == pytest.approx(reps.var(ddof=1))
+    assert o.within_var == pytest.approx(np.mean([d.overall_boot_var for d in dec.repeats]))
+    assert o.total_var == pytest.approx(o.within_var + 1.25 * o.between_var) and o.total_var > o.within_var
+    assert len({tuple(mom.fold) for mom in dec.moments}) == 4  # a new fold split per repeat
+    np.testing.assert_allclose(dec.per_dim, np.mean([d.per_dim for d in dec.repeats], axis=0))
+    assert np.all(dec.per_dim_ci[0] < dec.per_dim) and np.all(dec.per_dim < dec.per_dim_ci[1])
+    assert set(o.to_dict()) >= {"estimate", "ci_low", "ci_high", "repeats", "within_var", "between_var"}
+
+
+def test_refit_ci_covers_when_fit_variability_dominates_bootstrap_ci_does_not():
+    """Each fold model's conditional mean is off by a random factor (sd 0.2): a bootstrap over cells
+    of one cross-fit cannot see that; the re-fit CI (R = 5) must."""
+    old, new, seeds = 0, 0, range(12)
+    for s in seeds:
+        toy = GaussianToy(0.5, seed=100 + s)
+        m, e = toy.draw(1000)
+        fit_fn_for = _refit_noisy_fit_fn(toy, 0.2, s)
+        one = V.decompose(e, V.cross_fit_moments(m, fit_fn_for(0), 4, 2, seed=s), n_boot=100, seed=s).overall
+        old += one.ci_low <= toy.truth <= one.ci_high
+        ref = V.refit_decompose(e, m, fit_fn_for, repeats=5, num_samples=4, n_folds=2, seed=s, n_boot=100).overall
+        new += ref.ci_low <= toy.truth <= ref.ci_high
+    assert new >= 0.9 * len(seeds), (new, old)
+    assert old <= 0.7 * len(seeds), (new, old)

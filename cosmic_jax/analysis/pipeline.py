@@ -8,16 +8,20 @@ truth: the end-to-end workflow is ``cosmic_jax.workflows.analyze`` and truth com
 
 Stages:
   1. expression embedding (PCA with gene read-out, expression.py);
-  2. morphology input m = [whitened PCs of the representation, standardised features] and
-     expression PCs e; a K-fold cross-fitted joint model (one fit per fold serves every analysis);
-  3. variance decomposition both ways (flow, ridge and kNN baselines), cell type, retrieval,
-     generation quality, responders.
+  2. morphology input m = [whitened PCs of the representation, standardised features] ("both",
+     the headline) and expression PCs e; a K-fold cross-fitted joint model (one fit per fold serves
+     every analysis), the whole cross-fit repeated ``cfg.refit_repeats`` times so the CI carries the
+     fit's own variability (``variance.refit_decompose``);
+  3. variance decomposition both ways (flow, ridge and kNN baselines) for "both" and, with
+     ``cfg.refit_repeats_side`` > 0, for each representation alone ("mae", "features"), cell type,
+     retrieval, generation quality, responders.
 Expression-only data (no morphology) runs the expression-side analyses only.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -91,37 +95,113 @@ class JointFits:
         return lambda c, s, seed: mdl.sample_morph_given_expr(c, s, seed)[..., cols]
 
 
-def expression_decomposition(expr, m, fit_fn, cfg, strata):
-    """Expression variance explained by morphology, overall (gene space) and per gene."""
-    mom = V.cross_fit_moments(m, fit_fn, cfg.num_samples, cfg.n_folds, cfg.seed, strata)
-    dec = V.decompose(expr.scores, mom, metric=expr.metric, resid_sq=expr.resid_sq, n_boot=cfg.n_boot, seed=cfg.seed,
-                      estimator=cfg.estimator)
-    per_gene = V.per_readout_explained(dec.explained_cov, expr.loadings, expr.gene_var)
-    return dec, per_gene, mom
+HEADLINE = ("expr_var_explained_by_morph", "morph_var_explained_by_expr")
+LOWER_BOUND_NOTE = (
+    "Each estimate counts only what the morphology representation captures: information the "
+    "representation discards cannot be counted, so the expression share explained by morphology is a "
+    "lower bound of the image's share (compare MAE alone, measured features alone and both). The "
+    "morphology side is the share of the representation's own targets (measured features, or the MAE "
+    "embedding's whitened PCs for 'mae') explained by expression.")
+CI_METHOD = (
+    "95% CI from R re-fits of the whole K-fold cross-fit (new fold split and model seeds each), combined "
+    "by Rubin's rules: estimate = mean over re-fits; variance = mean bootstrap-over-cells variance "
+    "(within_var) + (1 + 1/R) x variance between re-fits (between_var); t reference with Rubin's df.")
 
 
-def morphology_decomposition(feats: np.ndarray, e: np.ndarray, fit_fn, cfg, strata):
-    """Morphology-feature variance explained by expression (mean over features of the ratios)."""
-    mom = V.cross_fit_moments(e, fit_fn, cfg.num_samples, cfg.n_folds, cfg.seed, strata)
-    return V.decompose(feats, mom, aggregate="mean_ratio", n_boot=cfg.n_boot, seed=cfg.seed, estimator=cfg.estimator)
+@dataclasses.dataclass
+class Representation:
+    """One morphology representation of the decomposition.
+
+    Attributes:
+      name: "both", "mae" or "features".
+      m: (N, Dm) the joint model's morphology input (the condition of p(e|m)).
+      targets: (N, F) the morphology-side targets; target_names their names.
+      target_cols: their columns in ``m`` (None = all of ``m``).
+      target_kind: what the targets are, for the summary.
+      repeats: cross-fit repeats R.
+    """
+
+    name: str
+    m: np.ndarray
+    targets: np.ndarray
+    target_names: list[str]
+    target_cols: np.ndarray | None
+    target_kind: str
+    repeats: int
+
+
+def representations(x_morph: np.ndarray | None, features: MorphFeatures | None, cfg) -> list[Representation]:
+    """The representations to decompose, the headline first ("both" when both inputs exist)."""
+    pcs = None if x_morph is None else pca_reduce(x_morph, cfg.morph_comps, cfg.seed)
+    reps = []
+    if pcs is not None and features is not None:
+        cols = np.arange(pcs.shape[1], pcs.shape[1] + features.values.shape[1])
+        reps.append(Representation("both", np.concatenate([pcs, features.values], axis=1), features.values,
+                                   list(features.names), cols, "measured features", cfg.refit_repeats))
+    side = cfg.refit_repeats_side if reps else cfg.refit_repeats
+    if pcs is not None and side > 0:
+        reps.append(Representation("mae", pcs, pcs, [f"morph_pc{i}" for i in range(pcs.shape[1])], None,
+                                   "whitened PCs of the morphology embedding", side))
+    if features is not None and side > 0:
+        reps.append(Representation("features", features.values, features.values, list(features.names), None,
+                                   "measured features", side))
+    return reps
+
+
+def expression_decomposition(expr, m, fit_fn_for, repeats: int, cfg, strata):
+    """Expression variance explained by morphology over ``repeats`` re-fits: overall (gene space), per gene."""
+    dec = V.refit_decompose(expr.scores, m, fit_fn_for, repeats, cfg.num_samples, cfg.n_folds, cfg.seed, strata,
+                            metric=expr.metric, resid_sq=expr.resid_sq, n_boot=cfg.n_boot, estimator=cfg.estimator)
+    return dec, V.per_readout_explained(dec.explained_cov, expr.loadings, expr.gene_var)
+
+
+def morphology_decomposition(targets: np.ndarray, e: np.ndarray, fit_fn_for, repeats: int, cfg, strata):
+    """Morphology-target variance explained by expression (mean over targets of the ratios)."""
+    return V.refit_decompose(targets, e, fit_fn_for, repeats, cfg.num_samples, cfg.n_folds, cfg.seed, strata,
+                             aggregate="mean_ratio", n_boot=cfg.n_boot, estimator=cfg.estimator)
+
+
+def decompose_representation(rep: Representation, expr, labels, cfg) -> tuple[dict, list, Any, np.ndarray, Any]:
+    """Both directions with the flow (R re-fits of the joint model) and the ridge / kNN baselines.
+
+    Returns:
+      (summary block, the R JointFits (repeat 0 serves the other analyses), flow expression
+      decomposition, per-gene fractions, flow morphology decomposition).
+    """
+    e = expr.scores
+    fits = [JointFits(rep.m, e, cfg.joint, cfg.seed + r, labels) for r in range(rep.repeats)]
+    flow_e, per_gene = expression_decomposition(expr, rep.m, lambda r: fits[r].expr_given_morph, rep.repeats, cfg,
+                                                labels)
+    flow_m = morphology_decomposition(rep.targets, e, lambda r: lambda tr: fits[r].morph_given_expr(tr, rep.target_cols),
+                                      rep.repeats, cfg, labels)
+    block = {"morph_target": rep.target_kind, "n_morph_inputs": int(rep.m.shape[1]),
+             "flow": {HEADLINE[0]: flow_e.overall.to_dict(), HEADLINE[1]: flow_m.overall.to_dict()}}
+    for kind in ("ridge", "knn"):
+        fit_e, fit_m = generation.baseline_fit_fn(kind, rep.m, e), generation.baseline_fit_fn(kind, e, rep.targets)
+        be, _ = expression_decomposition(expr, rep.m, lambda r: fit_e, rep.repeats, cfg, labels)
+        bm = morphology_decomposition(rep.targets, e, lambda r: fit_m, rep.repeats, cfg, labels)
+        block[kind] = {HEADLINE[0]: be.overall.to_dict(), HEADLINE[1]: bm.overall.to_dict()}
+    return block, fits, flow_e, per_gene, flow_m
 
 
 class _Stages:
-    """One log line per analysis stage with its elapsed time (long stages are never silent)."""
+    """One log line per analysis stage with its elapsed wall and CPU time (long stages are never silent).
+    CPU time (all threads of this process) is what a shared machine's load does not inflate."""
 
     def __init__(self, total: int):
-        self.total, self.done, self.timings = total, 0, {}
-        self._name, self._t = None, time.perf_counter()
+        self.total, self.done, self.timings, self.cpu = total, 0, {}, {}
+        self._name, self._t, self._c = None, time.perf_counter(), time.process_time()
 
     def next(self, name: str) -> None:
         self.end()
         self.done += 1
-        self._name, self._t = name, time.perf_counter()
+        self._name, self._t, self._c = name, time.perf_counter(), time.process_time()
         log.info("analyze [%d/%d] %s", self.done, self.total, name.replace("_", " "))
 
     def end(self) -> None:
         if self._name is not None:
             self.timings[self._name] = time.perf_counter() - self._t
+            self.cpu[self._name] = time.process_time() - self._c
             self._name = None
 
 
@@ -160,40 +240,31 @@ def run_analyses(adata, cfg: ml_collections.ConfigDict, out_dir: str, x_morph: n
         summary.update(_response_expression(adata, expr, cfg, resp, out_dir))
         return _finish(summary, stages, out_dir)
 
-    # --- morphology input m (condition of p(e|m)) and the targets of p(m|e)
-    parts, target_cols = [], None
-    if x_morph is not None:
-        parts.append(pca_reduce(x_morph, cfg.morph_comps, cfg.seed))
-    if features is not None:
-        target_cols = np.arange(sum(p.shape[1] for p in parts), sum(p.shape[1] for p in parts) + features.values.shape[1])
-        parts.append(features.values)
-    m = np.concatenate(parts, axis=1)
-    targets = features.values if features is not None else m
-    target_names = features.names if features is not None else [f"morph_pc{i}" for i in range(m.shape[1])]
-    e = expr.scores
-    fits = JointFits(m, e, cfg.joint, cfg.seed, labels)
-    strata = labels
-
+    # --- the decomposition, for each morphology representation (the headline first)
+    reps = representations(x_morph, features, cfg)
+    head = reps[0]
+    m, e, targets, target_names = head.m, expr.scores, head.targets, head.target_names
+    by_rep = {}
     stages.next("variance_decomposition")
-    dec_e, per_gene, mom_e = expression_decomposition(expr, m, fits.expr_given_morph, cfg, strata)
-    dec_m = morphology_decomposition(targets, e, lambda tr: fits.morph_given_expr(tr, target_cols), cfg, strata)
-    summary["expr_var_explained_by_morph"] = dec_e.overall.to_dict()
-    summary["morph_var_explained_by_expr"] = dec_m.overall.to_dict()
-
-    stages.next("decomposition_baselines")
-    baselines = {}
-    for kind in ("ridge", "knn"):
-        be, _, _ = expression_decomposition(expr, m, generation.baseline_fit_fn(kind, m, e), cfg, strata)
-        bm = morphology_decomposition(targets, e, generation.baseline_fit_fn(kind, e, targets), cfg, strata)
-        baselines[kind] = {"expr_var_explained_by_morph": be.overall.to_dict(),
-                           "morph_var_explained_by_expr": bm.overall.to_dict()}
-    summary["decomposition_baselines"] = baselines
+    by_rep[head.name], head_fits, dec_e, per_gene, dec_m = decompose_representation(head, expr, labels, cfg)
+    fits = head_fits[0]
+    stages.next("decomposition_by_representation")
+    for rep in reps[1:]:
+        by_rep[rep.name] = decompose_representation(rep, expr, labels, cfg)[0]
+    summary[HEADLINE[0]] = by_rep[head.name]["flow"][HEADLINE[0]]
+    summary[HEADLINE[1]] = by_rep[head.name]["flow"][HEADLINE[1]]
+    summary["headline_representation"] = head.name
+    summary["decomposition_baselines"] = {k: by_rep[head.name][k] for k in ("ridge", "knn")}
+    summary["decomposition_by_representation"] = by_rep
+    summary["decomposition_note"] = LOWER_BOUND_NOTE
+    summary["ci_method"] = CI_METHOD
     write_csv(os.path.join(out_dir, "per_gene.csv"),
               [{"gene": str(g), "explained_fraction": float(f), "total_var": float(v)}
                for g, f, v in zip(expr.gene_names, per_gene, expr.gene_var)])
     write_csv(os.path.join(out_dir, "per_feature.csv"),
               [{"feature": n, "explained_fraction": float(f), "ci_low": float(lo), "ci_high": float(hi)}
                for n, f, lo, hi in zip(target_names, dec_m.per_dim, *dec_m.per_dim_ci)])
+    mom_e = dec_e.moments[0]
 
     stages.next("cell_type_and_retrieval")
     if labels is not None:
@@ -227,7 +298,7 @@ def run_analyses(adata, cfg: ml_collections.ConfigDict, out_dir: str, x_morph: n
         r = summary.setdefault("response", {})
         r["features_significant"] = [x["name"] for x in rows if x["q_t"] < 0.05]
         r["auc_morphology"] = response.response_auc(m[treated], is_resp, seed=cfg.seed)
-    summary["joint_fit_seconds"] = fits.fit_seconds
+    summary["joint_fit_seconds"] = sum(f.fit_seconds for f in head_fits)
     return _finish(summary, stages, out_dir)
 
 
@@ -284,6 +355,7 @@ def clean_json(o):
 def _finish(summary: dict, stages: _Stages, out_dir: str) -> dict:
     stages.end()
     summary["timings_s"] = {k: round(v, 2) for k, v in stages.timings.items()}
+    summary["timings_cpu_s"] = {k: round(v, 2) for k, v in stages.cpu.items()}
     summary = clean_json(summary)
     tmp = os.path.join(out_dir, "summary.json.tmp")
     with open(tmp, "w") as f:

@@ -18,7 +18,10 @@ cross-fitting, below). Two estimators of ``Cov(E[t|c])``:
 
 The conditional model is never scored on the cells it was fitted on: cells are split into K folds,
 ``fit_fn(train_indices)`` returns a sampler fitted on the other folds, and that sampler is evaluated
-on the held-out fold (cross-fitting). Confidence intervals come from a bootstrap over cells.
+on the held-out fold (cross-fitting). Confidence intervals come from a bootstrap over cells; with
+``refit_decompose`` the whole cross-fit is repeated R times (new fold split and model seed each
+time) and the repeats are combined by Rubin's rules, so the interval also carries the fit's own
+variability (see ``combine_repeats``).
 
 Sampler interface (shared with the joint model adapters and the baselines in generation.py)::
 
@@ -31,6 +34,7 @@ import dataclasses
 from typing import Callable, Literal
 
 import numpy as np
+from scipy import stats
 
 Sampler = Callable[[np.ndarray, int, int], np.ndarray]
 FitFn = Callable[[np.ndarray], Sampler]
@@ -194,6 +198,7 @@ class VarianceDecomposition:
       explained_cov: (D, D) estimate of Cov(E[t|c]) (symmetric; with "cov" not necessarily PSD).
       target_var: (D,) Var(t_k) over the scored cells.
       aggregate: "total" (sum of explained / sum of total variance) or "mean_ratio".
+      overall_boot_var / per_dim_boot_var: variance of the bootstrap replicates (NaN without them).
     """
 
     overall: Estimate
@@ -202,6 +207,8 @@ class VarianceDecomposition:
     explained_cov: np.ndarray
     target_var: np.ndarray
     aggregate: str
+    overall_boot_var: float
+    per_dim_boot_var: np.ndarray
 
 
 def _weighted_cov(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -273,7 +280,7 @@ def decompose(target: np.ndarray, moments: ConditionalMoments, metric: np.ndarra
     lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
     if n_boot <= 0:
         return VarianceDecomposition(Estimate(point, np.nan, np.nan), per_dim, np.full((2, d), np.nan),
-                                     explained_cov, target_var, aggregate)
+                                     explained_cov, target_var, aggregate, np.nan, np.full(d, np.nan))
     rng = np.random.default_rng(seed)
     w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (B, N) counts
     var_t = _weighted_cov(w, t, t)
@@ -308,6 +315,8 @@ def decompose(target: np.ndarray, moments: ConditionalMoments, metric: np.ndarra
         explained_cov,
         target_var,
         aggregate,
+        float(np.var(overall_b, ddof=1)),
+        np.var(per_b, axis=0, ddof=1),
     )
 
 
@@ -326,3 +335,121 @@ def per_readout_explained(explained_cov: np.ndarray, loadings: np.ndarray, reado
     num = np.einsum("dg,de,eg->g", loadings, explained_cov, loadings)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(readout_var > 0, num / np.maximum(readout_var, 1e-300), np.nan)
+
+
+# ----------------------------------------------------------------------------- refits
+
+
+@dataclasses.dataclass
+class RefitEstimate(Estimate):
+    """An estimate averaged over R cross-fit repeats, with an interval that includes refit variability.
+
+    Attributes (beyond Estimate):
+      repeats: R.
+      within_var: mean over repeats of the bootstrap variance (cells resampled, fits held fixed).
+      between_var: variance of the R repeat estimates (ddof=1; 0 when R = 1).
+      total_var: within_var + (1 + 1/R) between_var.
+      df: degrees of freedom of the t reference (inf when between_var = 0).
+      repeat_estimates: the R per-repeat estimates.
+    """
+
+    repeats: int = 1
+    within_var: float = np.nan
+    between_var: float = 0.0
+    total_var: float = np.nan
+    df: float = np.inf
+    repeat_estimates: tuple[float, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "repeats": int(self.repeats), "within_var": float(self.within_var),
+                "between_var": float(self.between_var), "total_var": float(self.total_var), "df": float(self.df),
+                "repeat_estimates": [float(x) for x in self.repeat_estimates]}
+
+
+def combine_repeats(estimates: np.ndarray, boot_vars: np.ndarray, ci: float = 0.95) -> dict[str, np.ndarray]:
+    """Rubin's rules over R repeats of a cross-fitted estimate (elementwise over trailing dims).
+
+    Each repeat r re-fits every fold model (new fold split, new model seed) and gives an estimate
+    q_r with a bootstrap variance u_r over cells (fits held fixed). The bootstrap cannot see how
+    much q depends on the arbitrary choices of the fit (split, initialisation, SGD order, sampling
+    noise) nor on which cells trained the models; the spread of q_r across refits is the handle on
+    both. As for multiple imputation, with W = mean(u_r) and B = var(q_r):
+
+      estimate = mean(q_r),  T = W + (1 + 1/R) B,
+      CI = estimate +- t_{df} sqrt(T),  df = (R - 1) (1 + W / ((1 + 1/R) B))^2,
+
+    the t reference widening the interval when B, estimated from few repeats, dominates.
+
+    Args:
+      estimates: (R, ...) per-repeat estimates.
+      boot_vars: (R, ...) per-repeat bootstrap variances.
+      ci: confidence level.
+    Returns:
+      dict of arrays (shape ...): estimate, ci_low, ci_high, within_var, between_var, total_var, df.
+    """
+    q = np.asarray(estimates, np.float64)
+    u = np.asarray(boot_vars, np.float64)
+    if q.shape != u.shape or q.ndim < 1 or len(q) < 1:
+        raise AnalysisInputError(f"combine_repeats: estimates {q.shape} and boot_vars {u.shape} must match, R >= 1")
+    r = len(q)
+    point = q.mean(axis=0)
+    within = u.mean(axis=0)
+    between = q.var(axis=0, ddof=1) if r > 1 else np.zeros_like(point)
+    inflated = (1.0 + 1.0 / r) * between
+    total = within + inflated
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = np.where(inflated > 0, (r - 1) * (1.0 + within / np.where(inflated > 0, inflated, 1.0)) ** 2, np.inf)
+    half = stats.t.ppf(0.5 + ci / 2, df) * np.sqrt(total)
+    return {"estimate": point, "ci_low": point - half, "ci_high": point + half, "within_var": within,
+            "between_var": between, "total_var": total, "df": df}
+
+
+@dataclasses.dataclass
+class RefitDecomposition:
+    """``decompose`` over R cross-fit repeats, combined by :func:`combine_repeats`.
+
+    Attributes:
+      overall: combined overall fraction.
+      per_dim: (D,) mean over repeats; per_dim_ci: (2, D) combined CI.
+      explained_cov: (D, D) mean over repeats.
+      repeats: the R per-repeat decompositions; moments: their cross-fitted moments.
+    """
+
+    overall: RefitEstimate
+    per_dim: np.ndarray
+    per_dim_ci: np.ndarray
+    explained_cov: np.ndarray
+    repeats: list[VarianceDecomposition]
+    moments: list[ConditionalMoments]
+
+
+def refit_decompose(target: np.ndarray, cond: np.ndarray, fit_fn_for: Callable[[int], FitFn], repeats: int,
+                    num_samples: int, n_folds: int = 5, seed: int = 0, strata: np.ndarray | None = None,
+                    ci: float = 0.95, **decompose_kw) -> RefitDecomposition:
+    """Cross-fit and decompose ``repeats`` times, each with a new fold split and model, and combine.
+
+    Args:
+      target: (N, D) target values; cond: (N, Dc) condition (as in ``cross_fit_moments``).
+      fit_fn_for: ``fit_fn_for(r) -> fit_fn`` for repeat r (r seeds the model it fits).
+      repeats: R >= 1. Repeat r uses fold / sampling / bootstrap seed ``seed + r``.
+      num_samples, n_folds, strata: as in ``cross_fit_moments``.
+      ci: confidence level.
+      **decompose_kw: metric, resid_sq, aggregate, n_boot, estimator (see ``decompose``).
+    Returns:
+      RefitDecomposition.
+    """
+    if repeats < 1:
+        raise AnalysisInputError(f"repeats={repeats}: need at least one cross-fit")
+    decs, moms = [], []
+    for r in range(repeats):
+        mom = cross_fit_moments(cond, fit_fn_for(r), num_samples, n_folds, seed + r, strata)
+        decs.append(decompose(target, mom, ci=ci, seed=seed + r, **decompose_kw))
+        moms.append(mom)
+    overall = combine_repeats([d.overall.estimate for d in decs], [d.overall_boot_var for d in decs], ci)
+    per_dim = combine_repeats(np.stack([d.per_dim for d in decs]), np.stack([d.per_dim_boot_var for d in decs]), ci)
+    est = RefitEstimate(*(float(overall[k]) for k in ("estimate", "ci_low", "ci_high")), repeats=repeats,
+                        within_var=float(overall["within_var"]), between_var=float(overall["between_var"]),
+                        total_var=float(overall["total_var"]), df=float(overall["df"]),
+                        repeat_estimates=tuple(float(d.overall.estimate) for d in decs))
+    return RefitDecomposition(est, per_dim["estimate"], np.stack([per_dim["ci_low"], per_dim["ci_high"]]),
+                              np.mean([d.explained_cov for d in decs], axis=0), decs, moms)

@@ -23,6 +23,11 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c.expr_comps = 30  # expression PCs (with gene read-out)
     c.morph_comps = 16  # PCs of the MAE embedding in the joint model's morphology input
     c.n_top_genes = ml_collections.config_dict.placeholder(int)  # None = all genes
+    # Re-fits of the whole K-fold cross-fit (new fold split and model seeds): the CI combines them by
+    # Rubin's rules so it carries the fit's own variability; "side" = each representation alone
+    # (MAE, features) next to the headline "both" (0 = skip them). Cost: notes/uncertainty.md.
+    c.refit_repeats = 3
+    c.refit_repeats_side = 2
     c.estimator = "cov"  # "cov": Cov(held-out conditional mean, target); "var": finite-S-corrected Var
     c.seed = 0
     # inputs
