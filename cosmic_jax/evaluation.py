@@ -2,7 +2,8 @@
 
 The only place outside the data generators that reads generator truth: the analyses never see it.
 ``compare(summary, out_dir, truth)`` adds truth columns to the per-gene / per-feature tables and
-returns the truth-side numbers (per-gene Spearman, genes within 0.05, responder recovery).
+returns the truth-side numbers (per-gene Spearman, genes within 0.05, responder recovery, whether
+the CI covers the truth); ``coverage_summary`` pools many datasets' comparisons into coverage rates.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from cosmic_jax.analysis import response
 
 TRUTH_FILE = "truth.json"
 HEADLINE = ("expr_var_explained_by_morph", "morph_var_explained_by_expr")
+Z95 = 1.959964
 
 
 def load_truth(data_dir: str | None) -> dict | None:
@@ -66,10 +68,30 @@ def compare(summary: dict, out_dir: str, truth: dict) -> dict:
             e = summary[k]
             out[f"{k}_error"] = e["estimate"] - truth[k]
             out[f"{k}_ci_covers"] = bool(e["ci_low"] <= truth[k] <= e["ci_high"])
+            if np.isfinite(e.get("within_var", np.nan)):
+                # the interval without the fit's own variability: bootstrap over cells only
+                out[f"{k}_bootstrap_only_ci_covers"] = bool(abs(out[f"{k}_error"]) <= Z95 * np.sqrt(e["within_var"]))
     for csv_name, key in (("response_genes.csv", "responder_genes"), ("response_features.csv", "responder_features")):
         path = os.path.join(out_dir, csv_name)
         if truth.get(key) and os.path.exists(path):
             with open(path, newline="") as f:
                 rows = [{**r, "q_t": float(r["q_t"])} for r in csv.DictReader(f)]
             out[key.replace("responder_", "") + "_recovery"] = response.recovery(rows, truth[key])
+    return out
+
+
+def coverage_summary(results: list[tuple[dict, dict]]) -> dict:
+    """Calibration over many datasets from ``(summary, truth comparison)`` pairs: per headline
+    quantity the CI coverage, the bootstrap-only coverage, mean error, RMSE and mean CI width."""
+    out: dict[str, Any] = {"n_datasets": len(results)}
+    for k in HEADLINE:
+        ok = [(s[k], c) for s, c in results if s.get(k) and f"{k}_error" in c]
+        if not ok:
+            continue
+        err = np.array([c[f"{k}_error"] for _, c in ok])
+        out[k] = {"coverage": float(np.mean([c[f"{k}_ci_covers"] for _, c in ok])),
+                  "bootstrap_only_coverage": float(np.mean([c.get(f"{k}_bootstrap_only_ci_covers", np.nan)
+                                                            for _, c in ok])),
+                  "mean_error": float(err.mean()), "rmse": float(np.sqrt(np.mean(err**2))),
+                  "mean_ci_width": float(np.mean([e["ci_high"] - e["ci_low"] for e, _ in ok]))}
     return out

@@ -1,4 +1,6 @@
-"""Expression embedding, metrics, cell-type probes, response tests and input errors."""
+"""Expression embedding, metrics, cell-type probes, response tests and input errors.
+
+The end-to-end ground-truth test (pixels -> `analyze` -> truth) is tests/test_ground_truth.py."""
 
 import os
 
@@ -10,8 +12,6 @@ import scipy.sparse as sp
 from cosmic_jax.analysis import celltype, generation, response
 from cosmic_jax.analysis.expression import embed_expression
 from cosmic_jax.analysis.variance import AnalysisInputError
-from cosmic_jax.configs import analyze as analyze_configs
-from cosmic_jax.configs.overrides import load_config
 from cosmic_jax.data.cells import CellKeyError, cell_ids, match_ids
 
 
@@ -192,45 +192,3 @@ def test_response_finds_planted_differences():
     assert abs(null["auc"] - 0.5) < 0.1
     with pytest.raises(AnalysisInputError, match="fewer than 3 cells"):
         response.differential(x, np.arange(n) < 2, names)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("frac", [0.2, 0.7])
-def test_end_to_end_synthetic_recovers_truth(tmp_path, frac):
-    """Generator -> expression PCA -> cross-fitted joint flow -> decomposition recovers truth.
-
-    Cheaper documented morphology embedding: the crops' true render parameters, z-scored (what a
-    perfect image encoder would extract), stand in for the MAE embedding; the measured features
-    are appended as in the pipeline. (Not PCA of the raw parameters: their smallest-variance
-    direction is texture_amplitude, one of the four shared-program axes.) Other data seeds:
-    notes/analysis.md, "End-to-end recovery".
-    """
-    import json
-
-    from scipy.stats import spearmanr
-
-    from cosmic_jax.analysis.morphology import standardize_features
-    from cosmic_jax.analysis.pipeline import JointFits, expression_decomposition, morphology_decomposition
-    from data_builders.synthetic import generate, make_config
-
-    d = str(tmp_path / "syn")
-    generate(d, 3000, 0, frac, make_config("quick"))
-    adata = ad.read_h5ad(os.path.join(d, "cells.h5ad"))
-    truth = json.load(open(os.path.join(d, "truth.json")))
-    expr = embed_expression(adata, n_comps=30)
-    feats = standardize_features(np.asarray(adata.obsm["morph_features"]), list(adata.obsm["morph_features"].columns),
-                                 np.asarray(adata.obs["cell_id"]))
-    params = np.asarray(adata.obsm["true_morph_params"], np.float64)
-    m = np.c_[(params - params.mean(0)) / params.std(0), feats.values]
-    labels = np.asarray(adata.obs["cell_type"]).astype(str)
-    acfg = load_config(analyze_configs, "quick", ["--config.n_folds=2", "--config.num_samples=8", "--config.n_boot=100"])
-    fits = JointFits(m, expr.scores, acfg.joint, 0, labels)
-    dec_e, per_gene, _ = expression_decomposition(expr, m, fits.expr_given_morph, acfg, labels)
-    cols = np.arange(params.shape[1], m.shape[1])
-    dec_m = morphology_decomposition(feats.values, expr.scores, lambda tr: fits.morph_given_expr(tr, cols), acfg, labels)
-    te, tm = truth["expr_var_explained_by_morph"], truth["morph_var_explained_by_expr"]
-    assert abs(dec_e.overall.estimate - te) < 0.05, (dec_e.overall, te)
-    assert abs(dec_m.overall.estimate - tm) < 0.05, (dec_m.overall, tm)
-    assert dec_e.overall.ci_low <= dec_e.overall.estimate <= dec_e.overall.ci_high
-    tg = [truth["expr_var_explained_by_morph_per_gene"][g] for g in expr.gene_names]
-    assert spearmanr(per_gene, tg).statistic > 0.8

@@ -69,8 +69,8 @@ def obs_column(adata, key: str, default: str, where: str) -> np.ndarray | None:
 class JointFits:
     """Memoised ``fit_fn(train_idx) -> JointModel``: every analysis sharing a fold reuses one fit."""
 
-    def __init__(self, m: np.ndarray, e: np.ndarray, config, seed: int, labels=None):
-        self.m, self.e, self.config, self.seed, self.labels = m, e, config, seed, labels
+    def __init__(self, m: np.ndarray, e: np.ndarray, config, seed: int, labels=None, name: str = ""):
+        self.m, self.e, self.config, self.seed, self.labels, self.name = m, e, config, seed, labels, name
         self.models: dict[bytes, Any] = {}
         self.fit_seconds = 0.0
 
@@ -80,7 +80,7 @@ class JointFits:
             t = time.perf_counter()
             lab = None if self.labels is None else self.labels[train]
             self.models[key] = fit_joint(self.m[train], self.e[train], self.config, seed=self.seed, labels=lab,
-                                         desc=f"joint fit {len(self.models) + 1}")
+                                         desc=f"joint fit {self.name}{len(self.models) + 1}")
             self.fit_seconds += time.perf_counter() - t
         return self.models[key]
 
@@ -169,7 +169,8 @@ def decompose_representation(rep: Representation, expr, labels, cfg) -> tuple[di
       decomposition, per-gene fractions, flow morphology decomposition).
     """
     e = expr.scores
-    fits = [JointFits(rep.m, e, cfg.joint, cfg.seed + r, labels) for r in range(rep.repeats)]
+    fits = [JointFits(rep.m, e, cfg.joint, cfg.seed + r, labels, name=f"{rep.name} re-fit {r + 1}/{rep.repeats} fold ")
+            for r in range(rep.repeats)]
     flow_e, per_gene = expression_decomposition(expr, rep.m, lambda r: fits[r].expr_given_morph, rep.repeats, cfg,
                                                 labels)
     flow_m = morphology_decomposition(rep.targets, e, lambda r: lambda tr: fits[r].morph_given_expr(tr, rep.target_cols),

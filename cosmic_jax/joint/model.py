@@ -27,6 +27,9 @@ MODEL_FILE = "joint_model.json"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 2
+# Jitted encoders / samplers take the params as arguments, so every model of one architecture
+# shares them: the many fold models of a cross-fit (and its re-fits) compile each program once.
+_JIT_CACHE: dict = {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +92,7 @@ class JointModel:
         self.loss_history = loss_history or {}
         self.info = info or {}
         self.nets = build_nets(self.config.model, self.dim_morph, self.dim_expr)
-        self._jit_cache: dict = {}
+        self._arch = (self.config.model, self.config.sampling.time_power, self.dim_morph, self.dim_expr)
 
     # -- standardisation ---------------------------------------------------------------------
     def _std(self, x, which: str, name: str) -> np.ndarray:
@@ -105,10 +108,10 @@ class JointModel:
     # -- encoders ------------------------------------------------------------------------------
     def _encode(self, which: str, x_std: np.ndarray, batch: int = 65536) -> np.ndarray:
         net = self.nets.enc_m if which == "m" else self.nets.enc_e
-        key = ("enc", which)
-        if key not in self._jit_cache:
-            self._jit_cache[key] = jax.jit(net.apply)
-        fn, p = self._jit_cache[key], self.params["enc_" + which]
+        key = (self._arch, "enc", which)
+        if key not in _JIT_CACHE:
+            _JIT_CACHE[key] = jax.jit(net.apply)
+        fn, p = _JIT_CACHE[key], self.params["enc_" + which]
         return np.concatenate([np.asarray(fn(p, x_std[i:i + batch])) for i in range(0, len(x_std), batch)]
                               or [np.zeros((0, self.config.model.latent_dim), np.float32)])
 
@@ -134,10 +137,10 @@ class JointModel:
 
     # -- conditional sampling ------------------------------------------------------------------
     def _sampler(self, target: str, num_samples: int, method: str, steps: int, guidance: float):
-        key = ("sample", target, num_samples, method, steps, guidance)
+        key = (self._arch, "sample", target, num_samples, method, steps, guidance)
         power = self.config.sampling.time_power
-        if key in self._jit_cache:
-            return self._jit_cache[key]
+        if key in _JIT_CACHE:
+            return _JIT_CACHE[key]
         flow = self.nets.flow_e if target == "e" else self.nets.flow_m
         d_out = self.dim_expr if target == "e" else self.dim_morph
         src_enc = self.nets.enc_m if target == "e" else self.nets.enc_e
@@ -154,8 +157,8 @@ class JointModel:
                             guidance=guidance, repeats=num_samples)
             return x1.reshape(num_samples, c, d_out)
 
-        self._jit_cache[key] = jax.jit(run)
-        return self._jit_cache[key]
+        _JIT_CACHE[key] = jax.jit(run)
+        return _JIT_CACHE[key]
 
     def _sample(self, target: str, cond_std: np.ndarray, num_samples: int, seed: int, method, steps, guidance,
                 chunk_rows) -> np.ndarray:
