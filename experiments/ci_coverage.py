@@ -97,7 +97,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="quick", help="analyze config variant")
     p.add_argument("--keep-data", action="store_true")
     a, overrides = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     cfg = load_config(analyze_configs, a.config, overrides)
     gen = generator(a.family, a.variant)
     rows_dir = os.path.join(a.out, "rows")

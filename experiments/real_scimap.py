@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--skip-pbmc", action="store_true")
     a, extra = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     rows = []
     t, c = time.perf_counter(), time.process_time()
     data = os.path.join(a.out, "scimap")
