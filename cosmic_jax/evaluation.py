@@ -17,9 +17,9 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from cosmic_jax.analysis import response
+from cosmic_jax.analysis.variance import HEADLINE
 
 TRUTH_FILE = "truth.json"
-HEADLINE = ("expr_var_explained_by_morph", "morph_var_explained_by_expr")
 Z95 = 1.959964
 
 

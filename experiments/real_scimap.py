@@ -34,6 +34,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from cosmic_jax.analysis.variance import HEADLINE
 from cosmic_jax.configs import analyze as analyze_configs
 from cosmic_jax.configs.overrides import load_config
 from cosmic_jax.workflows.analyze import analyze
@@ -44,7 +45,6 @@ SHAPE = ("Eccentricity", "Solidity", "Extent")
 SCIMAP_OVERRIDES = ["--config.features_key=shape", "--config.input_kind=lognorm", "--config.label_key=phenotype",
                     "--config.response_key=", "--config.expr_comps=8"]
 PBMC_OVERRIDES = ["--config.use_raw=true", "--config.label_key=bulk_labels", "--config.response_key="]
-HEADLINE = ("expr_var_explained_by_morph", "morph_var_explained_by_expr")
 
 
 def scimap_exemplar() -> str:

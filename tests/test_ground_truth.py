@@ -16,6 +16,7 @@ import pytest
 
 from cosmic_jax.analysis.morphology import standardize_features
 from cosmic_jax.analysis.pipeline import run_analyses
+from cosmic_jax.analysis.variance import HEADLINE
 from cosmic_jax.configs import analyze as analyze_configs
 from cosmic_jax.configs.overrides import load_config
 from cosmic_jax.workflows.analyze import analyze
@@ -23,7 +24,6 @@ from data_builders.synthetic import generate, make_config
 
 CELLS = 3000
 CASES = ((0.15, 1), (0.65, 2))  # (expression truth, data seed)
-HEADLINE = ("expr_var_explained_by_morph", "morph_var_explained_by_expr")
 
 
 @pytest.mark.slow
@@ -51,6 +51,7 @@ def test_decomposition_from_pixels_recovers_truth(tmp_path):
     assert not failures, "missed targets:\n" + "\n".join(failures) + "\nall:\n" + "\n".join(lines)
 
 
+@pytest.mark.slow  # ~40 s CPU: three joint-model architectures compile
 def test_by_representation_counts_only_what_each_representation_carries(tmp_path):
     """Linear-Gaussian toy: measured features carry a 3-d state shared with expression, the
     "MAE" embedding is noise. Ridge is exact here, so its expression-side estimate must match the
@@ -71,7 +72,8 @@ def test_by_representation_counts_only_what_each_representation_carries(tmp_path
     cfg = load_config(analyze_configs, "quick", [
         "--config.input_kind=lognorm", "--config.label_key=", "--config.response_key=", "--config.expr_comps=8",
         "--config.n_folds=2", "--config.num_samples=4", "--config.n_boot=50", "--config.refit_repeats=2",
-        "--config.refit_repeats_side=1", "--config.joint.steps=20", "--config.joint.progress=false"])
+        "--config.refit_repeats_side=1", "--config.morph_comps=4", "--config.joint.steps=20",
+        "--config.joint.num_devices=1", "--config.joint.progress=false"])  # "mae" and "features": one compile
     summary = run_analyses(adata, cfg, str(tmp_path), x_morph=rng.normal(size=(n, 16)), features=feats)
     by_rep = summary["decomposition_by_representation"]
     assert list(by_rep) == ["both", "mae", "features"] and summary["headline_representation"] == "both"

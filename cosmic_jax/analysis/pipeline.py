@@ -95,7 +95,7 @@ class JointFits:
         return lambda c, s, seed: mdl.sample_morph_given_expr(c, s, seed)[..., cols]
 
 
-HEADLINE = ("expr_var_explained_by_morph", "morph_var_explained_by_expr")
+HEADLINE = V.HEADLINE
 LOWER_BOUND_NOTE = (
     "Each estimate counts only what the morphology representation captures: information the "
     "representation discards cannot be counted, so the expression share explained by morphology is a "

@@ -36,6 +36,8 @@ from typing import Callable, Literal
 import numpy as np
 from scipy import stats
 
+# The two headline quantities (summary.json keys): expression variance explained by morphology and back.
+HEADLINE = ("expr_var_explained_by_morph", "morph_var_explained_by_expr")
 Sampler = Callable[[np.ndarray, int, int], np.ndarray]
 FitFn = Callable[[np.ndarray], Sampler]
 
