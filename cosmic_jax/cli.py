@@ -15,10 +15,10 @@ import importlib.metadata
 import os
 import sys
 
-from cosmic_jax.commands import analyze, embed, fit_joint, pretrain
+from cosmic_jax.commands import analyze, embed, fit_joint, pretrain, report
 from cosmic_jax.configs.overrides import ConfigError, load_config
 
-_COMMANDS = (pretrain, embed, fit_joint, analyze)
+_COMMANDS = (pretrain, embed, fit_joint, analyze, report)
 ENTRY_POINT_GROUP = "cosmic.commands"
 
 # commands whose XLA runs allocate large per-call temp buffers (huge-page malloc helps them)
