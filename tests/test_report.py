@@ -140,7 +140,8 @@ def test_report_without_morphology_or_truth(tmp_path):
     (w / "analysis" / "summary.json").write_text(json.dumps(
         {"config": {}, "expression_embedding": {"n_cells": 10, "n_genes": 3}, "celltype": {"skipped": "no cell-type column"},
          "timings_s": {"expression_embedding": 0.5}}))
-    md = open(write_report(str(w))).read()
+    with open(write_report(str(w))) as f:
+        md = f.read()
     assert "No morphology in this analysis" in md and "Skipped: no cell-type column." in md
     assert "truth" not in md and "```" not in md
 

@@ -21,23 +21,15 @@ import shutil
 import time
 from typing import Any, Callable, Sequence
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from cosmic_jax.data.records import CropSource  # noqa: E402
-from cosmic_jax.train.metrics import read_metrics  # noqa: E402
+from cosmic_jax.workflows import report_figures as F
+from cosmic_jax.workflows.report_figures import ALPHA, column, to_float
 
 log = logging.getLogger(__name__)
 
 HEADLINE = (("expr_var_explained_by_morph", "expression variance explained by morphology"),
             ("morph_var_explained_by_expr", "morphology-feature variance explained by expression"))
-ALPHA = 0.05  # FDR level the analysis calls significant (q_t < 0.05)
-DPI = 110
-CROP_INCHES = 1.1  # >= 96 px per crop at DPI
-N_LABELLED = 8  # hits named on a volcano plot
 MEANING = (
     "**What the number means.** The first row is the share of the expression variance (in the "
     "expression embedding's gene space) that is predictable from morphology: the variance of the "
@@ -59,17 +51,6 @@ def _read_csv(path: str) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _float(v: Any) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return float("nan")
-
-
-def _column(rows: list[dict[str, str]], key: str) -> np.ndarray:
-    return np.array([_float(r.get(key)) for r in rows])
-
-
 # ----------------------------------------------------------------------------- Markdown
 
 
@@ -81,13 +62,15 @@ def _num(v: Any, digits: int = 3) -> str:
     if isinstance(v, (int, np.integer)):
         return str(int(v))
     if isinstance(v, (float, np.floating)):
-        return f"{v:.{digits}f}" if np.isfinite(v) else "–"
+        if not np.isfinite(v):
+            return "–"
+        return f"{v:.1e}" if 0 < abs(v) < 10 ** -digits else f"{v:.{digits}f}"  # never a bare "-0.000"
     return str(v)
 
 
 def _ci(d: dict | None) -> str:
     """``0.250 – 0.350`` from {ci_low, ci_high} (numbers or CSV strings)."""
-    lo, hi = (_float((d or {}).get(k)) for k in ("ci_low", "ci_high"))
+    lo, hi = (to_float((d or {}).get(k)) for k in ("ci_low", "ci_high"))
     return f"{_num(lo)} – {_num(hi)}" if np.isfinite(lo) and np.isfinite(hi) else "–"
 
 
@@ -95,9 +78,9 @@ def _est_ci(d: Any) -> str:
     """``0.412 [0.391, 0.433]`` from an {estimate, ci_low, ci_high} dict (or a bare number)."""
     if not isinstance(d, dict):
         return _num(d)
-    lo, hi = _float(d.get("ci_low")), _float(d.get("ci_high"))
+    lo, hi = to_float(d.get("ci_low")), to_float(d.get("ci_high"))
     ci = f" [{_num(lo)}, {_num(hi)}]" if np.isfinite(lo) and np.isfinite(hi) else ""
-    return _num(_float(d.get("estimate"))) + ci
+    return _num(to_float(d.get("estimate"))) + ci
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -123,6 +106,19 @@ def _leaves(d: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], A
 
 
 # ----------------------------------------------------------------------------- sections
+
+
+def header_section(workdir: str, summary: dict) -> list[str]:
+    n = summary.get("expression_embedding") or {}
+    lines = ["# COSMIC analysis report", "",
+             f"Workdir `{os.path.abspath(workdir)}`, data `{summary.get('data', '?')}`: "
+             f"{n.get('n_cells', '?')} cells, {n.get('n_genes', '?')} genes "
+             f"({n.get('n_comps', '?')} expression PCs).", ""]
+    emb = summary.get("morphology_embedding")
+    if isinstance(emb, dict):
+        lines += [f"Morphology: the {emb.get('dim', '?')}-dimensional MAE embedding `{emb.get('key', '?')}` from "
+                  f"`{emb.get('mae', '?')}`, plus the measured morphology features.", ""]
+    return lines
 
 
 def headline_section(summary: dict) -> list[str]:
@@ -218,7 +214,7 @@ def retrieval_section(summary: dict) -> list[str]:
 
 
 def _top_hits(rows: list[dict[str, str]], n: int = 10) -> str:
-    sig = [r["name"] for r in rows if _float(r.get("q_t")) < ALPHA]
+    sig = [r["name"] for r in rows if to_float(r.get("q_t")) < ALPHA]
     return ", ".join(sig[:n]) + (f" (+{len(sig) - n} more)" if len(sig) > n else "") if sig else "none"
 
 
@@ -229,7 +225,7 @@ def response_section(summary: dict, genes: list[dict[str, str]], feats: list[dic
     n_t, n_r = resp.get("n_treated"), resp.get("n_responders")
     counts = [["treated cells", n_t], ["responders", n_r],
               ["resistant", (n_t - n_r) if isinstance(n_t, int) and isinstance(n_r, int) else "–"]]
-    n_sig = lambda rows: sum(_float(r.get("q_t")) < ALPHA for r in rows)  # noqa: E731
+    n_sig = lambda rows: sum(to_float(r.get("q_t")) < ALPHA for r in rows)  # noqa: E731
     if genes:
         counts.append([f"significant genes (q < {ALPHA}) of {len(genes)}", n_sig(genes)])
     if feats:
@@ -254,6 +250,11 @@ def response_section(summary: dict, genes: list[dict[str, str]], feats: list[dic
     return lines
 
 
+GENERATION_COLUMNS = {"r2_means": "R² of type means ↑", "energy": "energy distance ↓",
+                      "mmd_w0": "MMD² (width ½ median) ↓", "mmd_w1": "MMD² (width median) ↓",
+                      "mmd_w2": "MMD² (width 2× median) ↓", "sinkhorn": "Sinkhorn ↓"}
+
+
 def generation_section(summary: dict) -> list[str]:
     gen = summary.get("generation") or {}
     if not gen:
@@ -261,20 +262,20 @@ def generation_section(summary: dict) -> list[str]:
     keys = [k for k in next(iter(gen.values())) if k != "n"]
     rows = [[m] + [v.get(k) for k in keys] for m, v in gen.items()]
     return (["## Generation quality: expression generated from morphology", "",
-             "Held-out cells, per cell type then averaged (weighted by cells). r2 means: R² of the per-type "
-             "mean expression (higher is better); the distribution distances (energy, MMD, Sinkhorn) between "
-             "generated and real expression are lower-is-better.", ""]
-            + md_table(["method"] + [_label(k) for k in keys], rows))
+             "Held-out cells, per cell type, then averaged weighted by cells. ↑ higher is better, ↓ lower is "
+             "better. MMD² is the unbiased estimate: values at or slightly below 0 mean the generated and "
+             "real expression cannot be told apart.", ""]
+            + md_table(["method"] + [GENERATION_COLUMNS.get(k, _label(k)) for k in keys], rows))
 
 
 def per_feature_section(rows: list[dict[str, str]]) -> list[str]:
     if not rows:
         return []
-    has_truth = any(np.isfinite(_float(r.get("truth"))) for r in rows)
-    ordered = sorted(rows, key=lambda r: -_float(r.get("explained_fraction")))
-    table = [[r["feature"], _float(r.get("explained_fraction")),
+    has_truth = any(np.isfinite(to_float(r.get("truth"))) for r in rows)
+    ordered = sorted(rows, key=lambda r: -to_float(r.get("explained_fraction")))
+    table = [[r["feature"], to_float(r.get("explained_fraction")),
               _ci({"ci_low": r.get("ci_low"), "ci_high": r.get("ci_high")})]
-             + ([_float(r.get("truth"))] if has_truth else []) for r in ordered]
+             + ([to_float(r.get("truth"))] if has_truth else []) for r in ordered]
     return (["## Per morphology feature: variance explained by expression", ""]
             + md_table(["feature", "explained fraction", "95% CI"] + (["truth"] if has_truth else []), table))
 
@@ -282,11 +283,11 @@ def per_feature_section(rows: list[dict[str, str]]) -> list[str]:
 def per_gene_section(rows: list[dict[str, str]], n: int = 10) -> list[str]:
     if not rows:
         return []
-    est = _column(rows, "explained_fraction")
-    has_truth = "truth" in rows[0] and np.isfinite(_column(rows, "truth")).any()
+    est = column(rows, "explained_fraction")
+    has_truth = "truth" in rows[0] and np.isfinite(column(rows, "truth")).any()
     top = np.argsort(-np.nan_to_num(est, nan=-np.inf))[:n]
-    table = [[rows[i]["gene"], est[i], _float(rows[i].get("total_var"))]
-             + ([_float(rows[i].get("truth"))] if has_truth else []) for i in top]
+    table = [[rows[i]["gene"], est[i], to_float(rows[i].get("total_var"))]
+             + ([to_float(rows[i].get("truth"))] if has_truth else []) for i in top]
     q = np.nanpercentile(est, [10, 50, 90]) if np.isfinite(est).any() else [np.nan] * 3
     return ([f"## Per gene: variance explained by morphology ({len(rows)} genes)", "",
              f"Median {_num(q[1])} (10th–90th percentile {_num(q[0])} – {_num(q[2])}); the {len(top)} highest:", ""]
@@ -298,173 +299,10 @@ def timings_section(summary: dict, report_timings: dict[str, float]) -> list[str
     if summary.get("joint_fit_seconds") is not None:
         rows.append(["analysis: joint model fits (inside the stages above)", summary["joint_fit_seconds"]])
     rows += [[f"report: {_label(k)}", v] for k, v in report_timings.items()]
-    return ["## Timings", ""] + md_table(["stage", "seconds"], [[k, _num(v, 1)] for k, v in rows]) if rows else []
+    return ["## Timings", ""] + md_table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in rows]) if rows else []
 
 
-# ----------------------------------------------------------------------------- figures
-
-
-def _save(fig, fig_dir: str, name: str) -> str:
-    out = os.path.join(fig_dir, name)
-    fig.savefig(out, dpi=DPI)
-    plt.close(fig)
-    return out
-
-
-def volcano(rows: list[dict[str, str]], fig_dir: str, name: str, title: str) -> str | None:
-    """Effect size vs -log10 q, significant points coloured by direction, the top hits named."""
-    if not rows:
-        return None
-    eff_key = "log2fc" if "log2fc" in rows[0] else "cohen_d"
-    eff = _column(rows, eff_key)
-    q = np.clip(np.nan_to_num(_column(rows, "q_t"), nan=1.0), 1e-300, 1.0)
-    y = -np.log10(q)
-    sig = q < ALPHA
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), layout="constrained")
-    groups = ((~sig, "0.65", f"not significant ({int((~sig).sum())})"),
-              (sig & (eff > 0), "tab:red", f"higher in responders ({int((sig & (eff > 0)).sum())})"),
-              (sig & (eff <= 0), "tab:blue", f"lower in responders ({int((sig & (eff <= 0)).sum())})"))
-    for sel, colour, lab in groups:
-        if sel.any():
-            ax.scatter(eff[sel], y[sel], s=14, c=colour, alpha=0.8, label=lab, edgecolors="none")
-    ax.axhline(-np.log10(ALPHA), color="k", ls="--", lw=0.8, label=f"q = {ALPHA}")
-    ax.axvline(0, color="0.8", lw=0.6)
-    top = [i for i in np.lexsort((-np.abs(eff), q)) if sig[i]][:N_LABELLED]
-    for rank, i in enumerate(top):
-        ax.annotate(rows[i]["name"], (eff[i], y[i]), xytext=(6, 8 - 7 * (rank % 3)), textcoords="offset points",
-                    fontsize=8, arrowprops=dict(arrowstyle="-", lw=0.5, color="0.4"))
-    ax.margins(x=0.15, y=0.1)
-    ax.set_xlabel("log2 fold change (responder / resistant)" if eff_key == "log2fc" else "Cohen's d (responder − resistant)")
-    ax.set_ylabel("−log10 q (Benjamini-Hochberg)")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="best")
-    return _save(fig, fig_dir, name)
-
-
-def per_gene_figure(rows: list[dict[str, str]], fig_dir: str) -> str | None:
-    if not rows:
-        return None
-    est = _column(rows, "explained_fraction")
-    truth = _column(rows, "truth") if "truth" in rows[0] else np.full_like(est, np.nan)
-    fig, ax = plt.subplots(figsize=(5.2, 4.6), layout="constrained")
-    ok = np.isfinite(truth) & np.isfinite(est)
-    if ok.sum() > 1:
-        ax.scatter(truth[ok], est[ok], s=12, alpha=0.7, label=f"genes ({int(ok.sum())})")
-        hi = float(max(np.max(truth[ok]), np.max(est[ok]), 1e-3)) * 1.05
-        lo = float(min(0.0, np.min(est[ok]), np.min(truth[ok])))
-        ax.plot([lo, hi], [lo, hi], "k--", lw=0.9, label="y = x (estimate equals truth)")
-        ax.set_xlabel("true explained fraction (generator)")
-        ax.set_ylabel("estimated explained fraction")
-        ax.set_title("Per gene: estimate vs truth")
-        ax.legend(fontsize=8, loc="upper left")
-    else:
-        ax.hist(est[np.isfinite(est)], bins=30, color="tab:blue")
-        ax.set_xlabel("estimated explained fraction")
-        ax.set_ylabel("genes")
-        ax.set_title("Per gene: expression variance explained by morphology")
-    return _save(fig, fig_dir, "per_gene_explained.png")
-
-
-def per_feature_figure(rows: list[dict[str, str]], fig_dir: str) -> str | None:
-    if not rows:
-        return None
-    rows = sorted(rows, key=lambda r: _float(r.get("explained_fraction")))
-    est, lo, hi = (_column(rows, k) for k in ("explained_fraction", "ci_low", "ci_high"))
-    pos = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(6.0, max(3.2, 1.2 + 0.28 * len(rows))), layout="constrained")
-    err = np.vstack([np.clip(est - lo, 0, None), np.clip(hi - est, 0, None)])
-    ax.barh(pos, est, xerr=np.nan_to_num(err), color="tab:blue", alpha=0.8, capsize=2, label="estimate, 95% CI")
-    truth = _column(rows, "truth") if "truth" in rows[0] else np.full_like(est, np.nan)
-    if np.isfinite(truth).any():
-        ax.scatter(truth, pos, marker="D", color="tab:orange", s=22, zorder=3, label="truth (generator)")
-    ax.set_yticks(pos, [r["feature"] for r in rows], fontsize=8)
-    ax.set_xlabel("fraction of the feature's variance explained by expression")
-    ax.set_title("Per morphology feature")
-    ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, fig_dir, "per_feature_explained.png")
-
-
-def umap_figure(latent_path: str, fig_dir: str, seed: int = 0) -> str | None:
-    if not os.path.exists(latent_path):
-        return None
-    import umap  # heavy (numba); only when there is a latent to show
-
-    with np.load(latent_path, allow_pickle=False) as data:
-        z, labels = data["z"], data["cell_type"].astype(str)
-    xy = umap.UMAP(n_neighbors=15, random_state=seed).fit_transform(z)
-    fig, ax = plt.subplots(figsize=(6.4, 4.8), layout="constrained")
-    for lab in np.unique(labels):
-        sel = labels == lab
-        ax.scatter(xy[sel, 0], xy[sel, 1], s=5, alpha=0.8, label=f"{lab} ({int(sel.sum())})", edgecolors="none")
-    ax.legend(title="cell type", markerscale=3, fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    ax.set_title(f"Joint latent of {len(z)} held-out cells (UMAP)")
-    ax.set_xlabel("UMAP 1")
-    ax.set_ylabel("UMAP 2")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    return _save(fig, fig_dir, "joint_umap.png")
-
-
-def loss_figure(mae_dir: str, fig_dir: str) -> str | None:
-    if not os.path.exists(os.path.join(mae_dir, "metrics.jsonl")):
-        return None
-    rows = [r for r in read_metrics(mae_dir) if "loss" in r]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(5.6, 3.6), layout="constrained")
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="training loss (window mean)")
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("masked-patch MSE")
-    ax.set_title("MAE pretraining loss")
-    ax.legend(fontsize=8)
-    return _save(fig, fig_dir, "mae_loss.png")
-
-
-def _show(ax, img: np.ndarray) -> None:
-    img = np.asarray(img, np.float32)
-    img = img[..., 0] if img.shape[-1] == 1 else img[..., :3]
-    lo, hi = np.percentile(img, [0.5, 99.5])
-    ax.imshow(np.clip((img - lo) / max(hi - lo, 1e-8), 0, 1), cmap="gray", interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def crop_grid(crops_dir: str | None, fig_dir: str, name: str, title: str,
-              groups: dict[str, str] | None = None, n: int = 4) -> str | None:
-    """An n x n grid of crops; with ``groups`` (cell id -> group), one row per group (the first n)."""
-    if not crops_dir or not glob.glob(os.path.join(crops_dir, "manifest*.json")):
-        return None
-    src = CropSource(crops_dir)
-    if not len(src):
-        return None
-    rows: list[tuple[str, list[int]]] = []
-    if groups:
-        wanted = sorted(set(groups.values()))[:n]
-        by_group: dict[str, list[int]] = {g: [] for g in wanted}
-        for i in range(len(src)):  # stops as soon as every row is full
-            g = groups.get(str(src.read(i)["cell_id"]))
-            if g in by_group and len(by_group[g]) < n:
-                by_group[g].append(i)
-                if all(len(v) == n for v in by_group.values()):
-                    break
-        rows = [(g, idx) for g, idx in by_group.items() if idx]
-    if not rows:
-        idx = np.linspace(0, len(src) - 1, min(n * n, len(src))).astype(int).tolist()
-        rows = [("", idx[r * n:(r + 1) * n]) for r in range(n) if idx[r * n:(r + 1) * n]]
-    fig, axes = plt.subplots(len(rows), n, figsize=(n * CROP_INCHES + 0.5, len(rows) * CROP_INCHES + 0.5),
-                             squeeze=False, layout="constrained")
-    for r, (group, idx) in enumerate(rows):
-        for c in range(n):
-            ax = axes[r][c]
-            if c < len(idx):
-                _show(ax, src[int(idx[c])]["image"])
-            else:
-                ax.axis("off")
-        if group:
-            axes[r][0].set_ylabel(group, fontsize=9)
-    fig.suptitle(title, fontsize=10)
-    return _save(fig, fig_dir, name)
+# ----------------------------------------------------------------------------- the report
 
 
 def _cell_types(cells_h5ad: str, key: str) -> dict[str, str] | None:
@@ -478,9 +316,6 @@ def _cell_types(cells_h5ad: str, key: str) -> dict[str, str] | None:
         return None
     ids = obs["cell_id"].astype(str) if "cell_id" in obs.columns else obs.index.astype(str)
     return dict(zip(ids, obs[key].astype(str)))
-
-
-# ----------------------------------------------------------------------------- the report
 
 
 def write_report(workdir: str, out_path: str | None = None, nuclei_dir: str | None = None,
@@ -518,53 +353,56 @@ def write_report(workdir: str, out_path: str | None = None, nuclei_dir: str | No
         grids = sorted(glob.glob(os.path.join(mae_dir, "recon", "*.png")))
         return shutil.copyfile(grids[-1], os.path.join(fig_dir, "mae_reconstructions.png")) if grids else None
 
-    figure_steps: list[tuple[str, str, Callable[[], str | None]]] = [
-        ("analysed crops", "Crops of the analysed dataset, one row per cell type",
-         lambda: crop_grid(crops_dir, fig_dir, "analysed_crops.png", "Analysed crops (rows: cell type)",
-                           _cell_types(os.path.join(adir, "cells.h5ad"), label_key))),
-        ("real crops", "Real nuclei crops (shipped fluorescence images)",
-         lambda: crop_grid(nuclei_dir, fig_dir, "real_crops.png", "Real nuclei crops")),
-        ("MAE loss", "MAE pretraining loss", lambda: loss_figure(mae_dir, fig_dir)),
-        ("MAE reconstructions", "MAE reconstructions (rows: original / masked input / reconstruction)", recon),
-        ("joint-latent UMAP", "Joint latent by cell type",
-         lambda: umap_figure(os.path.join(adir, "joint_latent.npz"), fig_dir, int(summary.get("config", {}).get("seed", 0)))),
-        ("per-gene figure", "Per gene: estimate vs truth", lambda: per_gene_figure(tables["per_gene"], fig_dir)),
-        ("per-feature figure", "Per morphology feature", lambda: per_feature_figure(tables["per_feature"], fig_dir)),
-        ("gene volcano", "Responder vs resistant: genes",
-         lambda: volcano(tables["response_genes"], fig_dir, "volcano_genes.png", "Responder vs resistant: genes")),
-        ("feature volcano", "Responder vs resistant: morphology features",
-         lambda: volcano(tables["response_features"], fig_dir, "volcano_features.png",
-                         "Responder vs resistant: morphology features")),
-    ]
-    figures, report_timings = [], {}
-    for i, (step, title, make) in enumerate(figure_steps, 1):
+    figure_steps: dict[str, Callable[[], str | None]] = {
+        "analysed crops": lambda: F.crop_grid(crops_dir, fig_dir, "analysed_crops.png", "Analysed crops",
+                                              _cell_types(os.path.join(adir, "cells.h5ad"), label_key)),
+        "real crops": lambda: F.crop_grid(nuclei_dir, fig_dir, "real_crops.png", "Real nuclei crops"),
+        "MAE loss": lambda: F.loss_figure(mae_dir, fig_dir),
+        "MAE reconstructions": recon,
+        "joint-latent UMAP": lambda: F.umap_figure(os.path.join(adir, "joint_latent.npz"), fig_dir,
+                                                   int((summary.get("config") or {}).get("seed", 0))),
+        "per-gene figure": lambda: F.per_gene_figure(tables["per_gene"], fig_dir),
+        "per-feature figure": lambda: F.per_feature_figure(tables["per_feature"], fig_dir),
+        "gene volcano": lambda: F.volcano(tables["response_genes"], fig_dir, "volcano_genes.png",
+                                          "Responder vs resistant genes"),
+        "feature volcano": lambda: F.volcano(tables["response_features"], fig_dir, "volcano_features.png",
+                                             "Responder vs resistant features"),
+    }
+    figures, report_timings = {}, {}
+    for i, (step, make) in enumerate(figure_steps.items(), 1):
         t = time.perf_counter()
         log.info("report [%d/%d] %s", i, len(figure_steps), step)
-        path = make()
+        figures[step] = make()
         report_timings[step] = time.perf_counter() - t
-        if path:
-            figures.append((title, path))
 
-    n = (summary.get("expression_embedding") or {})
-    lines = ["# COSMIC analysis report", "",
-             f"Workdir `{os.path.abspath(workdir)}`; data `{summary.get('data', '?')}`: "
-             f"{n.get('n_cells', '?')} cells, {n.get('n_genes', '?')} genes.", ""]
+    def fig(step: str, caption: str) -> list[str]:
+        path = figures.get(step)
+        return [f"![{caption}]({os.path.relpath(path, out_base)})", "", f"*{caption}*", ""] if path else []
+
+    lines = header_section(workdir, summary)
     lines += headline_section(summary)
     lines += by_representation_section(summary)
     lines += baselines_section(summary)
-    lines += per_gene_section(tables["per_gene"])
-    lines += per_feature_section(tables["per_feature"])
-    lines += celltype_section(summary)
+    lines += per_gene_section(tables["per_gene"]) + fig("per-gene figure", "Per gene: estimate against truth")
+    lines += per_feature_section(tables["per_feature"]) + fig("per-feature figure", "Per feature, with 95% CIs")
+    lines += celltype_section(summary) + fig("joint-latent UMAP", "Joint latent (cross-fitted), coloured by cell type")
     lines += retrieval_section(summary)
     lines += response_section(summary, tables["response_genes"], tables["response_features"])
+    lines += fig("gene volcano", "Genes: effect against significance; significant points coloured, top hits named")
+    lines += fig("feature volcano", "Morphology features: Cohen's d against significance")
     lines += generation_section(summary)
-    lines += ["## Figures", ""]
-    for title, path in figures:
-        lines += [f"### {title}", "", f"![{title}]({os.path.relpath(path, out_base)})", ""]
+    data_figs = (fig("analysed crops", "Crops of the analysed dataset, one row per cell type")
+                 + fig("real crops", "Real nuclei crops segmented from the shipped fluorescence images")
+                 + fig("MAE loss", "MAE pretraining loss")
+                 + fig("MAE reconstructions", "MAE reconstructions at the last step (rows: original / visible "
+                                              "patches / reconstruction)"))
+    if data_figs:
+        lines += ["## Data and morphology model", ""] + data_figs
     lines += timings_section(summary, report_timings)
     tmp = out_path + ".tmp"
     with open(tmp, "w") as f:
         f.write("\n".join(lines))
     os.replace(tmp, out_path)
-    log.info("report: wrote %s (%d figures) in %.1f s", out_path, len(figures), sum(report_timings.values()))
+    log.info("report: wrote %s (%d figures) in %.1f s", out_path, sum(map(bool, figures.values())),
+             sum(report_timings.values()))
     return out_path
