@@ -185,7 +185,11 @@ def main(argv=None) -> int:
     overrides = ([f"--config.pretrain.steps={args.steps}"] if args.steps else []) + extra
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    Demo(args.out, args.cells, args.shared_fraction, args.seed, overrides).run()
+    try:
+        Demo(args.out, args.cells, args.shared_fraction, args.seed, overrides).run()
+    except KeyboardInterrupt:
+        print("\ndemo: interrupted; run it again to resume (finished stages are kept)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -255,3 +255,28 @@ def test_demo_over_an_unrecorded_earlier_output_folder_rebuilds_it(tmp_path):
     done = demo.Demo(str(out), 50, 0.4, 0, [], cosmic=FakeCosmic()).run()
     assert set(done.values()) == {"built"}
     assert not (out / "synthetic" / "old.txt").exists() and not (out / "synthetic.old").exists()
+
+
+def test_volcano_labels_do_not_overlap(tmp_path):
+    """The demo's eight top genes (fixed offsets put two names on top of each other) get separate label boxes."""
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import Bbox
+
+    from cosmic_jax.workflows.report_figures import place_labels
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), layout="constrained")
+    x = np.array([1.31, -1.62, -1.6, 1.36, -1.5, -1.47, 1.37, -1.59])
+    y = np.array([120.0, 108.6, 107.1, 107.1, 101.1, 91.2, 89.8, 82.2])
+    ax.scatter(x, y)
+    ax.set_xlim(-2.2, 2.2)
+    ax.set_ylim(-12, 133)
+    place_labels(ax, x, y, [f"gene{i:04d}" for i in range(len(x))])
+    fig.draw_without_rendering()
+    boxes = [t.get_window_extent() for t in ax.texts]
+    assert len(boxes) == len(x)
+    overlaps = [(i, j) for i in range(len(boxes)) for j in range(i) if Bbox.intersection(boxes[i], boxes[j])]
+    assert not overlaps
+    inside = ax.get_window_extent()
+    assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 for b in boxes)  # no label clipped at the sides
+    plt.close(fig)
+
