@@ -280,3 +280,29 @@ def test_volcano_labels_do_not_overlap(tmp_path):
     assert all(inside.x0 <= b.x0 and b.x1 <= inside.x1 for b in boxes)  # no label clipped at the sides
     plt.close(fig)
 
+
+
+def test_umap_coordinates_are_cached_by_latent(tmp_path, monkeypatch):
+    """A rebuilt report reuses the UMAP of an unchanged latent and recomputes a changed one."""
+    import types
+
+    from cosmic_jax.workflows.report_figures import umap_coordinates
+
+    calls = []
+
+    class FakeUMAP:
+        def __init__(self, **kw):
+            calls.append(kw)
+
+        def fit_transform(self, z):
+            return z[:, :2] * 2
+
+    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
+    z = np.random.default_rng(0).normal(size=(30, 4))
+    cache = str(tmp_path / "xy.npz")
+    first = umap_coordinates(z, 0, cache)
+    np.testing.assert_allclose(umap_coordinates(z, 0, cache), first)
+    assert len(calls) == 1 and calls[0]["precomputed_knn"][0].shape == (30, 15)
+    np.testing.assert_allclose(umap_coordinates(z + 1, 0, cache), (z[:, :2] + 1) * 2)
+    umap_coordinates(z + 1, 1, cache)  # another seed is another layout
+    assert len(calls) == 3

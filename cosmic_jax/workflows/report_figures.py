@@ -7,6 +7,7 @@ and colour in a legend. Inputs are the CSV rows / files `cosmic analyze` wrote.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import warnings
 
@@ -165,22 +166,35 @@ def per_feature_figure(rows: list[dict[str, str]], fig_dir: str) -> str | None:
     return _save(fig, fig_dir, "per_feature_explained.png")
 
 
-def umap_figure(latent_path: str, fig_dir: str, seed: int = 0) -> str | None:
-    """UMAP of the cross-fitted joint latent, coloured by cell type."""
-    if not os.path.exists(latent_path):
-        return None
+def umap_coordinates(z: np.ndarray, seed: int, cache: str) -> np.ndarray:
+    """2-D UMAP of ``z``; kept in ``cache`` (npz keyed by a hash of z and the seed), so rebuilding
+    a report skips the numba compile and layout, most of the report's time (notes/report.md)."""
+    key = hashlib.sha256(np.ascontiguousarray(z, np.float64).tobytes() + str(seed).encode()).hexdigest()
+    if os.path.exists(cache):
+        with np.load(cache, allow_pickle=False) as c:
+            if str(c["key"]) == key:
+                return c["xy"]
     import umap  # heavy (numba); only when there is a latent to show
     from sklearn.neighbors import NearestNeighbors
 
-    with np.load(latent_path, allow_pickle=False) as data:
-        z, labels = data["z"], data["cell_type"].astype(str)
     # Exact neighbours from sklearn: umap's own small-data path calls a numba metric once per
-    # pair from Python, which doubled the report's time (notes/report.md).
+    # pair from Python, which doubled the time (notes/report.md).
     k = min(15, len(z) - 1)
     dist, idx = NearestNeighbors(n_neighbors=k).fit(z).kneighbors(z)
     with warnings.catch_warnings():  # "transform will be unavailable": we never transform new data
         warnings.filterwarnings("ignore", message="precomputed_knn")
         xy = umap.UMAP(n_neighbors=k, random_state=seed, n_jobs=1, precomputed_knn=(idx, dist, None)).fit_transform(z)
+    np.savez(cache, xy=xy, key=np.str_(key))
+    return xy
+
+
+def umap_figure(latent_path: str, fig_dir: str, seed: int = 0) -> str | None:
+    """UMAP of the cross-fitted joint latent, coloured by cell type."""
+    if not os.path.exists(latent_path):
+        return None
+    with np.load(latent_path, allow_pickle=False) as data:
+        z, labels = data["z"], data["cell_type"].astype(str)
+    xy = umap_coordinates(z, seed, os.path.join(fig_dir, "joint_umap.npz"))
     fig, ax = plt.subplots(figsize=(6.4, 4.8), layout="constrained")
     for lab in np.unique(labels):
         sel = labels == lab
