@@ -58,6 +58,13 @@ def _json_ok(path: str, *keys: str) -> bool:
     return isinstance(d, dict) and all(d.get(k) for k in keys)
 
 
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def crops_complete(crops_dir: str) -> bool:
     """A crop dataset whose manifests parse and list records."""
     paths = glob.glob(os.path.join(crops_dir, "manifest*.json"))
@@ -136,8 +143,7 @@ class Demo:
         aside = stage.path + ".old"
         if os.path.exists(stage.path) and not resume:
             why = "settings changed" if rec and not same else "incomplete or unrecorded"
-            if os.path.exists(aside):  # left by an earlier interrupted rebuild: older than stage.path
-                shutil.rmtree(aside)
+            _remove(aside)  # left by an earlier interrupted rebuild: older than stage.path
             os.rename(stage.path, aside)
             print(f"demo: {stage.name}: {why}; rebuilding (the old output waits in {aside} until then)", flush=True)
         elif resume:
@@ -151,7 +157,7 @@ class Demo:
         self.state[stage.name] = {"params": params, "done": True, "seconds": round(time.perf_counter() - t, 1),
                                   "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "build": uuid.uuid4().hex}
         self._save_state()
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove(aside)
         return "resumed" if resume else "built"
 
     def run(self) -> dict[str, str]:
@@ -182,6 +188,8 @@ def main(argv=None) -> int:
     bad = [a for a in extra if not a.startswith("--config.")]
     if bad:
         p.error(f"unrecognized arguments: {' '.join(bad)}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: exists and is not a folder")
     overrides = ([f"--config.pretrain.steps={args.steps}"] if args.steps else []) + extra
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
