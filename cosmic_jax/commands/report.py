@@ -13,11 +13,11 @@ from cosmic_jax.commands import setup_logging
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="Markdown report with figures of a `cosmic analyze` workdir",
                               description=__doc__)
-    p.add_argument("--workdir", required=True, help="the `cosmic analyze` workdir W")
-    p.add_argument("--out", default=None, help="report file (default W/report.md); figures/ goes beside it")
-    p.add_argument("--crops", default=None,
+    p.add_argument("--workdir", required=True, metavar="W", help="the `cosmic analyze` workdir")
+    p.add_argument("--out", default=None, metavar="FILE", help="report file (default W/report.md); figures/ goes beside it")
+    p.add_argument("--crops", default=None, metavar="DIR",
                    help="the analysed crop dataset to show crops from (default: crops/ beside the analysed cells.h5ad)")
-    p.add_argument("--nuclei", default=None, help="a real-crop dataset (`cosmic data nuclei --out`) to show crops from")
+    p.add_argument("--nuclei", default=None, metavar="DIR", help="a real-crop dataset (`cosmic data nuclei --out`) to show crops from")
     p.set_defaults(func=_run)
 
 
