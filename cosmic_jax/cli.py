@@ -15,11 +15,11 @@ import importlib.metadata
 import os
 import sys
 
-from cosmic_jax.commands import analyze, embed, fit_joint, pretrain
+from cosmic_jax.commands import analyze, embed, fit_joint, pretrain, report
 from cosmic_jax.configs.overrides import ConfigError, load_config
 from cosmic_jax.runtime import reexec_with_hugepage_malloc
 
-_COMMANDS = (pretrain, embed, fit_joint, analyze)
+_COMMANDS = (pretrain, embed, fit_joint, analyze, report)
 ENTRY_POINT_GROUP = "cosmic.commands"
 
 # commands whose XLA runs allocate large per-call temp buffers (huge-page malloc helps them)
