@@ -307,7 +307,7 @@ def process_image(
         except seg_lib.EmptySegmentationError as e:
             if not crop_params.skip_empty:
                 raise seg_lib.EmptySegmentationError(f"{e}; {SKIP_EMPTY_HINT}") from e
-            log.info("%s: no nuclei, skipped (skip_empty)", where)
+            log.debug("%s: no nuclei, skipped (skip_empty)", where)
             stats["empty_frames"] += 1
             continue
         if labels_dir is not None:
