@@ -33,11 +33,15 @@ from cosmic_jax.train.state import TrainState
 log = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled(cfg: ml_collections.FrozenConfigDict, n: int, dm: int, de: int, batch: int, devices: tuple):
-    """(init, multi-step fn, state shardings, replicated sharding) for one problem shape.
+ROWS_BUCKET = 256  # the data are zero-padded to a multiple of this many rows
 
-    Cached so that the folds of a cross-fit (same shapes) reuse one compile.
+
+@functools.lru_cache(maxsize=8)
+def _compiled(cfg: ml_collections.FrozenConfigDict, n_pad: int, dm: int, de: int, batch: int, devices: tuple):
+    """(init, multi-step fn, state shardings, replicated sharding) for one padded problem shape.
+
+    The number of real rows is an argument, not a shape: the folds of a cross-fit (a cell or two
+    apart) share one compile.
     """
     mesh = shd.make_mesh(devices=list(devices))
     rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
@@ -54,14 +58,15 @@ def _compiled(cfg: ml_collections.FrozenConfigDict, n: int, dm: int, de: int, ba
     init_fn = jax.jit(init_state, out_shardings=state_sh)
 
     def multi_step(state, data, root, num):
-        m_all, e_all = data
+        m_all, e_all, n = data
 
         def one(st, _):
             kidx, kloss = jax.random.split(jax.random.fold_in(jax.random.fold_in(root, 1), st.step))
             # Without replacement (no duplicate partners = no false InfoNCE negatives) while the
             # permutation is cheap; uniform with replacement for large N (duplicates ~B^2/2N, rare).
-            if n <= 16 * batch:
-                idx = jax.random.choice(kidx, n, (batch,), replace=False)
+            if n_pad <= 16 * batch:
+                keys = jax.random.uniform(kidx, (n_pad,))
+                idx = jnp.argsort(jnp.where(jnp.arange(n_pad) < n, keys, 2.0))[:batch]  # padding never drawn
             else:
                 idx = jax.random.randint(kidx, (batch,), 0, n)
             mb = jax.lax.with_sharding_constraint(m_all[idx], bsh)
@@ -103,9 +108,12 @@ def train_joint(ms: np.ndarray, es: np.ndarray, cfg: ml_collections.ConfigDict, 
     devices = tuple(jax.devices()[: cfg.num_devices or None])
     ndev = len(devices)
     batch = max(ndev, min(cfg.batch_size, n) // ndev * ndev)  # no duplicate cells within a batch if N is small
-    init_fn, step_fn, state_sh, rep = _compiled(frozen, n, dm, de, batch, devices)
+    n_pad = -(-n // ROWS_BUCKET) * ROWS_BUCKET
+    init_fn, step_fn, state_sh, rep = _compiled(frozen, n_pad, dm, de, batch, devices)
     root = jax.random.key(seed)
-    data = (jax.device_put(np.asarray(ms, np.float32), rep), jax.device_put(np.asarray(es, np.float32), rep))
+    pad = ((0, n_pad - n), (0, 0))
+    data = (jax.device_put(np.pad(np.asarray(ms, np.float32), pad), rep),
+            jax.device_put(np.pad(np.asarray(es, np.float32), pad), rep), jax.device_put(np.int32(n), rep))
 
     ckpt = None
     if workdir:
