@@ -43,7 +43,7 @@ def _reference(data_dir):
     init = functools.partial(create_train_state, get_model_config(cfg.model, **cfg.model_overrides),
                              cfg.resolved_optim())
     state, shardings = shd.create_sharded_state(init, mesh, init_rng, min_size=256)
-    step = shd.jit_step(train_step, mesh, shardings)
+    step = shd.jit_step(functools.partial(train_step, augment=cfg.loader.augment), mesh, shardings)
     its = [make_train_iterator(data_dir, cfg.loader, process_index=i, process_count=2) for i in range(2)]
     losses = {}
     for s in range(1, STEPS + 1):

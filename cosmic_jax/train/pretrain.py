@@ -237,7 +237,7 @@ def train_and_evaluate(
         hooks.append(probe)
     hooks.extend(extra_hooks)
     index_log = _IndexLog(workdir, start, mesh, config.log_batch_indices)
-    step_fn = shd.jit_step(train_step, mesh, shardings)
+    step_fn = shd.jit_step(functools.partial(train_step, augment=config.loader.augment), mesh, shardings)
     if jax.process_count() > 1:
         step_fn = _compile_in_lockstep(step_fn, state, mesh, gb, want, train_rng)
     try:
