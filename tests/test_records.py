@@ -120,6 +120,24 @@ def test_bytes_per_crop_reported_and_compact(tmp_path):
     assert 8192 < sizes["uint16"] < 1.05 * 8192 + pad and 4096 < sizes["uint8"] < 1.05 * 4096 + pad
 
 
+def test_jobs_with_different_float_storage_read_together(tmp_path):
+    # Two --shard jobs of one dataset that happened to store floats differently: one batch
+    # spanning both is decoded per job, each within its own error bound.
+    imgs = np.random.default_rng(6).random((50, 8, 8, 1)).astype(np.float32)
+    recs = [records.encode_record(im, f"c{i}") for i, im in enumerate(imgs)]
+    records.write_shards(recs[:20], str(tmp_path), prefix="a", records_per_shard=8, manifest_name="manifest-a.json",
+                         float_storage="uint8")
+    records.write_shards(recs[20:], str(tmp_path), prefix="b", records_per_shard=8, manifest_name="manifest-b.json",
+                         float_storage="float32")
+    src = records.CropSource(str(tmp_path))
+    idx = [45, 3, 21, 19, 0, 30, 3]
+    got = src.read_images(idx)
+    exact = np.array(idx) >= 20
+    np.testing.assert_array_equal(got[exact], imgs[idx][exact])
+    assert 0 < np.abs(got[~exact] - imgs[idx][~exact]).max() <= 1 / 510 + 1e-6
+    assert src.cell_ids() == [f"c{i}" for i in range(50)]
+
+
 def test_mixed_shapes_or_dtypes_refused_naming_the_record(tmp_path):
     good = records.encode_record(np.zeros((4, 4, 1), np.uint16), "a")
     with pytest.raises(records.RecordError, match=r"input record 1 \('b'\): crop shape \(5, 4, 1\)"):

@@ -36,6 +36,7 @@ interchange format that :func:`write_shards` consumes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import json
 import logging
@@ -137,15 +138,15 @@ class PixelCodec:
             raise RecordError(f"crop dtype {image.dtype} is neither integer nor float")
         return cls(tuple(image.shape), "float32", np.dtype(float_storage).newbyteorder("<").str)
 
-    @property
+    @functools.cached_property
     def quantized(self) -> bool:
         return np.dtype(self.dtype).kind == "f" and np.dtype(self.stored).kind == "u"
 
-    @property
+    @functools.cached_property
     def header_bytes(self) -> int:
         return 8 * self.shape[2] if self.quantized else 0  # float32 scale + offset per channel
 
-    @property
+    @functools.cached_property
     def record_bytes(self) -> int:
         return self.header_bytes + int(np.prod(self.shape)) * np.dtype(self.stored).itemsize
 
@@ -176,13 +177,13 @@ class PixelCodec:
         rows = np.frombuffer(buf, np.uint8).reshape(n, self.record_bytes)
         h = self.header_bytes
         pixels = rows[:, h:].view(np.dtype(self.stored)).reshape(n, *self.shape)
-        out = pixels.astype(dtype)  # always a fresh, writable array
-        if self.quantized:
-            c = self.shape[2]
-            scale = rows[:, : 4 * c].view("<f4")[:, None, None, :]
-            offset = rows[:, 4 * c : h].view("<f4")[:, None, None, :]
-            out *= scale
-            out += offset
+        if not self.quantized:
+            return pixels.astype(dtype)  # a fresh, writable array
+        c = self.shape[2]
+        scale = rows[:, : 4 * c].view("<f4")[:, None, None, :]
+        offset = rows[:, 4 * c : h].view("<f4")[:, None, None, :]
+        out = np.multiply(pixels, scale, dtype=dtype)  # convert and scale in one pass
+        out += offset
         return out
 
 
@@ -369,10 +370,15 @@ class CropSource:
         self.__dict__.update(state)
         self._init_local()
 
-    def _reader(self, shard: int):
+    def _readers(self) -> dict[int, Any]:
+        """This thread's open readers by shard number."""
         readers = getattr(self._local, "readers", None)
         if readers is None:
             readers = self._local.readers = {}
+        return readers
+
+    def _reader(self, shard: int):
+        readers = self._readers()
         r = readers.get(shard)
         if r is None:
             from array_record.python.array_record_module import ArrayRecordReader
@@ -408,58 +414,64 @@ class CropSource:
         shard = int(np.searchsorted(self._offsets, index, side="right") - 1)
         return shard, int(index - self._offsets[shard])
 
-    def _by_shard(self, indices) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Group crop indices by shard: (shard, positions in ``indices``, sorted local numbers)."""
+    def _sorted(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Crop indices -> (order that sorts them, shard of each sorted index, crop number in it)."""
         idx = np.asarray(indices, np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             bad = idx[(idx < 0) | (idx >= len(self))][0]
             raise IndexError(f"{self.data_dir}: record {bad} out of range [0, {len(self)})")
         order = np.argsort(idx, kind="stable")
-        sorted_idx = idx[order]
-        shard_of = np.searchsorted(self._offsets, sorted_idx, side="right") - 1
-        cuts = np.flatnonzero(np.diff(shard_of)) + 1
-        for seg in np.split(np.arange(idx.size), cuts):
-            if seg.size:
-                s = int(shard_of[seg[0]])
-                yield s, order[seg], sorted_idx[seg] - self._offsets[s]
+        shard_of = np.searchsorted(self._offsets, idx[order], side="right") - 1
+        return order, shard_of, idx[order] - self._offsets[shard_of]
 
-    def _read_raw(self, shard: int, local: Sequence[int]) -> list[bytes]:
-        reader, path = self._reader(shard), self._shards[shard].path
-        out = []
-        for i in local:
+    def _read_raw(self, shards: Sequence[int], records: Sequence[int]) -> list[bytes]:
+        """Record ``records[k]`` of shard ``shards[k]``, for every k, in this thread."""
+        out, readers = [], self._readers()
+        for shard, i in zip(shards, records):
+            reader = readers.get(shard) or self._reader(shard)
             try:
-                # seek + read runs in this thread; read([...]) would hand each record to a
-                # spinning thread pool, which costs ~3x the CPU per record.
+                # seek + read runs here; read([...]) hands each record to a spinning thread
+                # pool, which costs ~3x the CPU per record.
                 reader.seek(i)
                 out.append(reader.read())
             except Exception as e:
-                raise RecordError(f"{path} record {i}: cannot read ({type(e).__name__}: {e})") from e
+                raise RecordError(f"{self._shards[shard].path} record {i}: cannot read ({type(e).__name__}: {e})") from e
         return out
+
+    def _decode(self, codec: PixelCodec, raw: list[bytes], shards, records, dtype) -> np.ndarray:
+        buf = b"".join(raw)
+        if len(buf) != len(raw) * codec.record_bytes:
+            k = next(k for k, r in enumerate(raw) if len(r) != codec.record_bytes)
+            raise RecordError(
+                f"{self._shards[shards[k]].path} record {records[k]}: cannot decode crop pixels ({len(raw[k])} "
+                f"bytes, expected {codec.record_bytes} for {codec.shape} {codec.stored}); corrupt shard?"
+            )
+        return codec.decode(buf, len(raw), dtype)
 
     def read_images(self, indices, dtype: Any = np.float32) -> np.ndarray:
         """Crops ``indices`` (any order, repeats allowed) -> (n, H, W, C) array of ``dtype``.
 
-        One call per shard touched; pixel records are decoded together (numpy, no per-crop
-        Python beyond the record fetch).
+        Records are fetched in sorted order and decoded together (one numpy pass for the whole
+        batch, whatever the number of shards it spans).
         """
-        idx = np.asarray(indices, np.int64).reshape(-1)
-        out = np.empty((idx.size, *self.image_shape), dtype)
-        for shard, pos, local in self._by_shard(idx):
-            s = self._shards[shard]
-            local = local.tolist()
-            raw = self._read_raw(shard, local)
-            if s.codec is None:
-                images = [decode_record(r, f"{s.path} record {i}")["image"] for r, i in zip(raw, local)]
-                out[pos] = np.stack(images)
-                continue
-            buf = b"".join(raw)
-            if len(buf) != len(raw) * s.codec.record_bytes:
-                i, r = next((i, r) for i, r in zip(local, raw) if len(r) != s.codec.record_bytes)
-                raise RecordError(
-                    f"{s.path} record {i}: cannot decode crop pixels ({len(r)} bytes, expected "
-                    f"{s.codec.record_bytes} for {s.codec.shape} {s.codec.stored}); corrupt shard?"
-                )
-            out[pos] = s.codec.decode(buf, len(raw), dtype)
+        order, shard_of, local = self._sorted(indices)
+        shards, records = shard_of.tolist(), local.tolist()
+        raw = self._read_raw(shards, records)
+        out = np.empty((len(raw), *self.image_shape), dtype)
+        touched = np.unique(shard_of).tolist()
+        codecs = {self._shards[s].codec for s in touched}
+        if len(codecs) == 1 and None not in codecs:
+            out[order] = self._decode(codecs.pop(), raw, shards, records, dtype)
+            return out
+        for s in touched:  # format-1 shards, or jobs that stored floats differently
+            at = np.flatnonzero(shard_of == s)
+            part = [raw[k] for k in at]
+            codec, path = self._shards[s].codec, self._shards[s].path
+            if codec is None:
+                images = [decode_record(r, f"{path} record {records[k]}")["image"] for r, k in zip(part, at)]
+                out[order[at]] = np.stack(images)
+            else:
+                out[order[at]] = self._decode(codec, part, [s] * len(at), [records[k] for k in at], dtype)
         return out
 
     def _meta_block(self, shard: int, block: int) -> dict[str, list]:
@@ -468,7 +480,7 @@ class CropSource:
         if hit is not None:
             return hit
         s = self._shards[shard]
-        (raw,) = self._read_raw(shard, [s.num_records + block])
+        (raw,) = self._read_raw([shard], [s.num_records + block])
         try:
             value = msgpack.unpackb(raw, raw=False)
             n = min(META_BLOCK, s.num_records - block * META_BLOCK)
@@ -486,18 +498,16 @@ class CropSource:
 
     def read_meta(self, indices) -> tuple[list[str], list[dict[str, Any]]]:
         """(cell_ids, metadata dicts) of crops ``indices``, in that order."""
-        idx = np.asarray(indices, np.int64).reshape(-1)
-        ids: list[Any] = [None] * idx.size
-        metas: list[Any] = [None] * idx.size
-        for shard, pos, local in self._by_shard(idx):
+        order, shard_of, local = self._sorted(indices)
+        ids: list[Any] = [None] * len(order)
+        metas: list[Any] = [None] * len(order)
+        for p, shard, i in zip(order.tolist(), shard_of.tolist(), local.tolist()):
             s = self._shards[shard]
             if s.codec is None:
-                for p, i in zip(pos.tolist(), local.tolist()):
-                    (raw,) = self._read_raw(shard, [i])
-                    rec = decode_record(raw, f"{s.path} record {i}")
-                    ids[p], metas[p] = rec["cell_id"], rec["meta"]
-                continue
-            for p, i in zip(pos.tolist(), local.tolist()):
+                (raw,) = self._read_raw([shard], [i])
+                rec = decode_record(raw, f"{s.path} record {i}")
+                ids[p], metas[p] = rec["cell_id"], rec["meta"]
+            else:
                 block = self._meta_block(shard, i // META_BLOCK)
                 ids[p], metas[p] = block["cell_ids"][i % META_BLOCK], block["meta"][i % META_BLOCK]
         return ids, metas
