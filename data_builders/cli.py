@@ -1,4 +1,4 @@
-"""``cosmic data nuclei | tfds | synthetic``: dataset builders on the command line.
+"""``cosmic data nuclei | paired | tfds | synthetic``: dataset builders on the command line.
 
 Heavy imports (scikit-image, tensorflow_datasets, the synthetic generator's stack) happen inside
 the command functions so ``cosmic --help`` stays instant.
@@ -21,6 +21,16 @@ def _shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (v > 0 and v < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
 def _setup_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -34,7 +44,22 @@ def register(subparsers) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--demo", action="store_true", help="use every shipped real nuclei image")
     src.add_argument("--images", nargs="+", metavar="GLOB", help="folders, globs or files")
-    p.add_argument("--out", required=True, help="output crop dataset folder")
+    p.add_argument("--masks", nargs="+", metavar="GLOB", default=None,
+                   help="instance label images (integer, 0 = background), one per image (a (T, H, W) "
+                        "stack for a T-frame image); crops exactly their instances, no segmentation. "
+                        "Paired by key: the mask of <images root>/a/b.tif is <masks root>/a/b<SUFFIX>.<ext>")  # fmt: skip
+    p.add_argument("--mask-suffix", default=None, metavar="SUFFIX",
+                   help="mask name suffix, e.g. _mask or '' (same name, other folder); default: try "
+                        "'', _mask, _masks, _label, _labels, _seg, _cp_masks")  # fmt: skip
+    p.add_argument("--out", required=True, help="output crop dataset folder (replaced only when the build succeeds)")
+    p.add_argument("--save-labels", default=None, metavar="DIR",
+                   help="write the instance labels used for each image as DIR/<key>.tif (uint16/uint32; "
+                        "multi-page for stacks, all-0 pages for skipped frames); usable as --masks")  # fmt: skip
+    p.add_argument("--pixel-size", type=_positive, default=None, metavar="UM",
+                   help="microns per input pixel (default: from TIFF metadata where present)")  # fmt: skip
+    p.add_argument("--target-pixel-size", type=_positive, default=None, metavar="UM",
+                   help="rescale every frame to this many microns per pixel before segmenting and "
+                        "cropping (default: no rescaling)")  # fmt: skip
     p.add_argument("--crop-size", type=int, default=64)
     p.add_argument("--norm", choices=("crop", "image"), default="crop",
                    help="crop: per-nucleus p1..p99 -> [0,1]; image: / frame foreground p99.9")  # fmt: skip
@@ -45,6 +70,8 @@ def register(subparsers) -> None:
                    help="shrink nuclei larger than the crop instead of dropping them")  # fmt: skip
     p.add_argument("--skip-empty", action="store_true",
                    help="count and skip frames without nuclei instead of failing (on for --demo)")  # fmt: skip
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="count and skip image files that cannot be read or used instead of failing")  # fmt: skip
     p.add_argument("--channel", type=int, default=None, help="nucleus channel of RGB(A) images")
     p.add_argument("--records-per-shard", type=int, default=4096)
     seg = p.add_argument_group("segmentation")
@@ -55,6 +82,21 @@ def register(subparsers) -> None:
     seg.add_argument("--max-area", type=int, default=0, help="0 = no upper limit")
     seg.add_argument("--min-distance", type=int, default=4)
     p.set_defaults(func=run_nuclei)
+
+    q = sub.add_parser("paired", help="import a lab's paired data: AnnData of counts + one image per cell")
+    q.add_argument("--adata", required=True, help="cells .h5ad (one row per cell; counts in X, --layer or --use-raw)")
+    q.add_argument("--images", required=True,
+                   help="(N, H, W[, C]) stack (.npy or multi-page TIFF) in AnnData row order, or a folder "
+                        "of <cell_id>.<tif|tiff|png|npy> files")  # fmt: skip
+    q.add_argument("--masks", default=None, help="optional per-cell masks, same layout; pixels outside are set to 0")
+    q.add_argument("--out", required=True, help="output folder: cells.h5ad + crops/ (replaced only on success)")
+    q.add_argument("--cell-id-key", default=None, help="obs column with the cell ids (default obs['cell_id'] or obs_names)")
+    q.add_argument("--layer", default=None, help="take the counts from this layer instead of X")
+    q.add_argument("--use-raw", action="store_true", help="take the counts (and genes) from adata.raw")
+    q.add_argument("--norm", choices=("crop", "none"), default="crop",
+                   help="crop: per-cell p1..p99 -> [0,1] float32; none: source pixels and dtype unchanged")  # fmt: skip
+    q.add_argument("--records-per-shard", type=int, default=4096)
+    q.set_defaults(func=run_paired)
 
     t = sub.add_parser("tfds", help="re-pack a crop dataset as a TFDS (array_record) dataset")
     t.add_argument("--crops", required=True, help="crop dataset folder (cosmic data nuclei --out)")
@@ -80,6 +122,9 @@ def run_nuclei(args) -> int:
 
     _setup_logging()
     sources = images.demo_images() if args.demo else images.find_images(args.images)
+    masks = None
+    if args.masks is not None:
+        sources, masks = images.pair_masks(sources, images.find_images(args.masks), args.mask_suffix)
     seg_params = segment.SegmentParams(
         background_radius=args.background_radius,
         sigma=args.sigma,
@@ -93,7 +138,10 @@ def run_nuclei(args) -> int:
         norm=args.norm,
         downscale_large=args.downscale_large,
         skip_empty=args.skip_empty or args.demo,  # the demo z-stack has empty end slices
+        skip_unreadable=args.skip_unreadable,
         channel=args.channel,
+        pixel_size=args.pixel_size,
+        target_pixel_size=args.target_pixel_size,
     )
     manifest = nuclei.build_dataset(
         sources,
@@ -104,8 +152,22 @@ def run_nuclei(args) -> int:
         shard=args.shard,
         records_per_shard=args.records_per_shard,
         progress=True,
+        masks=masks,
+        labels_dir=args.save_labels,
     )
     print(json.dumps({"out": args.out, "num_records": manifest["num_records"], **manifest["build"]["stats"]}))
+    return 0
+
+
+def run_paired(args) -> int:
+    from data_builders import paired
+
+    _setup_logging()
+    summary = paired.build_paired(
+        args.adata, args.images, args.out, masks=args.masks, cell_id_key=args.cell_id_key, layer=args.layer,
+        use_raw=args.use_raw, params=paired.PairedParams(norm=args.norm, records_per_shard=args.records_per_shard),
+    )  # fmt: skip
+    print(json.dumps(summary))
     return 0
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from cosmic_jax.data.augment import AugmentConfig, augment_batch
-from cosmic_jax.train.step import augment_key, create_train_state, train_step
+from cosmic_jax.train.mae import augment_key, create_train_state, train_step
 
 IMG = np.random.default_rng(0).random((8, 8, 2), dtype=np.float32)  # no symmetry of its own
 
@@ -78,11 +78,19 @@ def test_keys_depend_only_on_seed_and_step_and_not_on_sharding():
 
 
 def test_train_step_augments_with_the_step_key():
-    from cosmic_jax.configs.mae import get_model_config
-    from cosmic_jax.train.optim import OptimConfig
+    from cosmic_jax.configs import mae as mae_configs
+    from cosmic_jax.configs import optim as optim_configs
+    from cosmic_jax.configs import pretrain as pretrain_configs
+    from cosmic_jax.configs.overrides import frozen
+    from cosmic_jax.models.mae import model_config
+    from cosmic_jax.train.optim import resolve
 
-    cfg = AugmentConfig(intensity_shift=0.05)
-    state = create_train_state(get_model_config("vit_test", depth=1, image_size=16), OptimConfig(lr=1e-3), jax.random.key(0))
+    mc = mae_configs.get_config("vit_test")
+    mc.update(depth=1, image_size=16)
+    aug_cfg = pretrain_configs.augment_config()  # the run config's form of the settings
+    aug_cfg.intensity_shift = 0.05
+    cfg = frozen(aug_cfg)
+    state = create_train_state(model_config(mc), resolve(optim_configs.get_config(lr=1e-3), 10), jax.random.key(0))
     state = state.replace(step=jnp.int32(3))
     x = jnp.asarray(np.random.default_rng(2).random((4, 16, 16, 1), dtype=np.float32))
     rng = jax.random.key(1)

@@ -7,17 +7,18 @@ import pytest
 
 jax = pytest.importorskip("jax")
 
-from cosmic_jax.configs.mae import get_model_config  # noqa: E402
+from cosmic_jax.configs import overrides as cfg_io  # noqa: E402
+from cosmic_jax.configs import pretrain as pretrain_configs  # noqa: E402
 from cosmic_jax.data.records import encode_record, write_shards  # noqa: E402
 from cosmic_jax.embed import Embedder, EmbedInputError  # noqa: E402
-from cosmic_jax.models.mae import MAE, abstract_params  # noqa: E402
+from cosmic_jax.models.mae import MAE, abstract_params, model_config  # noqa: E402
 
 ATOL = 2e-5
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    return get_model_config("vit_test")
+    return model_config(pretrain_configs.get_config("test").model)
 
 
 def random_params(cfg, seed=1):
@@ -61,11 +62,11 @@ def write_crops(out_dir, images, ids, per_shard=4):
 
 
 def save_checkpoint(workdir, params, step=3):
-    from cosmic_jax.train.checkpoint import Checkpointer, save_config
+    from cosmic_jax.train.checkpoint import Checkpointer
 
-    save_config(str(workdir), {"model": "vit_test", "model_overrides": {}})
+    cfg_io.save(pretrain_configs.get_config("test"), os.path.join(str(workdir), "config.json"))
     ck = Checkpointer(str(workdir), save_every=1, async_save=False)
-    ck.save(step, {"params": params}, force=True)
+    ck.save(step, {"params": params})
     ck.close()
     return str(workdir)
 
@@ -232,11 +233,11 @@ def test_checkpoint_cli_and_h5ad(tmp_path, cfg, params, images, emb4):
     perm = np.random.default_rng(4).permutation(len(images))
     crops = write_crops(tmp_path / "crops", images[perm], [ids[i] for i in perm])
     npy = str(tmp_path / "e.npy")
-    assert main(["embed", "--checkpoint", w, "--input", crops, "--output", npy, "--batch-size", "4"]) == 0
+    assert main(["embed", "--checkpoint", w, "--input", crops, "--output", npy, "--config.batch_size=4"]) == 0
     np.testing.assert_allclose(np.load(npy), want[perm], atol=ATOL)  # crop-dataset order
 
     new = str(tmp_path / "new.h5ad")
-    main(["embed", "--checkpoint", w, "--input", crops, "--output", new, "--layer", "0"])
+    main(["embed", "--checkpoint", w, "--input", crops, "--output", new, "--config.layer=0"])
     a = ad.read_h5ad(new)
     assert list(a.obs_names) == [ids[i] for i in perm]
     np.testing.assert_allclose(a.obsm["X_cosmic"], reference(cfg, params, images[perm], layer=0), atol=ATOL)

@@ -11,7 +11,8 @@ import pytest
 
 jax = pytest.importorskip("jax")
 
-from cosmic_jax.configs.mae import get_model_config  # noqa: E402
+from cosmic_jax.configs import pretrain as pretrain_configs  # noqa: E402
+from cosmic_jax.models.mae import model_config  # noqa: E402
 from cosmic_jax.embed import Embedder  # noqa: E402
 from cosmic_jax.embed.export import (  # noqa: E402
     ExportError,
@@ -26,7 +27,7 @@ CONSUMER = os.path.join(os.path.dirname(__file__), "_export_consumer.py")
 
 @pytest.fixture(scope="module")
 def cfg():
-    return get_model_config("vit_test")
+    return model_config(pretrain_configs.get_config("test").model)
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +165,8 @@ def test_cli_export_and_embed_agree(tmp_path, cfg, params, images):
     assert not os.path.exists(os.path.join(out, "mae.safetensors"))
     crops = write_crops(tmp_path / "crops", images, [f"k{i}" for i in range(len(images))])
     a, b = str(tmp_path / "a.npy"), str(tmp_path / "b.npy")
-    main(["embed", "--checkpoint", w, "--input", crops, "--output", a, "--batch-size", "4"])
-    main(["embed", "--export", out, "--input", crops, "--output", b, "--batch-size", "5"])
+    main(["embed", "--checkpoint", w, "--input", crops, "--output", a, "--config.batch_size=4"])
+    main(["embed", "--export", out, "--input", crops, "--output", b, "--config.batch_size=5"])
     ref = Embedder(cfg, params, batch_size=8).embed(images)
     np.testing.assert_allclose(np.load(a), ref, atol=ATOL)
     np.testing.assert_allclose(np.load(b), ref, atol=ATOL)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cosmic_jax.joint.flow import (
+from cosmic_jax.models.flow import (
     VelocityMLP,
     flow_matching_loss,
     linear_path,

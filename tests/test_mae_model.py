@@ -6,18 +6,30 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from cosmic_jax.configs.mae import get_model_config, parse_overrides
-from cosmic_jax.models.mae import (MAE, abstract_params, count_params, masked_mse,
-                                   norm_pix_target, param_logical_specs, random_masking)
+from cosmic_jax.configs import mae as mae_configs
+from cosmic_jax.configs import optim as optim_configs
+from cosmic_jax.configs.overrides import ConfigError, load_config
+from cosmic_jax.models.mae import (MAE, abstract_params, count_params, masked_mse, model_config, norm_pix_target,
+                                   num_patches, num_visible, param_logical_specs, random_masking)
 from cosmic_jax.models.patches import patchify, sincos_pos_embed_2d, unpatchify
-from cosmic_jax.train.optim import OptimConfig, decay_mask, make_optimizer, make_schedule
-from cosmic_jax.train.step import create_train_state, train_step
+from cosmic_jax.train.mae import create_train_state, train_step
+from cosmic_jax.train.optim import decay_mask, make_optimizer, make_schedule, resolve
+
+
+def model(name, **kw):
+    cfg = mae_configs.get_config(name)
+    cfg.update(kw)
+    return model_config(cfg)
+
+
+def opt(steps=50, **kw):
+    return resolve(optim_configs.get_config(**kw), steps)
 
 
 # One model/optimizer config and one batch shape for every train-step test: each distinct
 # static config or shape is another XLA compile, the dominant cost on a 2-core box.
-TINY = get_model_config("vit_test", norm_pix_loss=False)
-OPT = OptimConfig(lr=2e-3, warmup_steps=5, total_steps=50)
+TINY = model("vit_test", norm_pix_loss=False)
+OPT = opt(lr=2e-3, warmup_fraction=0.1, total_steps=50)
 STEP = jax.jit(train_step)
 
 
@@ -47,21 +59,23 @@ def structured_images(n, size=32, seed=0):
 
 # ------------------------------------------------------------------ configs / params
 def test_param_counts_match_peers():
-    assert count_params(abstract_params(get_model_config("vit_s8_64"))) == 24_594_496
-    assert count_params(abstract_params(get_model_config("vit_t8_64"))) == 8_577_088
+    assert count_params(abstract_params(model("vit_s8_64"))) == 24_594_496
+    assert count_params(abstract_params(model("vit_t8_64"))) == 8_577_088
 
 
 def test_config_overrides_and_errors():
-    cfg = get_model_config("vit_test", **parse_overrides(["mask_ratio=0.5", "dtype=bfloat16",
-                                                         "remat=true", "pixel_mean=0.5"]))
+    cfg = model_config(load_config(mae_configs, "vit_test", [
+        "--config.mask_ratio=0.5", "--config.dtype=bfloat16", "--config.remat=true", "--config.pixel_mean=(0.5,)"]))
     assert (cfg.mask_ratio, cfg.dtype, cfg.remat, cfg.pixel_mean) == (0.5, "bfloat16", True, (0.5,))
-    assert cfg.num_visible == 8
-    with pytest.raises(KeyError, match="nonsense"):
-        get_model_config("vit_test", nonsense=1)
-    with pytest.raises(KeyError, match="vit_zz"):
-        get_model_config("vit_zz")
+    assert num_visible(cfg) == 8
+    with pytest.raises(ConfigError, match="nonsense"):
+        load_config(mae_configs, "vit_test", ["--config.nonsense=1"])
+    with pytest.raises(ConfigError, match="vit_zz"):
+        load_config(mae_configs, "vit_zz")
+    with pytest.raises(ConfigError, match="1e3"):
+        load_config(mae_configs, "vit_test", ["--config.depth=1e3"])
     with pytest.raises(ValueError, match="patch_size"):
-        get_model_config("vit_test", patch_size=7)
+        model("vit_test", patch_size=7)
 
 
 def test_logical_specs_and_decay_mask(tiny):
@@ -113,7 +127,7 @@ def test_loss_ignores_visible_patches(tiny):
     x = structured_images(8)
     loss, aux = _fwd(state.params, x, jax.random.key(5))
     masked = aux["mask"]
-    assert np.all(np.asarray(masked).sum(1) == cfg.num_patches - cfg.num_visible)
+    assert np.all(np.asarray(masked).sum(1) == num_patches(cfg) - num_visible(cfg))
     patches = patchify(x, cfg.patch_size)
     for norm_pix in (False, True):
         ref = masked_mse(aux["pred"], patches, masked, norm_pix)
@@ -189,7 +203,7 @@ def test_microbatch_step_is_mean_over_chunks(tiny):
     cfg, state0 = tiny
     batch = {"image": structured_images(8)}
     key = jax.random.key(3)
-    mb = state0.replace(optim_cfg=OPT.replace(microbatch=4))
+    mb = state0.replace(optim_cfg=opt(lr=2e-3, warmup_fraction=0.1, total_steps=50, microbatch=4))
     s1, m = jax.jit(train_step)(mb, batch, key)
     step_key = jax.random.fold_in(key, 0)
     losses = [float(_fwd(state0.params, batch["image"][c::2],  # chunk c = rows c, c+2, ...
@@ -197,20 +211,20 @@ def test_microbatch_step_is_mean_over_chunks(tiny):
     assert float(m["loss"]) == pytest.approx(np.mean(losses), rel=1e-5)
     assert int(s1.step) == 1 and np.isfinite(float(m["grad_norm"]))
     with pytest.raises(ValueError, match="multiple of microbatch=3"):
-        jax.jit(train_step)(state0.replace(optim_cfg=OPT.replace(microbatch=3)), batch, key)
+        jax.jit(train_step)(state0.replace(optim_cfg=opt(lr=2e-3, microbatch=3)), batch, key)
 
 
 def test_grad_accumulation_and_clipping():
     params = {"w": {"kernel": jnp.ones((3, 2))}, "b": {"bias": jnp.ones((2,))}}
     grads = jax.tree_util.tree_map(lambda p: 10.0 * jnp.ones_like(p), params)
-    tx = make_optimizer(OptimConfig(lr=0.1, accum_steps=2, clip_norm=1.0, weight_decay=0.0))
+    tx = make_optimizer(opt(lr=0.1, accum_steps=2, clip_norm=1.0, weight_decay=0.0, total_steps=0, warmup_fraction=0.0))
     st = tx.init(params)
     u1, st = tx.update(grads, st, params)
     assert all(float(jnp.abs(l).max()) == 0.0 for l in jax.tree_util.tree_leaves(u1))
     u2, st = tx.update(grads, st, params)
     # first Adam step moves every coordinate by ~lr regardless of the clipped gradient size
     np.testing.assert_allclose(np.asarray(u2["w"]["kernel"]), -0.1, rtol=1e-4)
-    sched = make_schedule(OptimConfig(lr=1.0, warmup_steps=10, total_steps=110, min_lr=0.1))
+    sched = make_schedule(opt(110, lr=1.0, warmup_fraction=10 / 110, total_steps=110, end_lr_fraction=0.1))
     assert float(sched(5)) == pytest.approx(0.5) and float(sched(10)) == pytest.approx(1.0)
     assert float(sched(110)) == pytest.approx(0.1) and 0.1 < float(sched(60)) < 1.0
 
@@ -224,7 +238,7 @@ def test_encode_layers_and_pools(tiny):
                   static_argnums=(2, 3))
     h0 = enc(state.params, x, 0, "none")
     h1 = enc(state.params, x, 1, "none")
-    assert h0.shape == h1.shape == (3, 1 + cfg.num_patches, cfg.hidden)
+    assert h0.shape == h1.shape == (3, 1 + num_patches(cfg), cfg.hidden)
     assert not np.allclose(h0, h1)
     cls0 = enc(state.params, x, 0, "cls")
     np.testing.assert_allclose(cls0, h0[:, 0], rtol=1e-6)
@@ -251,13 +265,13 @@ def test_reconstruct_pastes_visible(tiny):
     vis = np.asarray(out["mask"]) == 0
     np.testing.assert_allclose(np.asarray(out["pasted"])[vis], np.asarray(x)[vis], atol=1e-6)
     np.testing.assert_allclose(np.asarray(out["pasted"])[~vis], np.asarray(out["pred"])[~vis])
-    assert vis.mean() == pytest.approx(cfg.num_visible / cfg.num_patches)
+    assert vis.mean() == pytest.approx(num_visible(cfg) / num_patches(cfg))
 
 
 def test_bf16_many_tokens_no_nan():
     # 64 tokens of patch 8, bf16 compute, huge intensities and perfectly flat patches
-    cfg = get_model_config("vit_test", image_size=64, dtype="bfloat16")
-    state = create_train_state(cfg, OptimConfig(lr=1e-3), jax.random.key(0))
+    cfg = model("vit_test", image_size=64, dtype="bfloat16")
+    state = create_train_state(cfg, opt(lr=1e-3), jax.random.key(0))
     x = 1000.0 * structured_images(2, size=64)
     x = x.at[:, :32, :32].set(5000.0)  # flat region: zero patch variance
     new, m = jax.jit(train_step)(state, {"image": x}, jax.random.key(1))

@@ -13,14 +13,17 @@ import jax
 import numpy as np
 import pytest
 
-from _train_helpers import enable_compile_cache, losses_by_step, run_worker, write_blob_dataset
+from cosmic_jax.configs import pretrain
+from cosmic_jax.configs.overrides import load_config
+from cosmic_jax.testing.crops import write_blob_dataset
+from cosmic_jax.testing.runs import enable_compile_cache, losses_by_step, run_worker
 
 STEPS = 6
-OVER = [
+OVER = [f"--config.{x}" for x in (
     f"steps={STEPS}", "log_every=1", "ckpt_every=3", "recon_every=0", "probe_every=0", "progress=false",
-    "mesh.fsdp=8", "mesh.fsdp_min_size=256", "loader.global_batch=16", "loader.read_threads=1", "seed=5",
-    "optim.warmup_steps=2", "model.depth=1",
-]
+    "mesh.fsdp=8", "loader.global_batch=16", "loader.read_threads=1", "seed=5",
+    "optim.warmup_fraction=0.34", "model.depth=1",
+)]
 
 
 def _free_port() -> int:
@@ -30,19 +33,19 @@ def _free_port() -> int:
 
 
 def _reference(data_dir):
-    from cosmic_jax.configs.mae import get_model_config
-    from cosmic_jax.configs.pretrain import get_config
     from cosmic_jax.data.loader import make_train_iterator
+    from cosmic_jax.models.mae import model_config, param_logical_specs
+    from cosmic_jax.train import optim
     from cosmic_jax.train import sharding as shd
+    from cosmic_jax.train.mae import create_train_state, train_step
     from cosmic_jax.train.pretrain import run_rngs
-    from cosmic_jax.train.step import create_train_state, train_step
 
-    cfg = get_config("test", OVER)
+    cfg = load_config(pretrain, "test", OVER)
     mesh = shd.make_mesh(-1, 8)
     init_rng, train_rng, _ = run_rngs(cfg.seed)
-    init = functools.partial(create_train_state, get_model_config(cfg.model, **cfg.model_overrides),
-                             cfg.resolved_optim())
-    state, shardings = shd.create_sharded_state(init, mesh, init_rng, min_size=256)
+    mc = model_config(cfg.model)
+    init = functools.partial(create_train_state, mc, optim.resolve(cfg.optim, cfg.steps, 16, 8, "cpu"))
+    state, shardings = shd.create_sharded_state(init, mesh, init_rng, param_specs=param_logical_specs(mc))
     step = shd.jit_step(functools.partial(train_step, augment=cfg.loader.augment), mesh, shardings)
     its = [make_train_iterator(data_dir, cfg.loader, process_index=i, process_count=2) for i in range(2)]
     losses = {}
@@ -63,8 +66,9 @@ def test_two_processes_match_single_process(tmp_path):
     w = str(tmp_path / "w")
     addr = f"127.0.0.1:{_free_port()}"
     procs = [
-        run_worker(data_dir, w, OVER + [f"distributed.coordinator_address={addr}", "distributed.num_processes=2",
-                                        f"distributed.process_id={i}"], devices=4, wait=False)
+        run_worker(data_dir, w, OVER + [f"--config.distributed.coordinator_address={addr}",
+                                        "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+                   devices=4, wait=False)
         for i in range(2)
     ]
     try:

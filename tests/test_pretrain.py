@@ -13,22 +13,24 @@ import jax
 import numpy as np
 import pytest
 
-from _train_helpers import (
-    enable_compile_cache,
-    losses_by_step,
-    read_jsonl,
-    run_worker,
-    write_blob_dataset,
-    write_chromatin_dataset,
-)
+from cosmic_jax.configs import pretrain
+from cosmic_jax.configs.overrides import load_config
+from cosmic_jax.testing.crops import write_blob_dataset
+from cosmic_jax.testing.runs import enable_compile_cache, losses_by_step, read_jsonl, run_worker, subprocess_env
+from data_builders.probe_crops import write_chromatin_dataset
+
+
+def O(*items):  # noqa: E743 - "key=value" -> "--config.key=value"
+    return [f"--config.{x}" for x in items]
+
 
 STEPS = 40
-BASE = [
+BASE = O(
     f"steps={STEPS}", "log_every=1", "ckpt_every=10", "keep_ckpts=10", "recon_every=0",
-    "probe_every=0", "log_batch_indices=true", "progress=false", "mesh.fsdp=8", "mesh.fsdp_min_size=256",
-    "loader.global_batch=32", "loader.read_threads=1", "optim.warmup_steps=5", "seed=3",
-]
-REF_EXTRA = ["recon_every=40", "probe_every=20"]
+    "probe_every=0", "log_batch_indices=true", "progress=false", "mesh.fsdp=8",
+    "loader.global_batch=32", "loader.read_threads=1", "optim.warmup_fraction=0.125", "seed=3",
+)
+REF_EXTRA = O("recon_every=40", "probe_every=20")
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +45,11 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref(data, tmp_path_factory):
     """The uninterrupted in-process reference run."""
-    from cosmic_jax.configs.pretrain import get_config
     from cosmic_jax.train.pretrain import train_and_evaluate
 
     enable_compile_cache()
     workdir = str(tmp_path_factory.mktemp("ref") / "w")
-    cfg = get_config("test", BASE + REF_EXTRA + [f"probe_data={data['probe']}"])
+    cfg = load_config(pretrain, "test", BASE + REF_EXTRA + O(f"probe_data={data['probe']}"))
     out = train_and_evaluate(cfg, data["train"], workdir)
     return {"workdir": workdir, "out": out, "losses": losses_by_step(workdir), "indices": _indices(workdir)}
 
@@ -103,19 +104,18 @@ def probe_run(tmp_path_factory):
     reaches ~1.0, the predict-zero level of norm_pix targets) and leave the encoder within ~7% of its
     init. One device, no checkpoints in between: ~25 s on 2 idle cores.
     """
-    from cosmic_jax.configs.pretrain import get_config
     from cosmic_jax.train.pretrain import train_and_evaluate
 
     enable_compile_cache()
     root = tmp_path_factory.mktemp("chromatin")
     train = write_chromatin_dataset(str(root / "train"), 192, seed=11, mixed=True)
     probe = write_chromatin_dataset(str(root / "probe"), 256, seed=12)
-    cfg = get_config("test", [
+    cfg = load_config(pretrain, "test", O(
         f"steps={PROBE_STEPS}", f"probe_every={PROBE_STEPS}", f"probe_data={probe}", "probe_at_start=true",
         "recon_every=0", f"ckpt_every={PROBE_STEPS}", "log_every=10", "progress=false", "seed=3",
         "mesh.num_devices=1", "loader.global_batch=32", "loader.read_threads=1",
-        "optim.lr=2e-3", "optim.warmup_steps=20",
-    ])
+        "optim.lr=2e-3", "optim.warmup_fraction=0.08",
+    ))
     workdir = str(root / "w")
     train_and_evaluate(cfg, train, workdir)
     return _probe_rows(workdir)
@@ -138,16 +138,15 @@ def test_probe_rises_with_training(probe_run):
 
 
 def test_config_json_and_load_for_inference(ref):
-    from cosmic_jax.configs.mae import get_model_config
-    from cosmic_jax.configs.pretrain import config_from_dict, get_config
-    from cosmic_jax.train.checkpoint import load_config, load_for_inference
+    from cosmic_jax.models.mae import model_config
+    from cosmic_jax.train.pretrain import load_for_inference, load_run_config
 
-    saved = load_config(ref["workdir"])
-    cfg = config_from_dict(saved)
-    assert cfg.steps == STEPS and cfg.mesh.fsdp == 8 and cfg.optim.warmup_steps == 5
-    assert cfg.loader == get_config("test", BASE).loader
+    cfg = load_run_config(ref["workdir"])
+    assert cfg.steps == STEPS and cfg.mesh.fsdp == 8 and cfg.optim.warmup_fraction == 0.125
+    assert cfg.loader == load_config(pretrain, "test", BASE).loader
     model_cfg, params, step, info = load_for_inference(ref["workdir"])
-    assert model_cfg == get_model_config("vit_test") and step == STEPS and info["steps"] == [10, 20, 30, 40]
+    assert model_cfg == model_config(pretrain.get_config("test").model)
+    assert step == STEPS and info["steps"] == [10, 20, 30, 40]
     want = jax.device_get(ref["out"]["state"].params)
     leaves = jax.tree.leaves(params)
     assert all(len(x.devices()) == 1 for x in leaves)
@@ -169,8 +168,6 @@ def test_sigkill_then_resume_matches_uninterrupted(ref, data, tmp_path):
     import subprocess
     import sys
 
-    from _train_helpers import subprocess_env
-
     cmd = [sys.executable, "-m", "cosmic_jax.cli", "pretrain", "--config", "test", "--data", data["train"],
            "--workdir", w, "--steps", str(STEPS)] + BASE[1:]
     r = subprocess.run(cmd, env=subprocess_env(8), capture_output=True, text=True, timeout=300)
@@ -191,7 +188,7 @@ def test_resume_on_four_devices_reshards(ref, data, tmp_path):
         shutil.rmtree(os.path.join(w, "checkpoints", str(s)))
     for p in glob.glob(os.path.join(w, "batch_indices.p*.jsonl")):
         os.remove(p)
-    over = [o for o in BASE if not o.startswith("mesh.fsdp=")] + ["mesh.fsdp=2"]
+    over = [o for o in BASE if not o.startswith("--config.mesh.fsdp=")] + O("mesh.fsdp=2")
     rc, out = run_worker(data["train"], w, over, devices=4)
     assert rc == 0, out[-3000:]
     assert "WORKER DONE step=40 start=20" in out
@@ -249,16 +246,14 @@ def test_cli_splits_a_cpu_host_and_chunks_the_batch(data, tmp_path):
     import subprocess
     import sys
 
-    from _train_helpers import subprocess_env
-
     from cosmic_jax.runtime import auto_cpu_devices
 
     env = subprocess_env(1)
     del env["XLA_FLAGS"]
-    over = ["steps=2", "optim.warmup_steps=1", "log_every=1", "ckpt_every=2", "recon_every=0", "probe_every=0", "progress=false",
-            "loader.global_batch=128", "loader.read_threads=1", "model.depth=1"]
+    over = O("steps=2", "log_every=1", "ckpt_every=2", "recon_every=0", "probe_every=0", "progress=false",
+             "loader.global_batch=128", "loader.read_threads=1", "model.depth=1")
     n = auto_cpu_devices(128)
-    for extra, devices, micro in (([], n, 32 * n if n > 1 else 32), (["mesh.cpu_devices=0", "optim.microbatch=0"], 1, 0)):
+    for extra, devices, micro in (([], n, 32 * n if n > 1 else 32), (O("mesh.cpu_devices=0", "optim.microbatch=0"), 1, 0)):
         w = str(tmp_path / f"w{devices}{micro}")
         cmd = [sys.executable, "-m", "cosmic_jax.cli", "pretrain", "--config", "test", "--data", data["train"],
                "--workdir", w] + over + extra

@@ -7,7 +7,20 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from cosmic_jax.configs import mae, optim as optim_configs
+from cosmic_jax.models.mae import model_config, param_logical_specs
+from cosmic_jax.train import optim
 from cosmic_jax.train import sharding as shd
+from cosmic_jax.train.mae import create_train_state, train_step
+
+
+def _tiny_model_and_optim(microbatch: int):
+    model = mae.get_config("vit_test")
+    model.depth = 1
+    # eps=1e-3: Adam's first update is ~sign(g); a larger eps keeps it smooth in g so float
+    # reduction-order noise in near-zero gradients cannot flip it
+    oc = optim_configs.get_config(lr=1e-2, warmup_fraction=0.0, eps=1e-3, microbatch=microbatch)
+    return model_config(model), optim.resolve(oc, 10)
 
 
 def test_make_mesh_shapes_and_errors():
@@ -21,13 +34,25 @@ def test_make_mesh_shapes_and_errors():
         shd.make_mesh(data=2, fsdp=2)
 
 
-def test_fsdp_spec_rule():
-    assert shd.fsdp_spec((64, 128), 8, 16) == P(None, "fsdp")  # largest divisible dim
-    assert shd.fsdp_spec((128, 64), 8, 16) == P("fsdp", None)
-    assert shd.fsdp_spec((64, 12), 8, 16) == P("fsdp", None)  # 12 not divisible
-    assert shd.fsdp_spec((7, 9), 8, 16) == P()  # nothing divisible -> replicated
-    assert shd.fsdp_spec((64,), 8, 1024) == P()  # below min size
-    assert shd.fsdp_spec((64, 128), 1, 16) == P()  # data parallel
+def test_logical_rules_drive_the_layout():
+    """Params carry logical names; the rules map them to mesh axes (a dim the axis does not divide
+    stays whole); optimizer leaves get their parameter's layout by tree path."""
+    import jax.numpy as jnp
+
+    mesh = shd.make_mesh(fsdp=8)
+    params = {"dense": {"kernel": jnp.zeros((64, 128)), "bias": jnp.zeros((128,))},
+              "odd": {"kernel": jnp.zeros((12, 64))}, "free": jnp.zeros((5, 5))}
+    specs = {"dense": {"kernel": P("embed", "mlp"), "bias": P("mlp")}, "odd": {"kernel": P("embed", "mlp")}}
+    state = {"params": params, "opt": ({"mu": params}, jnp.zeros(()))}
+    sh = shd.state_shardings(state, mesh, specs)
+    assert sh["params"]["dense"]["kernel"].spec == P("fsdp", None)
+    assert sh["params"]["dense"]["bias"].spec == P(None)
+    assert sh["params"]["odd"]["kernel"].spec == P(None, None)  # 12 is not divisible by 8
+    assert sh["params"]["free"].spec == P()  # no logical names: replicated
+    assert sh["opt"][0]["mu"]["dense"]["kernel"].spec == P("fsdp", None)
+    assert sh["opt"][1].spec == P()
+    dp = shd.state_shardings(state, shd.make_mesh(), specs)  # fsdp axis of size 1: data parallel
+    assert all(all(a is None for a in s.spec) for s in jax.tree.leaves(dp))
 
 
 def test_shard_batch_spans_all_devices():
@@ -45,21 +70,14 @@ def test_shard_batch_spans_all_devices():
 @pytest.fixture(scope="module")
 def one_step_results():
     """Run the same MAE step from the same init on 1 device, 8 devices DP and 8 devices FSDP."""
-    from cosmic_jax.configs.mae import get_model_config
-    from cosmic_jax.train.optim import OptimConfig
-    from cosmic_jax.train.step import create_train_state, train_step
-
-    mc = get_model_config("vit_test", depth=1)
-    # eps=1e-3: Adam's first update is ~sign(g); a larger eps keeps it smooth in g so float
-    # reduction-order noise in near-zero gradients cannot flip it
-    oc = OptimConfig(lr=1e-2, warmup_steps=0, eps=1e-3)
+    mc, oc = _tiny_model_and_optim(microbatch=0)
     rng = np.random.default_rng(0)
     batch = {"image": rng.normal(size=(16, 32, 32, 1)).astype(np.float32), "index": np.arange(16)}
     init = functools.partial(create_train_state, mc, oc)
     out = {}
     for name, devices, fsdp in (("single", jax.devices()[:1], 1), ("dp", None, 1), ("fsdp", None, 8)):
         mesh = shd.make_mesh(-1, fsdp, devices)
-        state, shardings = shd.create_sharded_state(init, mesh, jax.random.key(0), min_size=256)
+        state, shardings = shd.create_sharded_state(init, mesh, jax.random.key(0), param_specs=param_logical_specs(mc))
         step = shd.jit_step(train_step, mesh, shardings)
         new, metrics = step(state, shd.shard_batch(batch, mesh), jax.random.key(1))
         out[name] = (new, jax.device_get(metrics))
@@ -92,20 +110,21 @@ def test_param_shardings_follow_config(one_step_results):
     for path, x in kernels:
         assert x.sharding.spec == P() or all(a is None for a in x.sharding.spec), path
     fs_leaves = dict(jax.tree_util.tree_flatten_with_path(fs.params)[0])
+    names = dict(jax.tree_util.tree_flatten_with_path(param_logical_specs(_tiny_model_and_optim(0)[0]),
+                                                      is_leaf=lambda x: isinstance(x, P))[0])
     sharded = 0
     for path, x in kernels:
         y = fs_leaves[path]
-        want = shd.fsdp_spec(x.shape, 8, 256)
+        embed_dims = [i for i, n in enumerate(names[path]) if n in ("embed", "dec_embed") and x.shape[i] % 8 == 0]
+        want = P(*["fsdp" if i == embed_dims[0] else None for i in range(x.ndim)]) if embed_dims else P(None, None)
         assert y.sharding.spec == want, (jax.tree_util.keystr(path), y.sharding.spec, want)
-        sharded += want != P()
-        # each device holds 1/8 of a sharded kernel
-        if want != P():
+        sharded += bool(embed_dims)
+        if embed_dims:  # each device holds 1/8 of a sharded kernel
             assert y.addressable_shards[0].data.size * 8 == y.size
     assert sharded >= 4
     # optimizer moments are sharded like their params
     mu = [x for x in jax.tree.leaves(fs.opt_state) if getattr(x, "ndim", 0) == 2]
-    assert any(x.sharding.spec != P() for x in mu)
-    assert all(x.sharding.spec == shd.fsdp_spec(x.shape, 8, 256) for x in mu)
+    assert sum(x.sharding.spec != P(None, None) for x in mu) >= 2 * sharded
 
 
 def test_microbatch_chunks_keep_the_batch_sharding():
@@ -115,18 +134,13 @@ def test_microbatch_chunks_keep_the_batch_sharding():
     the compiled step must hold no all-to-all / all-gather / collective-permute (only the gradient
     and loss reductions).
     """
-    from cosmic_jax.configs.mae import get_model_config
-    from cosmic_jax.train.optim import OptimConfig
-    from cosmic_jax.train.step import create_train_state, train_step
-
-    mc = get_model_config("vit_test", depth=1)
-    oc = OptimConfig(lr=1e-2, eps=1e-3, microbatch=8)  # 32 images: 4 chunks, 1 row per device
+    mc, oc = _tiny_model_and_optim(microbatch=8)  # 32 images: 4 chunks, 1 row per device
     batch = {"image": np.random.default_rng(1).normal(size=(32, 32, 32, 1)).astype(np.float32)}
     init = functools.partial(create_train_state, mc, oc)
     losses, texts = {}, {}
     for name, devices in (("single", jax.devices()[:1]), ("dp", None)):
         mesh = shd.make_mesh(-1, 1, devices)
-        state, shardings = shd.create_sharded_state(init, mesh, jax.random.key(0), min_size=256)
+        state, shardings = shd.create_sharded_state(init, mesh, jax.random.key(0), param_specs=param_logical_specs(mc))
         step = shd.jit_step(train_step, mesh, shardings)
         sharded = shd.shard_batch(batch, mesh)
         texts[name] = step.lower(state, sharded, jax.random.key(1)).compile().as_text()

@@ -25,6 +25,7 @@ from typing import Iterator, Literal
 import numpy as np
 
 from cosmic_jax.analysis.variance import AnalysisInputError
+from cosmic_jax.data.cells import cell_ids
 
 InputKind = Literal["auto", "counts", "lognorm"]
 
@@ -74,13 +75,6 @@ class ExpressionEmbedding:
         return 1.0 - float(self.resid_sq.mean()) / self.total_var
 
 
-def cell_ids_of(adata) -> np.ndarray:
-    """obs["cell_id"] when present, else obs_names, as str array."""
-    if "cell_id" in adata.obs.columns:
-        return np.asarray(adata.obs["cell_id"]).astype(str)
-    return np.asarray(adata.obs_names).astype(str)
-
-
 def _source_matrix(adata, use_raw: bool, layer: str | None):
     if use_raw:
         if adata.raw is None:
@@ -124,7 +118,7 @@ def iter_lognorm(adata, input_kind: InputKind = "auto", use_raw: bool = False, l
       (row_indices (c,), values (c, G) float64, input_kind).
     """
     x, _ = _source_matrix(adata, use_raw, layer)
-    ids = cell_ids_of(adata)
+    ids = cell_ids(adata)
     n = x.shape[0]
     kind = input_kind
     for start in range(0, n, chunk_size):
@@ -205,7 +199,7 @@ def embed_expression(adata, n_comps: int = 50, input_kind: InputKind = "auto", u
         scores = np.asarray(adata.obsm[obsm_key], dtype=np.float64)
         bad = ~np.isfinite(scores).all(axis=1)
         if bad.any():
-            raise AnalysisInputError(f"obsm[{obsm_key!r}]: NaN/Inf rows for cells {cell_ids_of(adata)[bad][:5].tolist()}")
+            raise AnalysisInputError(f"obsm[{obsm_key!r}]: NaN/Inf rows for cells {cell_ids(adata)[bad][:5].tolist()}")
         scores = scores - scores.mean(0)
     else:
         k = min(n_comps, n - 1, g - 1)
@@ -233,7 +227,7 @@ def embed_expression(adata, n_comps: int = 50, input_kind: InputKind = "auto", u
         scores -= scores.mean(0)
     loadings, resid_sq = _readout(stream, scores, gene_mean)
     return ExpressionEmbedding(scores, loadings, gene_mean, gene_var, resid_sq, gene_names,
-                               cell_ids_of(adata), obsm_key or "pca", kind, components, hvg)
+                               cell_ids(adata), obsm_key or "pca", kind, components, hvg)
 
 
 def _lognorm_anndata(adata, use_raw, layer, kind, target_sum):
@@ -276,28 +270,6 @@ def _readout(stream, scores: np.ndarray, gene_mean: np.ndarray) -> tuple[np.ndar
     for idx, block, _ in stream():
         resid_sq[idx] = (((block - gene_mean) - scores[idx] @ loadings) ** 2).sum(1)
     return loadings, resid_sq
-
-
-def align_cells(ids_a, ids_b, name_a: str = "a", name_b: str = "b") -> tuple[np.ndarray, np.ndarray]:
-    """Row indices pairing two id lists; every id must appear exactly once on both sides.
-
-    Returns:
-      (idx_a, idx_b) so that ids_a[idx_a] == ids_b[idx_b], in the order of ids_a.
-    """
-    a, b = np.asarray(ids_a).astype(str), np.asarray(ids_b).astype(str)
-    for ids, name in ((a, name_a), (b, name_b)):
-        u, c = np.unique(ids, return_counts=True)
-        if (c > 1).any():
-            raise AnalysisInputError(f"{name}: duplicate cell ids, e.g. {u[c > 1][:5].tolist()}")
-    missing_b = np.setdiff1d(a, b)
-    missing_a = np.setdiff1d(b, a)
-    if len(missing_b) or len(missing_a):
-        raise AnalysisInputError(
-            f"cell ids do not match: {len(missing_b)} in {name_a} but not {name_b} (e.g. "
-            f"{missing_b[:5].tolist()}), {len(missing_a)} in {name_b} but not {name_a} (e.g. {missing_a[:5].tolist()})"
-        )
-    pos_b = {cid: i for i, cid in enumerate(b)}
-    return np.arange(len(a)), np.array([pos_b[c] for c in a])
 
 
 def check_groups(labels, min_cells: int, name: str) -> np.ndarray:

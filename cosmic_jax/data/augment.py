@@ -40,18 +40,23 @@ class AugmentConfig:
     per_channel: bool = True
 
     def __post_init__(self):
-        if not 0.0 <= self.intensity_jitter < 1.0:
-            # A factor that can reach 0 or go negative would invert/erase the image.
-            raise ValueError(f"AugmentConfig.intensity_jitter must be in [0, 1), got {self.intensity_jitter}")
-        if self.intensity_shift < 0.0:
-            raise ValueError(f"AugmentConfig.intensity_shift must be >= 0, got {self.intensity_shift}")
+        check_config(self)
+
+
+def check_config(cfg) -> None:
+    """Validate augmentation settings (an ``AugmentConfig`` or a ConfigDict with its fields)."""
+    if not 0.0 <= cfg.intensity_jitter < 1.0:
+        # A factor that can reach 0 or go negative would invert/erase the image.
+        raise ValueError(f"augment.intensity_jitter must be in [0, 1), got {cfg.intensity_jitter}")
+    if cfg.intensity_shift < 0.0:
+        raise ValueError(f"augment.intensity_shift must be >= 0, got {cfg.intensity_shift}")
 
 
 def _where_rows(mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(mask[:, None, None, None], a, b)
 
 
-def augment_batch(images: jax.Array, key: jax.Array, cfg: AugmentConfig) -> jax.Array:
+def augment_batch(images: jax.Array, key: jax.Array, cfg) -> jax.Array:
     """Augment every crop of a batch independently (pure; jit- and sharding-friendly).
 
     Each crop gets ``rot90(x, k)`` with k uniform in 0..3 (if ``rot90``), then a left-right
@@ -62,11 +67,13 @@ def augment_batch(images: jax.Array, key: jax.Array, cfg: AugmentConfig) -> jax.
     Args:
       images: (B, H, W, C) float array; H must equal W when ``cfg.rot90`` is on.
       key: PRNG key; the same key and batch give the same output.
-      cfg: which augmentations to apply.
+      cfg: which augmentations to apply: an ``AugmentConfig`` or a ConfigDict with its fields
+        (``configs.pretrain.augment_config``).
 
     Returns:
       (B, H, W, C) array of ``images.dtype``.
     """
+    check_config(cfg)
     if images.ndim != 4:
         raise ValueError(f"augment_batch expects (B, H, W, C), got shape {images.shape}")
     if not cfg.enabled:

@@ -9,11 +9,9 @@ from cosmic_jax.embed.embedder import (
     POOLS,
     EmbedInputError,
     Embedder,
-    anndata_ids,
-    match_ids,
 )
 
-__all__ = ["Embedder", "EmbedInputError", "DEFAULT_POOL", "POOLS", "anndata_ids", "match_ids",
+__all__ = ["Embedder", "EmbedInputError", "DEFAULT_POOL", "POOLS",
            "export_embedder", "export_checkpoint", "load_export", "ExportError"]
 
 

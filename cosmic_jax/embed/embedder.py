@@ -17,6 +17,9 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from cosmic_jax.data.cells import cell_ids as cell_ids_of
+from cosmic_jax.data.cells import match_ids
+
 POOLS = ("mean", "cls")
 DEFAULT_POOL = "mean"  # mean of patch tokens: does not depend on the (weakly trained) CLS token
 DEFAULT_BATCH = 256
@@ -143,7 +146,7 @@ class Embedder:
         cls, path: str, step: int | None = None, layer: int = -1, pool: str = DEFAULT_POOL, **kw
     ) -> "Embedder":
         """Load a ``cosmic pretrain`` workdir (latest step unless ``step``); see class Args."""
-        from cosmic_jax.train.checkpoint import load_for_inference
+        from cosmic_jax.train.pretrain import load_for_inference
 
         model_cfg, params, got_step, _info = load_for_inference(path, step=step)
         return cls(model_cfg, params, layer=layer, pool=pool, step=int(got_step),
@@ -389,7 +392,7 @@ class Embedder:
             what = f"crop dataset {os.fspath(crops)}"
             # ids first (a cheap read): a mismatch fails before the expensive forward passes
             crop_ids = CropSource(os.fspath(crops)).cell_ids()
-            order = match_ids(anndata_ids(adata, id_key), crop_ids, what)
+            order = match_ids(cell_ids_of(adata, id_key), crop_ids, what)
             emb, got = self.embed_dataset(crops, progress=progress)
             if got != crop_ids:
                 raise RuntimeError(f"{what}: cell_ids changed while embedding (dataset rewritten?)")
@@ -401,58 +404,9 @@ class Embedder:
             crop_ids = [str(c) for c in cell_ids]
             if len(crop_ids) != len(crops):
                 raise ValueError(f"{len(crops)} images but {len(crop_ids)} cell_ids")
-            order = match_ids(anndata_ids(adata, id_key), crop_ids, "crops")
+            order = match_ids(cell_ids_of(adata, id_key), crop_ids, "crops")
             emb = self.embed(crops, progress=progress)
         out = np.ascontiguousarray(emb[order])
         adata.obsm[key] = out
         adata.uns[key + "_meta"] = self.metadata()
         return out
-
-
-def anndata_ids(adata: Any, id_key: str | None = None) -> list[str]:
-    """The cell ids of an AnnData: ``obs[id_key]``, else ``obs["cell_id"]``, else obs_names."""
-    if id_key is not None:
-        if id_key not in adata.obs:
-            raise KeyError(f"AnnData has no obs column {id_key!r}; columns: {list(adata.obs.columns)}")
-        return [str(v) for v in adata.obs[id_key]]
-    if "cell_id" in adata.obs:
-        return [str(v) for v in adata.obs["cell_id"]]
-    return [str(v) for v in adata.obs_names]
-
-
-def _dupes(ids: Sequence[str]) -> list[str]:
-    seen, dup = set(), []
-    for i in ids:
-        if i in seen and i not in dup:
-            dup.append(i)
-        seen.add(i)
-    return dup
-
-
-def match_ids(target: Sequence[str], source: Sequence[str], what: str = "crops") -> np.ndarray:
-    """Index array ``order`` with ``source[order[k]] == target[k]``; strict one-to-one.
-
-    Args:
-      target: ids in the wanted order (the AnnData's).
-      source: ids in the stored order (the crops').
-      what: name of the source in error messages.
-
-    Returns:
-      int64 (len(target),) indices into ``source``.
-    """
-    problems = []
-    for name, ids in (("AnnData", target), (what, source)):
-        dup = _dupes(ids)
-        if dup:
-            problems.append(f"{len(dup)} duplicate cell_id(s) in {name}, e.g. {dup[:5]}")
-    pos = {c: i for i, c in enumerate(source)}
-    tset = set(target)
-    missing = [c for c in target if c not in pos]
-    extra = [c for c in source if c not in tset]
-    if missing:
-        problems.append(f"{len(missing)} AnnData cell_id(s) have no crop in {what}, e.g. {missing[:5]}")
-    if extra:
-        problems.append(f"{len(extra)} cell_id(s) in {what} are not in the AnnData, e.g. {extra[:5]}")
-    if problems:
-        raise ValueError("cannot match crops to AnnData cells by cell_id: " + "; ".join(problems))
-    return np.fromiter((pos[c] for c in target), np.int64, len(target))

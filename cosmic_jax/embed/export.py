@@ -193,7 +193,7 @@ def export_embedder(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model_name": embedder.model_name,
-        "model_config": cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg),
+        "model_config": cfg.to_dict(),
         "input": {
             "shape": [h, w, c],
             "layout": "NHWC",
@@ -341,15 +341,15 @@ def load_export(path: str) -> ExportBundle:
     """
     import safetensors.numpy
 
-    from cosmic_jax.configs.mae import config_from_dict
+    from cosmic_jax.models.mae import model_config
 
     manifest, data = read_verified(path)
     cpath = os.path.join(path, CONFIG)
     config = _read_json(cpath, data[CONFIG])
     _check_format(cpath, config)
     try:
-        model_cfg = config_from_dict(config["model_config"])
-    except (KeyError, TypeError, ValueError) as e:
+        model_cfg = model_config(config["model_config"])
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise ExportError(f"{cpath}: model_config does not fit this cosmic_jax ({e})") from e
     if list(config["input"]["shape"]) != [model_cfg.image_size, model_cfg.image_size, model_cfg.channels]:
         raise ExportError(f"{cpath}: input shape {config['input']['shape']} disagrees with model_config")

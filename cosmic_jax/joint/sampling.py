@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import diffrax
 import jax
 import jax.numpy as jnp
 
@@ -24,7 +25,7 @@ Array = jax.Array
 VelocityFn = Callable[[Array, Array], Array]  # (x (B, D), t scalar) -> (B, D)
 
 FIXED_METHODS = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4}  # NFE per step
-ADAPTIVE_METHODS = ("tsit5", "dopri5", "dopri8")
+ADAPTIVE_SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5, "dopri8": diffrax.Dopri8}
 
 
 def nfe_per_solve(method: str, steps: int) -> int:
@@ -92,14 +93,11 @@ def diffrax_solve(vel: VelocityFn, x0: Array, method: str = "tsit5", rtol: float
     Returns:
       (x1 (B, D), number of accepted steps (scalar int)).
     """
-    import diffrax
-
-    solvers = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5, "dopri8": diffrax.Dopri8}
-    if method not in solvers:
-        raise ValueError(f"unknown adaptive method {method!r}; choose from {sorted(solvers)}")
+    if method not in ADAPTIVE_SOLVERS:
+        raise ValueError(f"unknown solver {method!r}; choose from {sorted(FIXED_METHODS) + sorted(ADAPTIVE_SOLVERS)}")
     term = diffrax.ODETerm(lambda t, y, args: vel(y, t))
     ctrl = diffrax.PIDController(rtol=rtol, atol=atol, norm=lambda y: jnp.max(jnp.abs(y)))
-    sol = diffrax.diffeqsolve(term, solvers[method](), t0=0.0, t1=1.0, dt0=None, y0=x0,
+    sol = diffrax.diffeqsolve(term, ADAPTIVE_SOLVERS[method](), t0=0.0, t1=1.0, dt0=None, y0=x0,
                               stepsize_controller=ctrl, max_steps=max_steps,
                               saveat=diffrax.SaveAt(t1=True))
     return sol.ys[-1], sol.stats["num_accepted_steps"]

@@ -1,6 +1,6 @@
 """ViT masked autoencoder (He et al. 2022) in flax.linen.
 
-Training forward (``MAE.__call__``): per-sample random masking keeps ``cfg.num_visible`` of the
+Training forward (``MAE.__call__``): per-sample random masking keeps ``num_visible(cfg)`` of the
 N patches; the encoder runs on the visible patches (+ CLS) only; the light decoder runs on all
 N tokens (visible embeddings + a learned mask token, fixed 2-D sin-cos position embeddings); the
 loss is the MSE on masked patches only (per-patch normalised targets with ``norm_pix_loss``).
@@ -35,12 +35,70 @@ import numpy as np
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
+import ml_collections
 
-from cosmic_jax.configs.mae import MAEConfig, pixel_stats
+from cosmic_jax.configs.overrides import frozen
 from cosmic_jax.models.patches import patchify, sincos_pos_embed_2d, unpatchify
 from cosmic_jax.models.vit import Transformer, _part, dense, layer_norm
 
 _token_init = nn.initializers.normal(stddev=0.02)
+
+MAEConfig = ml_collections.FrozenConfigDict  # the ``model`` group of configs/pretrain.py, frozen
+
+
+def model_config(cfg: Any) -> MAEConfig:
+    """Validate a model config (``configs/mae.py``) and freeze it (hashable, for jit and flax).
+
+    Raises:
+      ValueError naming the config and the field at fault.
+    """
+    cfg = frozen(cfg)
+    name = cfg.name
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"{name}: image_size {cfg.image_size} not a multiple of patch_size {cfg.patch_size}")
+    for h, n, what in ((cfg.hidden, cfg.heads, "hidden/heads"), (cfg.dec_hidden, cfg.dec_heads, "dec_hidden/dec_heads")):
+        if h % n:
+            raise ValueError(f"{name}: {what} = {h}/{n} is not an integer")
+    for h, what in ((cfg.hidden, "hidden"), (cfg.dec_hidden, "dec_hidden")):
+        if h % 4:
+            raise ValueError(f"{name}: {what}={h} must be a multiple of 4 (sin-cos pos-emb)")
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        raise ValueError(f"{name}: mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"{name}: dtype must be float32 or bfloat16, got {cfg.dtype!r}")
+    for key in ("pixel_mean", "pixel_std"):
+        v = cfg[key]
+        if v is not None and len(v) != cfg.channels:
+            raise ValueError(f"{name}: {key} has {len(v)} values for {cfg.channels} channels")
+    return cfg
+
+
+def grid(cfg: MAEConfig) -> int:
+    """Patches per side."""
+    return cfg.image_size // cfg.patch_size
+
+
+def num_patches(cfg: MAEConfig) -> int:
+    return grid(cfg) ** 2
+
+
+def patch_dim(cfg: MAEConfig) -> int:
+    return cfg.patch_size**2 * cfg.channels
+
+
+def num_visible(cfg: MAEConfig) -> int:
+    """Visible (unmasked) patches per sample during pretraining: round(N * (1 - ratio)), >= 1."""
+    n = num_patches(cfg)
+    return max(1, min(n, int(round(n * (1.0 - cfg.mask_ratio)))))
+
+
+def pixel_stats(cfg: MAEConfig) -> tuple[np.ndarray, np.ndarray] | None:
+    """(mean, std) as float32 (C,) arrays, or None if the config does not normalise input."""
+    if cfg.pixel_mean is None and cfg.pixel_std is None:
+        return None
+    mean = np.asarray(cfg.pixel_mean if cfg.pixel_mean is not None else [0.0] * cfg.channels, np.float32)
+    std = np.asarray(cfg.pixel_std if cfg.pixel_std is not None else [1.0] * cfg.channels, np.float32)
+    return mean, std
 
 
 def random_shuffle(rng: jax.Array, batch: int, num_patches: int) -> jnp.ndarray:
@@ -103,7 +161,7 @@ def _patch_mse(pred, patches, norm_pix_loss: bool, eps: float) -> jnp.ndarray:
 
 
 class MAE(nn.Module):
-    """Masked autoencoder; ``config`` is a :class:`cosmic_jax.configs.mae.MAEConfig`."""
+    """Masked autoencoder; ``config`` is a frozen model config (:func:`model_config`)."""
 
     config: MAEConfig
 
@@ -124,9 +182,9 @@ class MAE(nn.Module):
                                    cfg.layer_norm_eps, cfg.gelu_approximate, cfg.remat,
                                    name="decoder")
         self.decoder_norm = layer_norm(cfg.layer_norm_eps, "decoder_norm")
-        self.decoder_pred = dense(cfg.patch_dim, ("dec_embed", "patch"), dt, "decoder_pred")
-        self.pos = jnp.asarray(sincos_pos_embed_2d(cfg.hidden, cfg.grid))  # (N, D) constant
-        self.dec_pos = jnp.asarray(sincos_pos_embed_2d(cfg.dec_hidden, cfg.grid))
+        self.decoder_pred = dense(patch_dim(cfg), ("dec_embed", "patch"), dt, "decoder_pred")
+        self.pos = jnp.asarray(sincos_pos_embed_2d(cfg.hidden, grid(cfg)))  # (N, D) constant
+        self.dec_pos = jnp.asarray(sincos_pos_embed_2d(cfg.dec_hidden, grid(cfg)))
 
     # ----------------------------------------------------------------------------- helpers
     def _check_images(self, images: jnp.ndarray) -> None:
@@ -175,7 +233,7 @@ class MAE(nn.Module):
         cfg = self.config
         x = self._prep(images)
         b = x.shape[0]
-        n, k = cfg.num_patches, cfg.num_visible
+        n, k = num_patches(cfg), num_visible(cfg)
         patches = patchify(x, cfg.patch_size)  # (B, N, P)
         ids = random_shuffle(rng, b, n)
         ids_keep, ids_mask = ids[:, :k], ids[:, k:]
@@ -243,7 +301,7 @@ class MAE(nn.Module):
         if mask:
             if rng is None:
                 raise ValueError("encode(mask=True) needs rng")
-            ids_keep = random_shuffle(rng, patches.shape[0], cfg.num_patches)[:, :cfg.num_visible]
+            ids_keep = random_shuffle(rng, patches.shape[0], num_patches(cfg))[:, :num_visible(cfg)]
             patches = jnp.take_along_axis(patches, ids_keep[:, :, None], axis=1)
             pos = self.pos[ids_keep]
         h = self._encode_tokens(patches, pos, upto=layer)

@@ -1,8 +1,8 @@
-"""Checkpoints: orbax manager for (train state + grain iterator), run config JSON, inference load.
+"""Checkpoints: an orbax manager for (train state + data iterator), and inference loading.
 
 Layout of a workdir::
 
-    W/config.json              the run config (what `cosmic pretrain` was called with, resolved)
+    W/config.json              the resolved run config (``configs.overrides.save``)
     W/checkpoints/<step>/state the train state (orbax StandardSave, sharded arrays, OCDBT)
     W/checkpoints/<step>/data  the grain iterator state (JSON), so a resumed run continues the
                                data stream exactly where the saved one stopped
@@ -10,23 +10,30 @@ Layout of a workdir::
 Saves are asynchronous (device->host copy blocks, the file writes run in a background thread)
 and keep the newest ``keep`` steps. Restores take a target of ShapeDtypeStructs carrying the
 *current* mesh's shardings, so a run saved on 8 devices resumes on 4 (or under FSDP) and orbax
-reshards while reading.
+reshards while reading. A newest checkpoint that does not restore (a crash mid-write, a damaged
+file) is skipped with a warning naming it and why, and moved to ``W/unreadable_checkpoints/``;
+the run continues from the newest one that restores.
+
+Every path is made absolute first: orbax misreads relative checkpoint paths.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
-from typing import Any
+import shutil
+import time
+from typing import Any, Callable
 
+import grain
 import jax
+import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 CKPT_DIR = "checkpoints"
+UNREADABLE_DIR = "unreadable_checkpoints"
 
 
 class CheckpointError(RuntimeError, ValueError):
@@ -36,40 +43,40 @@ class CheckpointError(RuntimeError, ValueError):
     """
 
 
-def _to_jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): _to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / jax scalars
-        return obj.item()
-    return obj
+def _short(err: BaseException) -> str:
+    """One line of an exception (orbax / TensorStore errors can run to dozens of lines)."""
+    text = str(err).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(err).__name__}: {line[:200]}"
 
 
-def save_config(workdir: str, config: Any) -> str:
-    """Write ``config`` (dataclass or dict) as ``W/config.json`` (process 0 only). Returns the path."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(_to_jsonable(config), f, indent=1, sort_keys=True)
-        os.replace(tmp, path)  # atomic: a crash never leaves a half-written config
-    return path
+def checkpoint_steps(workdir: str) -> list[int]:
+    """Finished checkpoint steps in ``W/checkpoints``, ascending ([] if none)."""
+    directory = os.path.join(os.path.abspath(workdir), CKPT_DIR)
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
 
 
-def load_config(workdir: str) -> dict[str, Any]:
-    """Read ``W/config.json``; raises CheckpointError naming the file if missing or corrupt."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError as e:
-        raise CheckpointError(f"{path}: no run config; is {workdir!r} a cosmic training workdir?") from e
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: corrupt run config ({e})") from e
+def _restore_newest(workdir: str, steps: list[int], restore: Callable[[int], Any], what: str) -> tuple[Any, int]:
+    """``restore(step)`` of the newest step that works; unreadable newer ones are warned about."""
+    errors = []
+    for step in sorted(steps, reverse=True):
+        try:
+            out = restore(step)
+        except Exception as e:  # orbax / tensorstore raise many types; each is reported by name
+            errors.append((step, _short(e)))
+            log.warning("%s/%s/%d: cannot restore the %s (%s); trying an older checkpoint",
+                        workdir, CKPT_DIR, step, what, _short(e))
+            continue
+        for bad, why in errors:
+            log.warning("skipped unreadable checkpoint %s/%s/%d (%s); using step %d",
+                        workdir, CKPT_DIR, bad, why, step)
+        return out, step
+    newest, why = errors[0]
+    raise CheckpointError(f"{workdir}/{CKPT_DIR}/{newest}: cannot restore the {what} ({why}); "
+                          f"no older checkpoint restores either (tried {[s for s, _ in errors]}). "
+                          "Was it written by a different model/optimizer config?")
 
 
 class Checkpointer:
@@ -77,23 +84,19 @@ class Checkpointer:
 
     Args:
       workdir: run directory; checkpoints go to ``workdir/checkpoints``.
-      save_every: save when ``step % save_every == 0`` (``force=True`` overrides).
+      save_every: save when ``step % save_every == 0``.
       keep: number of newest checkpoints kept on disk.
       async_save: write files in a background thread.
     """
 
     def __init__(self, workdir: str, save_every: int = 1000, keep: int = 3, async_save: bool = True):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        self.directory = os.path.abspath(os.path.join(workdir, CKPT_DIR))
-        self.save_every = max(1, int(save_every))
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=self.save_every,
-            max_to_keep=keep,
-            enable_async_checkpointing=async_save,
-            create=True,
-        )
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, CKPT_DIR)
+        if save_every < 1 or keep < 1:
+            raise ValueError(f"checkpoint every {save_every} steps keeping {keep}: both must be >= 1")
+        self.save_every = int(save_every)
+        options = ocp.CheckpointManagerOptions(save_interval_steps=self.save_every, max_to_keep=keep,
+                                               enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
@@ -106,17 +109,12 @@ class Checkpointer:
         # Our own rule (orbax's default policy also saves the first step it sees).
         return step > 0 and step % self.save_every == 0
 
-    def save(self, step: int, state: Any, data_iterator: Any = None, force: bool = True) -> bool:
+    def save(self, step: int, state: Any, data_iterator: Any = None) -> bool:
         """Save ``state`` (and the iterator position) as ``step`` now; returns whether it saved.
 
-        Callers decide when (``should_save``); ``force`` is kept for API symmetry with orbax.
-
-        The iterator state is read now, synchronously, so it matches the batches consumed so
-        far even though the files are written later.
+        The iterator state is read now, synchronously, so it matches the batches consumed so far
+        even though the files are written later.
         """
-        import grain
-
-        ocp = self._ocp
         if step in self.manager.all_steps():
             return False
         items = {"state": ocp.args.StandardSave(state)}
@@ -128,40 +126,42 @@ class Checkpointer:
             log.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
-    def restore(self, target: Any, data_iterator: Any = None, step: int | None = None) -> tuple[Any, int]:
-        """Restore the state (resharded onto ``target``'s shardings) and the iterator in place.
+    def restore(self, target: Any, data_iterator: Any = None) -> tuple[Any, int]:
+        """Restore the newest readable state (resharded onto ``target``'s shardings) and the iterator.
 
         Args:
           target: pytree of ``jax.ShapeDtypeStruct`` with ``.sharding`` (see
             ``sharding.abstract_with_shardings``) matching the saved state's structure.
-          data_iterator: a grain DatasetIterator / DataLoaderIterator whose state is set to the
-            saved position (skipped if None or if the checkpoint holds no data state).
-          step: a saved step; default the latest.
+          data_iterator: a grain iterator whose state is set to the saved position (skipped if None
+            or if the checkpoint holds no data state).
 
         Returns:
           (state, step).
         """
-        import grain
+        def restore(step: int):
+            items = {"state": ocp.args.StandardRestore(target)}
+            has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
+            if data_iterator is not None and has_data:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            elif data_iterator is not None:
+                log.warning("checkpoint %d in %s has no data iterator state; data restarts", step, self.directory)
+            return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
 
-        ocp = self._ocp
-        if step is None:
-            step = self.manager.latest_step()
-        if step is None:
+        steps = self.all_steps()
+        if not steps:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
-        items = {"state": ocp.args.StandardRestore(target)}
-        has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
-        if data_iterator is not None and has_data:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        elif data_iterator is not None:
-            log.warning("checkpoint %d in %s has no data iterator state; data restarts", step, self.directory)
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        except Exception as e:
-            raise CheckpointError(
-                f"{self.directory}/{step}: cannot restore the train state ({type(e).__name__}: {e}); "
-                "was it written by a different model/optimizer config?"
-            ) from e
-        return restored["state"], step
+        state, step = _restore_newest(self.workdir, steps, restore, "train state")
+        newer = [s for s in steps if s > step]
+        if newer and jax.process_index() == 0:
+            # Out of the manager's way (it would refuse to save those steps again), never deleted.
+            aside = os.path.join(self.workdir, UNREADABLE_DIR)
+            os.makedirs(aside, exist_ok=True)
+            for s in newer:
+                dest = os.path.join(aside, f"{s}-{time.strftime('%Y%m%d-%H%M%S')}")
+                shutil.move(os.path.join(self.directory, str(s)), dest)
+                log.warning("moved unreadable checkpoint step %d to %s", s, dest)
+            self.manager.reload()
+        return state, step
 
     def wait(self) -> None:
         """Block until pending async saves are on disk."""
@@ -172,72 +172,36 @@ class Checkpointer:
         self.manager.close()
 
 
-def _ckpt_step_dir(workdir: str, step: int | None) -> tuple[str, int]:
-    directory = os.path.join(workdir, CKPT_DIR)
-    if not os.path.isdir(directory):
-        raise CheckpointError(f"{directory}: no checkpoints directory; was {workdir!r} trained?")
-    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-    if not steps:
-        raise CheckpointError(f"{directory}: holds no finished checkpoint")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise CheckpointError(f"{directory}: no checkpoint for step {step}; available: {steps}")
-    return os.path.join(directory, str(step), "state"), step
-
-
 def load_params(workdir: str, step: int | None = None, device: jax.Device | None = None) -> tuple[Any, int]:
     """Read only ``params`` of a saved train state onto one device (no optimizer, no data).
+
+    Args:
+      workdir: a training workdir.
+      step: a saved step; default the newest that restores (older ones are tried if it does not).
 
     Returns:
       (params pytree of jax.Array on ``device``, step).
     """
-    import orbax.checkpoint as ocp
-
-    path, step = _ckpt_step_dir(workdir, step)
-    device = device or jax.local_devices()[0]
+    workdir = os.path.abspath(workdir)
+    directory = os.path.join(workdir, CKPT_DIR)
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise CheckpointError(f"{directory}: holds no finished checkpoint; was {workdir!r} trained?")
+    if step is not None and step not in steps:
+        raise CheckpointError(f"{directory}: no checkpoint for step {step}; available: {steps}")
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.local_devices()[0])
     ckptr = ocp.PyTreeCheckpointer()
-    try:
+
+    def restore(s: int):
+        path = os.path.join(directory, str(s), "state")
         meta = ckptr.metadata(path)
         tree = getattr(meta, "item_metadata", meta)
-        params_meta = tree["params"]
-    except Exception as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint metadata or no 'params' ({e})") from e
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    target = {
-        "params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), params_meta)
-    }
-    restored = ckptr.restore(
-        path,
-        args=ocp.args.PyTreeRestore(
-            item=target,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-            partial_restore=True,  # leaves the optimizer state on disk
-        ),
-    )
-    return restored["params"], step
+        if tree is None or "params" not in tree:
+            raise CheckpointError(f"{path}: no 'params' in the checkpoint metadata")
+        target = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                                         tree["params"])}
+        args = ocp.args.PyTreeRestore(item=target, partial_restore=True,  # leaves the optimizer on disk
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+        return ckptr.restore(path, args=args)["params"]
 
-
-def load_for_inference(workdir: str, step: int | None = None) -> tuple[Any, Any, int, dict[str, Any]]:
-    """Model config and params of a pretraining run, on one device, for embedding / export.
-
-    Args:
-      workdir: a ``cosmic pretrain`` workdir (``config.json`` + ``checkpoints/``).
-      step: checkpoint step; default the latest.
-
-    Returns:
-      (model_cfg, params, step, info): ``model_cfg`` from ``configs.mae.get_model_config`` with
-      the run's variant and overrides, ``params`` the MAE parameter pytree, ``info`` a dict with
-      ``config`` (the whole run config), ``workdir`` and ``steps`` (all saved steps).
-    """
-    from cosmic_jax.configs.mae import get_model_config
-
-    cfg = load_config(workdir)
-    if "model" not in cfg:
-        raise CheckpointError(f"{os.path.join(workdir, CONFIG_FILE)}: no 'model' entry")
-    model_cfg = get_model_config(cfg["model"], **cfg.get("model_overrides", {}))
-    params, step = load_params(workdir, step)
-    directory = os.path.join(workdir, CKPT_DIR)
-    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
-    info = {"config": cfg, "workdir": os.path.abspath(workdir), "steps": steps}
-    return model_cfg, params, step, info
+    return _restore_newest(workdir, [step] if step is not None else steps, restore, "parameters")

@@ -1,18 +1,21 @@
-"""The generic training loop shared by MAE pretraining and the joint model.
+"""The one training loop: MAE pretraining and the joint model both run it.
 
-A task plugs in: an initial (sharded) state with a ``.step`` field, a jitted
-``step_fn(state, batch, rng) -> (state, metrics)``, an iterator of host batches plus the function
-that turns one into device arrays, and optionally a :class:`~cosmic_jax.train.checkpoint.Checkpointer`
-(with the data iterator whose position is saved alongside the state), a
-:class:`~cosmic_jax.train.metrics.MetricWriter` and periodic :class:`Hook` s.
+A task brings its state (with an integer ``.step``), a jitted step function and an iterator of host
+batches; the loop owns everything else:
 
-Guarantees:
-- per-step rng is ``fold_in(rng, step)``: a resumed run draws the same randomness as an
-  uninterrupted one;
+- resume: it starts at ``state.step`` (the caller restores the state and the data iterator with
+  :class:`~cosmic_jax.train.checkpoint.Checkpointer`, which also saves both here);
+- per-step randomness from ``fold_in(rng, step)`` (or the task folds ``state.step`` itself), so a
+  resumed run draws what an uninterrupted one draws;
 - a NaN/Inf loss (or non-finite parameters at a save) stops the run with
-  :class:`NonFiniteLossError` naming the step; such a state is never saved, so the newest
-  checkpoint on disk is the last good one;
-- the state is saved at the end (normal finish, data exhausted, Ctrl-C).
+  :class:`NonFiniteLossError` naming the step and the batch's records when known; such a state is
+  never saved, so the newest checkpoint on disk is the last good one;
+- TensorBoard events + ``metrics.jsonl`` (window means every ``log_every`` steps), a progress bar,
+  periodic hooks (reconstructions, probes), and a final save (normal end, data exhausted, Ctrl-C).
+
+``steps_per_call > 1``: the step function runs several optimizer steps per call (a jitted
+``lax.scan``) as ``step_fn(state, batch, rng, num_steps) -> (state, metrics of shape (num,))``;
+calls are cut at checkpoint steps so the resume points are the same as with single steps.
 """
 
 from __future__ import annotations
@@ -26,29 +29,28 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 
+from cosmic_jax.train.sharding import all_finite
+
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     """Training produced a NaN/Inf loss or parameters; ``.step`` is the first bad step (1-based)."""
 
-    def __init__(self, step: int, what: str, last_checkpoint: int | None):
+    def __init__(self, step: int, what: str, last_checkpoint: int | None, records: str = ""):
         self.step = step
         self.last_checkpoint = last_checkpoint
-        kept = (
-            f"the last good checkpoint (step {last_checkpoint}) is kept"
-            if last_checkpoint is not None
-            else "no checkpoint was written"
-        )
+        kept = (f"the last good checkpoint (step {last_checkpoint}) is kept" if last_checkpoint is not None
+                else "no checkpoint was written")
+        where = f" on a batch holding {records}" if records else ""
         super().__init__(
-            f"non-finite {what} at step {step}; stopped without saving this state, {kept}. "
-            "Lower the learning rate, enable/tighten gradient clipping, or check the input data."
-        )
+            f"non-finite {what} at step {step}{where}; stopped without saving this state, {kept}. "
+            "Check the input data, then lower the learning rate or tighten gradient clipping.")
 
 
 @dataclasses.dataclass
 class Hook:
-    """``fn(step, state) -> scalars or None`` called every ``every`` steps (and at the end).
+    """``fn(step, state) -> scalars or None`` every ``every`` steps (and at the end).
 
     Returned scalars are written with the step's metrics (e.g. a probe accuracy).
     """
@@ -59,37 +61,34 @@ class Hook:
     at_end: bool = True
 
 
-_all_finite_jit = None
+_all_finite_jit = jax.jit(all_finite)
 
 
-def _params_finite(state: Any) -> bool:
-    global _all_finite_jit
-    from cosmic_jax.train.sharding import all_finite
-
-    if _all_finite_jit is None:
-        _all_finite_jit = jax.jit(all_finite)
-    tree = getattr(state, "params", state)
-    return bool(_all_finite_jit(tree))
-
-
-def _host_scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
-    out = {}
-    for k, v in jax.device_get(dict(metrics)).items():
-        a = np.asarray(v)
+def _host_rows(metrics: Mapping[str, Any], num: int) -> list[dict[str, float]]:
+    """Per-step scalar dicts from one call's metrics (scalars, or arrays of leading size ``num``)."""
+    host = {k: np.asarray(v) for k, v in jax.device_get(dict(metrics)).items()}
+    rows = [{} for _ in range(num)]
+    for k, a in host.items():
         if a.size == 1:
-            out[k] = float(a.reshape(()))
-    return out
+            for r in rows:
+                r[k] = float(a.reshape(()))
+        elif a.shape[:1] == (num,) and a.size == num:
+            for r, x in zip(rows, a.reshape(num)):
+                r[k] = float(x)
+    return rows
 
 
 def train_loop(
     state: Any,
-    step_fn: Callable[[Any, Any, jax.Array], tuple[Any, Mapping[str, Any]]],
+    step_fn: Callable[..., tuple[Any, Mapping[str, Any]]],
     batches: Iterator[Any],
     *,
     num_steps: int,
     rng: jax.Array,
     fold_rng: bool = True,
+    steps_per_call: int = 1,
     prepare_batch: Callable[[Any], Any] = lambda b: b,
+    describe_batch: Callable[[Any], str] | None = None,
     checkpointer: Any = None,
     data_iterator: Any = None,
     writer: Any = None,
@@ -103,18 +102,19 @@ def train_loop(
     """Run ``step_fn`` from ``state.step`` up to ``num_steps``.
 
     Args:
-      state: train state (sharded, with an integer ``.step``) - typically just restored.
-      step_fn: jitted ``(state, batch, rng) -> (state, metrics)``; the state may be donated.
-      batches: iterator of host batches (e.g. a grain iterator).
-      num_steps: total number of steps of the run (not "steps still to do").
-      rng: base PRNG key; step ``s`` gets ``fold_in(rng, s)``.
-      fold_rng: False passes ``rng`` unchanged (for steps that fold ``state.step`` in themselves).
+      state: train state with an integer ``.step`` (sharded; typically just restored).
+      step_fn: jitted ``(state, batch, rng) -> (state, metrics)``; with ``steps_per_call > 1``
+        ``(state, batch, rng, num) -> (state, metrics)`` where each metric has leading size num.
+      batches: iterator of host batches (e.g. a grain iterator); ``None`` items are fine.
+      num_steps: total steps of the run (not "steps still to do").
+      rng: base PRNG key; step ``s`` gets ``fold_in(rng, s)`` unless ``fold_rng`` is False (for
+        steps that fold ``state.step`` in themselves; multi-step calls always get ``rng``).
       prepare_batch: host batch -> step_fn batch (e.g. ``sharding.shard_batch``).
+      describe_batch: host batch -> text naming its records (put in a NaN error).
       checkpointer: saves when ``checkpointer.should_save(step)`` and at the end.
       data_iterator: iterator whose state is checkpointed with the train state.
-      writer: MetricWriter; metrics are averaged over each ``log_every`` window.
-      hooks: periodic callbacks (recon grids, probes).
-      log_every: logging period in steps.
+      writer: ``MetricWriter``; metrics are averaged over each ``log_every`` window.
+      hooks: periodic callbacks.
       examples_per_step: global batch size, for img/s.
       loss_key: metric checked for NaN/Inf and shown in the progress bar.
       progress: show a tqdm bar (process 0 only).
@@ -123,73 +123,86 @@ def train_loop(
       the final state.
     """
     start = int(jax.device_get(state.step))
+    if num_steps < 0:
+        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
     bar = None
-    if progress and jax.process_index() == 0:
+    if progress and jax.process_index() == 0 and num_steps > start:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_steps, initial=start, desc=desc, dynamic_ncols=True, mininterval=0.5)
 
     last_saved = checkpointer.latest_step() if checkpointer is not None else None
     window: list[dict[str, float]] = []
-    pending: tuple[int, Mapping[str, Any]] | None = None
+    pending: tuple[int, int, Mapping[str, Any], Any] | None = None
     t_window, n_window = time.perf_counter(), 0
     done = start
 
-    def check(item) -> dict[str, float]:
-        step, metrics = item
-        scalars = _host_scalars(metrics)
-        loss = scalars.get(loss_key)
-        if loss is None:
-            raise KeyError(f"step_fn metrics have no {loss_key!r} (got {sorted(scalars)})")
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(step, f"loss ({loss_key}={loss})", last_saved)
-        window.append(scalars)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-        return scalars
+    def check(item) -> None:
+        end, num, metrics, host_batch = item
+        rows = _host_rows(metrics, num)
+        for i, row in enumerate(rows):
+            loss = row.get(loss_key)
+            if loss is None:
+                raise KeyError(f"step_fn metrics have no {loss_key!r} (got {sorted(row)})")
+            if not math.isfinite(loss):
+                what = describe_batch(host_batch) if describe_batch and host_batch is not None else ""
+                raise NonFiniteLossError(end - num + i + 1, f"loss ({loss_key}={loss})", last_saved, what)
+        window.extend(rows)
+        if bar is not None and rows:
+            bar.set_postfix(loss=f"{rows[-1][loss_key]:.4g}", refresh=False)
 
-    def save(step: int, force: bool) -> None:
+    def save(step: int) -> None:
         nonlocal last_saved
         if checkpointer is None or step == last_saved:
             return
-        if not _params_finite(state):
+        if not bool(_all_finite_jit(getattr(state, "params", state))):
             raise NonFiniteLossError(step, "parameters", last_saved)
-        if checkpointer.save(step, state, data_iterator, force=force):
+        if checkpointer.save(step, state, data_iterator):
             last_saved = step
+
+    def crossed(every: int, before: int, after: int) -> bool:
+        return every > 0 and after // every > before // every
 
     finished = interrupted = False
     try:
-        for step in range(start, num_steps):
+        while done < num_steps:
+            num = min(steps_per_call, num_steps - done)
+            if checkpointer is not None:  # cut calls at checkpoint steps: the same resume points
+                num = min(num, checkpointer.save_every - done % checkpointer.save_every)
             try:
                 host_batch = next(batches)
             except StopIteration:
-                log.warning("data exhausted after step %d (of %d); stopping", step, num_steps)
+                log.warning("data exhausted after step %d (of %d); stopping", done, num_steps)
                 break
             batch = prepare_batch(host_batch)
-            state, metrics = step_fn(state, batch, jax.random.fold_in(rng, step) if fold_rng else rng)
-            done = step + 1
-            n_window += 1
-            # Check the previous step while this one runs: keeps the device queue non-empty.
+            if steps_per_call > 1:
+                state, metrics = step_fn(state, batch, rng, num)
+            else:
+                state, metrics = step_fn(state, batch, jax.random.fold_in(rng, done) if fold_rng else rng)
+            before, done = done, done + num
+            n_window += num
+            # Check the previous call while this one runs: keeps the device queue non-empty.
             if pending is not None:
                 check(pending)
-            pending = (done, metrics)
+            pending = (done, num, metrics, host_batch if describe_batch else None)
             if bar is not None:
-                bar.update(1)
+                bar.update(num)
 
             want_save = checkpointer is not None and checkpointer.should_save(done)
-            due_hooks = [h for h in hooks if h.every > 0 and done % h.every == 0]
-            if done % log_every == 0 or want_save or due_hooks or done == num_steps:
+            due_hooks = [h for h in hooks if crossed(h.every, before, done)]
+            want_log = crossed(log_every, before, done) or done == num_steps
+            if want_log or want_save or due_hooks:
                 check(pending)
                 pending = None
             t_aside = time.perf_counter()
             if want_save:
-                save(done, force=False)
+                save(done)
             extra = {}
             for h in due_hooks:
                 extra.update(h.fn(done, state) or {})
             t_window += time.perf_counter() - t_aside  # img/s counts training time only
-            if done % log_every == 0 or done == num_steps:
-                _log_window(writer, bar, done, window, extra, examples_per_step, n_window, t_window)
+            if want_log:
+                _log_window(writer, bar, done, window, extra, examples_per_step, n_window, t_window, loss_key)
                 window, extra = [], {}
                 t_window, n_window = time.perf_counter(), 0
             elif extra and writer is not None:
@@ -207,7 +220,7 @@ def train_loop(
         if not finished and checkpointer is not None:
             checkpointer.wait()  # a NaN or crash: keep what was saved, write nothing new
     if window and writer is not None:
-        _log_window(writer, None, done, window, {}, examples_per_step, n_window, t_window)
+        _log_window(writer, None, done, window, {}, examples_per_step, n_window, t_window, loss_key)
     end_hooks = [h for h in hooks if h.at_end and not (h.every > 0 and done % h.every == 0)]
     if end_hooks and done > start:
         extra = {}
@@ -217,7 +230,7 @@ def train_loop(
             writer.write_scalars(done, extra)
     if done > start:
         try:
-            save(done, force=True)
+            save(done)
         except Exception:
             if not interrupted:
                 raise
@@ -232,19 +245,18 @@ def train_loop(
     return state
 
 
-def _log_window(writer, bar, step, window, extra, examples_per_step, n_steps, t0) -> None:
+def _log_window(writer, bar, step, window, extra, examples_per_step, n_steps, t0, loss_key) -> None:
     if not window and not extra:
         return
     scalars: dict[str, float] = {}
     if window:
         for k in window[-1]:
-            vals = [w[k] for w in window if k in w]
-            scalars[k] = float(np.mean(vals))
+            scalars[k] = float(np.mean([w[k] for w in window if k in w]))
     dt = time.perf_counter() - t0
     if examples_per_step and n_steps and dt > 0:
         scalars["img_per_sec"] = examples_per_step * n_steps / dt
         if bar is not None:
-            bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4g}", img_s=f"{scalars['img_per_sec']:.1f}")
+            bar.set_postfix(loss=f"{scalars.get(loss_key, float('nan')):.4g}", img_s=f"{scalars['img_per_sec']:.1f}")
     scalars.update({k: float(np.asarray(v)) for k, v in extra.items()})
     if writer is not None:
         writer.write_scalars(step, scalars)

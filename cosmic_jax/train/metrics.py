@@ -12,6 +12,7 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
+from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -23,20 +24,21 @@ def _scalar(v: Any) -> float:
 class MetricWriter:
     """Scalars to ``W/tb`` (TensorBoard) and ``W/metrics.jsonl`` (one JSON object per step).
 
+    Every written row is also kept in ``rows`` (the in-memory history of this process's run).
+
     Args:
-      workdir: run directory.
+      workdir: run directory; None keeps the rows in memory only (a fit without a workdir).
       enabled: False on non-zero processes (writes nothing).
     """
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str | None, enabled: bool = True):
         self.workdir = workdir
         self.enabled = enabled
+        self.rows: list[dict[str, float]] = []
         self._tb = None
         self._jsonl = None
-        if enabled:
+        if enabled and workdir is not None:
             os.makedirs(workdir, exist_ok=True)
-            from tensorboardX import SummaryWriter
-
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
             self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
 
@@ -45,26 +47,26 @@ class MetricWriter:
             return
         row = {"step": int(step)}
         for k, v in scalars.items():
-            x = _scalar(v)
-            row[k] = x
-            self._tb.add_scalar(k, x, global_step=int(step))
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
-
-    def write_text(self, step: int, tag: str, text: str) -> None:
-        if self.enabled:
-            self._tb.add_text(tag, text, global_step=int(step))
+            row[k] = _scalar(v)
+        self.rows.append(row)
+        if self._tb is not None:
+            for k, x in row.items():
+                if k != "step":
+                    self._tb.add_scalar(k, x, global_step=int(step))
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
 
     def flush(self) -> None:
-        if self.enabled:
+        if self._tb is not None:
             self._tb.flush()
             self._jsonl.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self._tb is not None:
             self._tb.close()
             self._jsonl.close()
-            self.enabled = False
+            self._tb = self._jsonl = None
+        self.enabled = False
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:

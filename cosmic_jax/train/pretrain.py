@@ -1,7 +1,10 @@
-"""MAE pretraining: wire config, mesh, data, state, checkpoints and hooks into the generic loop.
+"""MAE pretraining: config, mesh, data, state, checkpoints and hooks wired into the one training loop.
 
-``train_and_evaluate(config, data_dir, workdir)`` starts fresh or resumes from the newest
-checkpoint in ``workdir`` (train state resharded onto the current mesh, data stream continued).
+``train_and_evaluate(config, data_dir, workdir)`` starts fresh or resumes from the newest readable
+checkpoint in ``workdir`` (train state resharded onto the current mesh, data stream continued). The
+resolved config is saved as ``W/config.json`` once it has been validated, and a resumed run checks
+the new config against it: settings that change what is learned (model, optimizer, data order) must
+match; run-length, logging, checkpointing and device settings may change.
 """
 
 from __future__ import annotations
@@ -13,21 +16,84 @@ import os
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
-from cosmic_jax.configs.pretrain import PretrainConfig
+from cosmic_jax.configs import overrides as cfg_io
+from cosmic_jax.configs import pretrain as pretrain_configs
+from cosmic_jax.data.loader import make_train_iterator
+from cosmic_jax.data.records import CropSource
+from cosmic_jax.models.mae import MAE, model_config, param_logical_specs
+from cosmic_jax.train import optim
 from cosmic_jax.train import sharding as shd
-from cosmic_jax.train.checkpoint import Checkpointer, load_config, save_config
+from cosmic_jax.train.checkpoint import CONFIG_FILE, CheckpointError, Checkpointer, checkpoint_steps, load_params
 from cosmic_jax.train.loop import Hook, train_loop
+from cosmic_jax.train.mae import create_train_state, train_step
 from cosmic_jax.train.metrics import MetricWriter, save_recon_grid
+from cosmic_jax.train.probe import load_probe_set, probe_scores
 
 log = logging.getLogger(__name__)
+
+# Keys a resumed run may change: how long, how often to log/save/probe, on which devices.
+RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_ckpts", "async_ckpt", "recon_every",
+                     "recon_images", "probe_every", "probe_at_start", "probe_data", "probe_label",
+                     "probe_max", "log_batch_indices", "progress", "optim.microbatch", "loader.worker_count",
+                     "loader.worker_buffer_size", "loader.prefetch", "loader.read_threads", "mesh.", "distributed.")
+
+
+def load_run_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config of a pretraining workdir (``W/config.json``), typed by its variant."""
+    path = os.path.join(os.path.abspath(workdir), CONFIG_FILE)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no run config; is {workdir!r} a `cosmic pretrain` workdir?")
+    try:
+        with open(path) as f:
+            name = json.load(f).get("name", "test")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: corrupt run config ({e})") from None
+    if name not in pretrain_configs.VARIANTS:
+        raise CheckpointError(f"{path}: unknown config variant {name!r}")
+    return cfg_io.load(path, pretrain_configs.get_config(name))
+
+
+def load_for_inference(workdir: str, step: int | None = None) -> tuple[Any, Any, int, dict[str, Any]]:
+    """Model config and params of a pretraining run, on one device, for embedding / export.
+
+    Args:
+      workdir: a ``cosmic pretrain`` workdir (``config.json`` + ``checkpoints/``).
+      step: checkpoint step; default the newest that restores.
+
+    Returns:
+      (model_cfg, params, step, info): the frozen model config, the MAE parameter pytree and a dict
+      with ``config`` (the whole run config as a dict), ``workdir`` and ``steps`` (all saved steps).
+    """
+    workdir = os.path.abspath(workdir)
+    cfg = load_run_config(workdir)
+    try:
+        model_cfg = model_config(cfg.model)
+    except ValueError as e:
+        raise CheckpointError(f"{os.path.join(workdir, CONFIG_FILE)}: {e}") from None
+    params, step = load_params(workdir, step)
+    info = {"config": cfg_io.to_dict(cfg), "workdir": workdir, "steps": checkpoint_steps(workdir)}
+    return model_cfg, params, step, info
+
+
+def _check_resume(workdir: str, new: ml_collections.ConfigDict) -> None:
+    """A resumed run must learn the same thing: refuse changed model / optimizer / data keys."""
+    if not checkpoint_steps(workdir):
+        return
+    old = load_run_config(workdir)
+    changed = cfg_io.diff(old, new)
+    fatal = [k for k in changed if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE_CHANGES)]
+    if fatal:
+        raise ValueError(f"{workdir}: holds checkpoints of a run with a different config ({', '.join(fatal)}); "
+                         "resume with the saved config (omit --config) or use a fresh workdir")
+    if changed:
+        log.info("%s: resuming with changed %s", workdir, ", ".join(changed))
 
 
 def _fixed_crops(data_dir: str, n: int) -> np.ndarray:
     """The first ``n`` crops of a dataset, unaugmented: (n, H, W, C) float32."""
-    from cosmic_jax.data.records import CropSource
-
     src = CropSource(data_dir)
     return np.stack([src[i]["image"] for i in range(min(n, len(src)))])
 
@@ -37,108 +103,49 @@ def _replicated_input(x: np.ndarray, mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(shd.replicated(mesh), x, x.shape)
 
 
-def make_recon_hook(cfg: PretrainConfig, model_cfg, data_dir: str, workdir: str, mesh, rng) -> Hook:
+def make_recon_hook(cfg, model_cfg, data_dir: str, workdir: str, mesh, rng) -> Hook:
     """Every ``recon_every`` steps: PNG grid original / masked / reconstruction -> W/recon/."""
-    from cosmic_jax.models.mae import MAE
-
     images = _fixed_crops(data_dir, cfg.recon_images)
     x = _replicated_input(images, mesh)
-    rep = shd.replicated(mesh)
-    recon = jax.jit(
-        lambda params, x, k: MAE(model_cfg).apply({"params": params}, x, k, method=MAE.reconstruct),
-        out_shardings=rep,
-    )
+    recon = jax.jit(lambda params, x, k: MAE(model_cfg).apply({"params": params}, x, k, method=MAE.reconstruct),
+                    out_shardings=shd.replicated(mesh))
 
     def fn(step: int, state) -> dict[str, float]:
         out = jax.device_get(recon(state.params, x, rng))
         if jax.process_index() == 0:
-            masked = images * (1.0 - out["mask"])
-            save_recon_grid(
-                os.path.join(workdir, "recon", f"step_{step:07d}.png"),
-                images, masked, out["pasted"], title=f"{model_cfg.name} step {step}",
-            )
+            save_recon_grid(os.path.join(workdir, "recon", f"step_{step:07d}.png"), images,
+                            images * (1.0 - out["mask"]), out["pasted"], title=f"{model_cfg.name} step {step}")
         return {"recon_loss": float(out["loss"])}
 
     return Hook(cfg.recon_every, fn, "recon")
 
 
-def probe_scores(emb: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, float]:
-    """5-fold cross-validated kNN (k=5) and logistic-regression accuracy of ``labels`` from ``emb``.
-
-    Args:
-      emb: (N, D) embeddings; labels: (N,) class labels.
-
-    Returns:
-      {"probe/knn_acc", "probe/linear_acc", "probe/chance"}.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.neighbors import KNeighborsClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    _, counts = np.unique(labels, return_counts=True)
-    folds = StratifiedKFold(n_splits=int(min(5, counts.min())), shuffle=True, random_state=seed)
-    knn = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=5))
-    lin = make_pipeline(StandardScaler(), LogisticRegression(max_iter=500, C=0.1))
-    return {
-        "probe/knn_acc": float(cross_val_score(knn, emb, labels, cv=folds).mean()),
-        "probe/linear_acc": float(cross_val_score(lin, emb, labels, cv=folds).mean()),
-        "probe/chance": float(counts.max() / counts.sum()),
-    }
-
-
-def load_probe_set(data_dir: str, label_key: str, max_n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, H, W, C), labels (N,)) from a crop dataset whose meta holds ``label_key``."""
-    from cosmic_jax.data.records import CropSource
-
-    src = CropSource(data_dir, with_meta=True)
-    n = min(max_n, len(src))
-    images, labels = [], []
-    for i in range(n):
-        el = src[i]
-        if label_key not in el["meta"]:
-            raise KeyError(f"{data_dir} record {i} ({el['cell_id']}): meta has no probe label {label_key!r}")
-        images.append(el["image"])
-        labels.append(str(el["meta"][label_key]))
-    labels = np.asarray(labels)
-    if len(np.unique(labels)) < 2:
-        raise ValueError(f"{data_dir}: probe label {label_key!r} has a single class; nothing to probe")
-    return np.stack(images), labels
-
-
-def make_probe_hook(cfg: PretrainConfig, model_cfg, data_dir: str, mesh) -> Hook:
+def make_probe_hook(cfg, model_cfg, data_dir: str, mesh) -> Hook:
     """Every ``probe_every`` steps: kNN / linear probe accuracy of mean-pooled encoder features.
 
     ``train_and_evaluate`` also calls it at step 0 of a fresh run (``probe_at_start``), so the
     random-init accuracy, the baseline a useful pretraining must beat, is logged too.
     """
-    from cosmic_jax.models.mae import MAE
-
     images, labels = load_probe_set(cfg.probe_data or data_dir, cfg.probe_label, cfg.probe_max)
     x = _replicated_input(images, mesh)
-    encode = jax.jit(
-        lambda params, x: MAE(model_cfg).apply({"params": params}, x, method=MAE.encode, pool="mean"),
-        out_shardings=shd.replicated(mesh),
-    )
+    encode = jax.jit(lambda params, x: MAE(model_cfg).apply({"params": params}, x, method=MAE.encode, pool="mean"),
+                     out_shardings=shd.replicated(mesh))
 
     def fn(step: int, state) -> dict[str, float]:
-        emb = np.asarray(jax.device_get(encode(state.params, x)), np.float64)
-        scores = probe_scores(emb, labels, seed=cfg.seed)
+        scores = probe_scores(np.asarray(jax.device_get(encode(state.params, x)), np.float64), labels, seed=cfg.seed)
         log.info("probe at step %d: %s", step, scores)
         return scores
 
     return Hook(cfg.probe_every, fn, "probe")
 
 
-class _IndexLog:
-    """Writes each step's per-process example indices (for data-order tests); then shards."""
+class _BatchIndexLog:
+    """Shards each host batch; optionally writes its per-process example indices (data-order checks)."""
 
     def __init__(self, workdir: str, start: int, mesh, enabled: bool):
         self.step, self.mesh, self.f = start, mesh, None
         if enabled:
-            path = os.path.join(workdir, f"batch_indices.p{jax.process_index()}.jsonl")
-            self.f = open(path, "a")
+            self.f = open(os.path.join(workdir, f"batch_indices.p{jax.process_index()}.jsonl"), "a")
 
     def __call__(self, batch):
         self.step += 1
@@ -152,14 +159,14 @@ class _IndexLog:
             self.f.close()
 
 
-def _warn_config_change(workdir: str, new: dict[str, Any]) -> None:
-    try:
-        old = load_config(workdir)
-    except Exception:
-        return
-    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if changed:
-        log.warning("%s: resuming with a changed config; differing keys: %s", workdir, changed)
+def describe_bad_records(batch) -> str:
+    """The records of a host batch whose pixels are not finite (for the NaN error), else its range."""
+    images = np.asarray(batch["image"])
+    index = np.asarray(batch.get("index", np.arange(len(images))))
+    bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))
+    if bad.size:
+        return f"non-finite pixels in record(s) {index[bad][:10].tolist()} of the crop dataset"
+    return f"records {index[:10].tolist()}{'...' if len(index) > 10 else ''}"
 
 
 def run_rngs(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -168,13 +175,12 @@ def run_rngs(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     return init_rng, train_rng, hook_rng
 
 
-def train_and_evaluate(
-    config: PretrainConfig, data_dir: str, workdir: str, extra_hooks: tuple[Hook, ...] = ()
-) -> dict[str, Any]:
+def train_and_evaluate(config: ml_collections.ConfigDict, data_dir: str, workdir: str,
+                       extra_hooks: tuple[Hook, ...] = ()) -> dict[str, Any]:
     """Pretrain the MAE of ``config`` on the crop dataset ``data_dir``, resuming from ``workdir``.
 
     Args:
-      config: run config (``configs.pretrain.get_config``).
+      config: run config (``configs/pretrain.py``, e.g. via ``configs.overrides.load_config``).
       data_dir: crop dataset directory (``cosmic_jax.data.records`` format).
       workdir: output dir: config.json, checkpoints/, metrics.jsonl, tb/, recon/.
       extra_hooks: more periodic callbacks for the loop (e.g. custom evaluations).
@@ -183,47 +189,42 @@ def train_and_evaluate(
       {"step": final step, "start_step": step resumed from (0 = fresh),
        "state": final TrainState (sharded), "mesh": the Mesh}.
     """
-    from cosmic_jax.configs.mae import get_model_config
-    from cosmic_jax.data.loader import make_train_iterator
-    from cosmic_jax.data.records import CropSource
-    from cosmic_jax.train.step import create_train_state, train_step
-
+    workdir = os.path.abspath(workdir)
+    data_dir = os.path.abspath(data_dir)
+    if config.steps <= 0:
+        raise ValueError(f"steps must be > 0, got {config.steps}")
+    gb = config.loader.global_batch
+    if gb <= 0:
+        raise ValueError(f"loader.global_batch must be > 0, got {gb}")
+    model_cfg = model_config(config.model)
     shd.maybe_initialize_distributed(config.distributed)
     mesh = shd.mesh_from_config(config.mesh)
-    model_cfg = get_model_config(config.model, **config.model_overrides)
-    optim_cfg = config.resolved_optim(mesh.devices.size, mesh.devices.flat[0].platform)
+    optim_cfg = optim.resolve(config.optim, config.steps, gb, mesh.devices.size, mesh.devices.flat[0].platform)
     log.info("mesh %s over %d %s devices; microbatch %d", dict(mesh.shape), mesh.devices.size,
              mesh.devices.flat[0].platform, optim_cfg.microbatch)
-
     shape = tuple(CropSource(data_dir).image_shape)
     want = (model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
     if shape != want:
-        raise ValueError(
-            f"{data_dir}: crops are {shape} but model {model_cfg.name!r} expects {want}; "
-            "pick a matching model or set model.image_size / model.channels"
-        )
-    gb = config.loader.global_batch
+        raise ValueError(f"{data_dir}: crops are {shape} but model {model_cfg.name!r} expects {want}; "
+                         "pick a matching model or set --config.model.image_size / --config.model.channels")
     if gb % mesh.devices.size:
         raise ValueError(f"loader.global_batch={gb} must be divisible by the {mesh.devices.size} devices")
-
-    run_cfg = dict(json.loads(json.dumps(_asdict(config))), model_config=model_cfg.to_dict())
-    _warn_config_change(workdir, run_cfg)
-    save_config(workdir, run_cfg)
+    _check_resume(workdir, config)
 
     init_rng, train_rng, hook_rng = run_rngs(config.seed)
     init_fn = functools.partial(create_train_state, model_cfg, optim_cfg)
     abstract = jax.eval_shape(init_fn, init_rng)
-    shardings = shd.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-
-    data_iter = make_train_iterator(data_dir, config.loader)
+    shardings = shd.state_shardings(abstract, mesh, param_logical_specs(model_cfg))
+    data_iter = make_train_iterator(data_dir, cfg_io.frozen(config.loader))
     ckpt = Checkpointer(workdir, config.ckpt_every, config.keep_ckpts, config.async_ckpt)
     start = 0
     if ckpt.latest_step() is not None:
-        target = shd.abstract_with_shardings(abstract, shardings)
-        state, start = ckpt.restore(target, data_iter)
+        state, start = ckpt.restore(shd.abstract_with_shardings(abstract, shardings), data_iter)
         log.info("resumed %s from step %d on %d devices", workdir, start, mesh.devices.size)
     else:
-        state = jax.jit(init_fn, out_shardings=shardings)(init_rng)
+        state, _ = shd.create_sharded_state(init_fn, mesh, init_rng, param_specs=param_logical_specs(model_cfg))
+    if jax.process_index() == 0:
+        cfg_io.save(config, os.path.join(workdir, CONFIG_FILE))  # only once the run is known to start
 
     hooks = []
     if config.recon_every > 0:
@@ -236,28 +237,18 @@ def train_and_evaluate(
             writer.write_scalars(0, probe.fn(0, state))
         hooks.append(probe)
     hooks.extend(extra_hooks)
-    index_log = _IndexLog(workdir, start, mesh, config.log_batch_indices)
-    step_fn = shd.jit_step(functools.partial(train_step, augment=config.loader.augment), mesh, shardings)
+    index_log = _BatchIndexLog(workdir, start, mesh, config.log_batch_indices)
+    step_fn = shd.jit_step(functools.partial(train_step, augment=cfg_io.frozen(config.loader.augment)), mesh,
+                           shardings)
     if jax.process_count() > 1:
         step_fn = _compile_in_lockstep(step_fn, state, mesh, gb, want, train_rng)
     try:
         state = train_loop(
-            state,
-            step_fn,
-            data_iter,
-            num_steps=config.steps,
-            rng=train_rng,
+            state, step_fn, data_iter, num_steps=config.steps, rng=train_rng,
             fold_rng=False,  # train_step folds state.step into the key itself
-            prepare_batch=index_log,
-            checkpointer=ckpt,
-            data_iterator=data_iter,
-            writer=writer,
-            hooks=hooks,
-            log_every=config.log_every,
-            examples_per_step=gb,
-            progress=config.progress,
-            desc=f"pretrain {model_cfg.name}",
-        )
+            prepare_batch=index_log, describe_batch=describe_bad_records, checkpointer=ckpt,
+            data_iterator=data_iter, writer=writer, hooks=hooks, log_every=config.log_every,
+            examples_per_step=gb, progress=config.progress, desc=f"pretrain {model_cfg.name}")
     finally:
         index_log.close()
         writer.close()
@@ -273,7 +264,7 @@ def _compile_in_lockstep(step_fn, state, mesh, global_batch: int, image_shape, r
     CPU (gloo) collectives give up after 30 s if a peer is still compiling; a barrier on the
     distributed client (long timeout) lines the processes up first.
     """
-    from jax._src import distributed
+    from jax._src import distributed  # the client's barrier has no public API
 
     bs = shd.batch_sharding(mesh)
     batch = {
@@ -285,15 +276,3 @@ def _compile_in_lockstep(step_fn, state, mesh, global_batch: int, image_shape, r
     if client is not None:
         client.wait_at_barrier("cosmic_pretrain_step_compiled", timeout_in_ms=30 * 60 * 1000)
     return compiled
-
-
-def _asdict(obj: Any) -> Any:
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _asdict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {k: _asdict(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_asdict(v) for v in obj]
-    return obj

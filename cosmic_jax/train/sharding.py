@@ -1,29 +1,32 @@
-"""Device mesh, sharding rules and sharded state/batch helpers (big_vision / MaxText style).
+"""Device mesh, logical-axis sharding rules and sharded state/batch helpers (MaxText / big_vision style).
 
-One 2-D mesh with axes ``("data", "fsdp")`` covers every device of every process:
+One 2-D mesh with axes ``("data", "fsdp")`` covers every device of every process. Parameters carry
+logical axis names (``cosmic_jax/models/vit.py``: "embed", "mlp", "heads", "patch", "dec_embed");
+``LOGICAL_RULES`` map those names to mesh axes, and the rules alone decide the layout:
 
-- data parallel (default, ``fsdp=1``): parameters and optimizer state replicated, the batch split
-  over all devices;
-- FSDP (``fsdp>1``): every parameter and optimizer-state leaf large enough is split along the
-  ``"fsdp"`` axis on its largest dimension divisible by the axis size, the batch is still split
-  over *all* devices (``("data", "fsdp")`` together), so XLA all-gathers weights per layer and
-  reduce-scatters gradients.
+- data parallel (default, ``fsdp=1``): the "fsdp" axis has size 1, so every parameter and
+  optimizer-state leaf is whole on every device and the batch is split over all devices;
+- FSDP (``mesh.fsdp > 1``): every dim named "embed" / "dec_embed" is split over "fsdp" (a dim the
+  axis does not divide stays whole), the batch is still split over *all* devices, and XLA
+  all-gathers weights per layer and reduce-scatters gradients.
 
-The mesh uses ``AxisType.Auto`` so the model code needs no sharding annotations: jit's
-``in_shardings`` / ``out_shardings`` pin the state and batch layouts and XLA's partitioner
-propagates the rest. Everything goes through ``jax.jit`` (never ``pmap``).
+Optimizer moments get the layout of their parameter (matched by tree path), scalars and leaves
+without names (e.g. the joint model's MLPs) are replicated. The mesh uses ``AxisType.Auto``, so jit's
+``in_shardings`` / ``out_shardings`` pin state and batch and XLA propagates the rest. Everything goes
+through ``jax.jit`` (never ``pmap``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any, Callable, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -33,52 +36,21 @@ DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 MESH_AXES = (DATA_AXIS, FSDP_AXIS)
 
-# Logical axis name -> mesh axes. "batch" spans every device; "fsdp" is the parameter shard axis.
+# Logical axis name -> mesh axes. "batch" (activations) spans every device; model dims named
+# "embed" / "dec_embed" are the FSDP shard dims; everything else stays whole.
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("batch", MESH_AXES),
-    ("fsdp", FSDP_AXIS),
-    ("replicated", None),
+    ("embed", FSDP_AXIS),
+    ("dec_embed", FSDP_AXIS),
+    ("mlp", None),
+    ("heads", None),
+    ("patch", None),
 )
-
-
-@dataclasses.dataclass
-class MeshConfig:
-    """Mesh shape: ``data * fsdp`` must equal the device count; -1 means "all the rest"."""
-
-    data: int = -1
-    fsdp: int = 1
-    # Leaves with fewer elements than this stay replicated under FSDP (biases, norms, scalars):
-    # sharding them saves nothing and costs one collective each.
-    fsdp_min_size: int = 1024
-    # Use only the first N devices (0 = all): e.g. single-device runs on a forced-8-device host.
-    num_devices: int = 0
-    # CPU hosts only, applied by `cosmic pretrain` before JAX starts: split the host into this many
-    # XLA devices (data parallel over its cores; see cosmic_jax/runtime.py). -1 = auto (one per
-    # core while each gets >= 64 images of the global batch), 0 = leave the host as one device.
-    # An explicit --xla_force_host_platform_device_count in XLA_FLAGS wins.
-    cpu_devices: int = -1
-
-
-@dataclasses.dataclass
-class DistributedConfig:
-    """Multi-process settings for ``jax.distributed.initialize``.
-
-    ``enabled="auto"`` initialises when a coordinator is given (flag or ``COSMIC_COORDINATOR``)
-    or a known cluster environment is detected (SLURM, Open MPI, TPU pod); ``"yes"`` always
-    initialises (letting JAX auto-detect), ``"no"`` never does.
-    """
-
-    enabled: str = "auto"
-    coordinator_address: str = ""
-    num_processes: int = 0  # 0 = from env / auto-detect
-    process_id: int = -1  # -1 = from env / auto-detect
-    cpu_collectives: str = "gloo"  # only used on CPU backends; "gloo" or "mpi"
-
 
 _CLUSTER_ENV = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
-def maybe_initialize_distributed(cfg: DistributedConfig | None) -> bool:
+def maybe_initialize_distributed(cfg: Any) -> bool:
     """Call ``jax.distributed.initialize`` when configured; must run before any jax computation.
 
     Flags win over the env vars ``COSMIC_COORDINATOR`` / ``COSMIC_NUM_PROCESSES`` /
@@ -87,7 +59,6 @@ def maybe_initialize_distributed(cfg: DistributedConfig | None) -> bool:
     Returns:
       True if this call (or an earlier one) initialised the distributed runtime.
     """
-    cfg = cfg or DistributedConfig()
     if cfg.enabled not in ("auto", "yes", "no"):
         raise ValueError(f"distributed.enabled must be auto|yes|no, got {cfg.enabled!r}")
     if cfg.enabled == "no":
@@ -139,7 +110,8 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence[jax.Device] | Non
     return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
-def mesh_from_config(cfg: MeshConfig) -> Mesh:
+def mesh_from_config(cfg: Any) -> Mesh:
+    """The mesh of a ``mesh`` config group (``configs/pretrain.py``)."""
     devices = jax.devices()[: cfg.num_devices] if cfg.num_devices > 0 else None
     if devices is not None and jax.process_count() > 1:
         raise ValueError("mesh.num_devices is for single-process runs; multi-process meshes use all devices")
@@ -148,10 +120,73 @@ def mesh_from_config(cfg: MeshConfig) -> Mesh:
 
 def logical_sharding(mesh: Mesh, *logical_axes: str | None, rules=LOGICAL_RULES) -> NamedSharding:
     """NamedSharding for an array whose dims carry the given logical names (None = unsplit)."""
-    import flax.linen as nn
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(logical_axes), rules))
 
-    spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
-    return NamedSharding(mesh, spec)
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """``spec`` with every dim that its mesh axes do not divide left whole."""
+    out = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+        out.append(axes if size > 1 and dim % size == 0 else None)
+    return P(*out)
+
+
+def _path_keys(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, param_specs: Any = None, rules=LOGICAL_RULES) -> Any:
+    """NamedSharding for every leaf of a (possibly abstract) train state, from logical names.
+
+    Args:
+      abstract_state: the state (or its ``jax.eval_shape``).
+      mesh: the device mesh.
+      param_specs: tree of logical ``PartitionSpec`` with the params' structure (e.g.
+        ``models.mae.param_logical_specs``); None = no names (everything replicated).
+      rules: logical name -> mesh axes.
+
+    Returns:
+      a tree of NamedSharding with the state's structure. A leaf whose tree path ends with a
+      parameter's path (the parameter itself, its Adam moments) gets that parameter's layout.
+    """
+    by_path = {}
+    if param_specs is not None:
+        flat = traverse_util.flatten_dict(param_specs, is_leaf=lambda _, v: isinstance(v, P))
+        by_path = {tuple(map(str, k)): nn.logical_to_mesh_axes(tuple(v), rules) for k, v in flat.items()}
+    longest = max((len(k) for k in by_path), default=0)
+
+    def one(path, leaf):
+        keys = _path_keys(path)
+        shape = getattr(leaf, "shape", ())
+        for n in range(min(longest, len(keys)), 0, -1):
+            spec = by_path.get(keys[-n:])
+            if spec is not None and len(spec) <= len(shape):
+                return NamedSharding(mesh, _fit_spec(spec, shape, mesh))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, abstract_state)
+
+
+def create_sharded_state(init_fn: Callable[..., Any], mesh: Mesh, *args, param_specs: Any = None,
+                         rules=LOGICAL_RULES) -> tuple[Any, Any]:
+    """Initialise a state directly in its final sharded layout (never materialised whole).
+
+    Every trainer (MAE, joint model) and the Embedder's parameter placement go through here.
+
+    Args:
+      init_fn: pure ``init_fn(*args) -> state`` (e.g. a partial of a task's ``create_train_state``).
+      mesh: the device mesh.
+      *args: arguments of ``init_fn`` (an rng key, ...); they are replicated.
+      param_specs, rules: see :func:`state_shardings`.
+
+    Returns:
+      (state, shardings): the sharded state and the matching pytree of NamedSharding.
+    """
+    abstract = jax.eval_shape(init_fn, *args)
+    shardings = state_shardings(abstract, mesh, param_specs, rules)
+    return jax.jit(init_fn, out_shardings=shardings)(*args), shardings
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -176,64 +211,6 @@ def merge_strided_chunks(y: jax.Array) -> jax.Array:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dim split over every device of the mesh."""
     return logical_sharding(mesh, "batch")
-
-
-def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
-    """Partition spec splitting the largest dim divisible by ``fsdp_size`` over ``"fsdp"``.
-
-    Args:
-      shape: the leaf's shape.
-      fsdp_size: mesh size of the ``"fsdp"`` axis.
-      min_size: leaves with fewer elements are replicated.
-
-    Returns:
-      ``P(None, ..., "fsdp", ..., None)`` or ``P()`` (replicated).
-    """
-    if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
-        return P()
-    # Ties go to the last dim: for (in, out) kernels that keeps the contraction dim whole.
-    order = sorted(range(len(shape)), key=lambda i: (shape[i], i), reverse=True)
-    for i in order:
-        if shape[i] % fsdp_size == 0:
-            spec = [None] * len(shape)
-            spec[i] = FSDP_AXIS
-            return P(*spec)
-    return P()
-
-
-def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = 1024) -> Any:
-    """NamedSharding for every leaf of a (possibly abstract) train state.
-
-    Data parallel when the mesh's ``"fsdp"`` axis has size 1 (everything replicated); otherwise
-    params and optimizer moments are split by :func:`fsdp_spec`. Optimizer moments have their
-    parameter's shape, so they get the same layout without any tree matching.
-    """
-    fsdp_size = mesh.shape[FSDP_AXIS]
-
-    def one(leaf):
-        shape = getattr(leaf, "shape", ())
-        return NamedSharding(mesh, fsdp_spec(shape, fsdp_size, min_size))
-
-    return jax.tree.map(one, abstract_state)
-
-
-def create_sharded_state(
-    init_fn: Callable[..., Any], mesh: Mesh, *args, min_size: int = 1024
-) -> tuple[Any, Any]:
-    """Initialise a state directly in its final sharded layout (never materialised whole).
-
-    Args:
-      init_fn: pure function ``init_fn(*args) -> state`` (e.g. a partial of ``create_train_state``).
-      mesh: the device mesh.
-      *args: arguments for ``init_fn`` (an rng key, ...); they are replicated.
-
-    Returns:
-      (state, shardings): the sharded state and the matching pytree of NamedSharding.
-    """
-    abstract = jax.eval_shape(init_fn, *args)
-    shardings = state_shardings(abstract, mesh, min_size)
-    state = jax.jit(init_fn, out_shardings=shardings)(*args)
-    return state, shardings
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
@@ -288,15 +265,6 @@ def jit_step(
         out_shardings=(state_sharding, rep),
         donate_argnums=(0,) if donate else (),
     )
-
-
-def describe(tree: Any) -> dict[str, str]:
-    """Flat {path: "shape spec"} of a sharded pytree, for logs and tests."""
-    out = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        spec = getattr(getattr(leaf, "sharding", None), "spec", None)
-        out[jax.tree_util.keystr(path)] = f"{tuple(getattr(leaf, 'shape', ()))} {spec}"
-    return out
 
 
 def all_finite(tree: Any) -> jax.Array:

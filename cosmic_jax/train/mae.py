@@ -1,62 +1,41 @@
-"""Pure MAE train step and train state.
+"""The MAE task for the training loop: its state, its step and its loss.
 
-``train_step(state, batch, rng) -> (state, metrics)`` is a module-level pure function so the
-training loop can wrap it as
-
-    jax.jit(train_step, in_shardings=(state_sh, batch_sh, None),
-            out_shardings=(state_sh, None), donate_argnums=(0,))
-
-The model and optimizer configs live in the state as static (hashable) fields, so the step needs
-nothing else. ``rng`` is a fixed base key: the step folds in ``state.step``, so the mask of step
-t is the same whether or not training was resumed in between. Data augmentation runs here too,
-on the device (``functools.partial(train_step, augment=AugmentConfig(...))``), keyed the same
-way, so the host pipeline only reads and batches.
+``train_step(state, batch, rng) -> (state, metrics)`` is a module-level pure function; the
+pretraining run jits it with explicit shardings (``sharding.jit_step``). The model and optimizer
+configs live in the state as static fields, so the step needs nothing else. ``rng`` is a fixed
+base key: the step folds in ``state.step``, so the mask of step t is the same whether or not
+training was resumed in between. Data augmentation runs here too, on the device
+(``functools.partial(train_step, augment=config.loader.augment)``), keyed the same way, so the
+host pipeline only reads and batches.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
-from flax import struct
+import ml_collections
 import optax
 
-from cosmic_jax.configs.mae import MAEConfig
-from cosmic_jax.data.augment import AugmentConfig, augment_batch
-from cosmic_jax.models.mae import MAE
+from cosmic_jax.data.augment import augment_batch
+from cosmic_jax.models.mae import MAE, MAEConfig
+from cosmic_jax.train.optim import make_schedule
 from cosmic_jax.train.sharding import strided_chunks
-from cosmic_jax.train.optim import OptimConfig, make_optimizer, make_schedule
+from cosmic_jax.train.state import TrainState
 
 
-class TrainState(struct.PyTreeNode):
-    """step: int32 scalar (micro-steps); params: unboxed float32 tree; opt_state: optax state."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-    model_cfg: MAEConfig = struct.field(pytree_node=False)
-    optim_cfg: OptimConfig = struct.field(pytree_node=False)
-
-
-@functools.lru_cache(maxsize=None)
-def _tx(optim_cfg: OptimConfig) -> optax.GradientTransformation:
-    # One transformation object per config, so repeated traces see identical functions.
-    return make_optimizer(optim_cfg)
-
-
-def create_train_state(model_cfg: MAEConfig, optim_cfg: OptimConfig, rng: jax.Array,
+def create_train_state(model_cfg: MAEConfig, optim_cfg: ml_collections.FrozenConfigDict, rng: jax.Array,
                        sample_shape: tuple[int, ...] | None = None) -> TrainState:
     """Initialise params (float32, logical-axis boxes removed) and optimizer state.
 
-    Traceable: the training loop may call it under ``jax.jit(..., out_shardings=...)`` to create
-    the state directly sharded.
+    Traceable: ``sharding.create_sharded_state`` calls it under ``jax.jit(..., out_shardings=...)``
+    so the state is born sharded.
 
     Args:
-      model_cfg: model config.
-      optim_cfg: optimizer config.
+      model_cfg: frozen model config (``models.mae.model_config``).
+      optim_cfg: resolved optimizer config (``train.optim.resolve``).
       rng: PRNG key for the parameter init.
       sample_shape: (B, H, W, C) of an input batch (only H, W, C must match the config);
         defaults to (1, image_size, image_size, channels).
@@ -65,24 +44,21 @@ def create_train_state(model_cfg: MAEConfig, optim_cfg: OptimConfig, rng: jax.Ar
       TrainState at step 0.
     """
     want = (model_cfg.image_size, model_cfg.image_size, model_cfg.channels)
-    if sample_shape is None:
-        sample_shape = (1,) + want
-    if tuple(sample_shape[1:]) != want:
+    if sample_shape is not None and tuple(sample_shape[1:]) != want:
         raise ValueError(f"sample_shape {tuple(sample_shape)} does not match model config "
                          f"{model_cfg.name!r} (expects (B, {want[0]}, {want[1]}, {want[2]}))")
     return _init_state(model_cfg, optim_cfg, rng)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _init_state(model_cfg: MAEConfig, optim_cfg: OptimConfig, rng: jax.Array) -> TrainState:
+def _init_state(model_cfg: MAEConfig, optim_cfg, rng: jax.Array) -> TrainState:
     # jitted: eager flax init dispatches hundreds of tiny ops, each compiled on first use.
     x = jnp.zeros((1, model_cfg.image_size, model_cfg.image_size, model_cfg.channels), jnp.float32)
     k_init, k_mask = jax.random.split(rng)
-    variables = MAE(model_cfg).init(k_init, x, k_mask)
-    params = nn.meta.unbox(variables["params"])
-    opt_state = _tx(optim_cfg).init(params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                      model_cfg=model_cfg, optim_cfg=optim_cfg)
+    params = nn.meta.unbox(MAE(model_cfg).init(k_init, x, k_mask)["params"])
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None,
+                       optim_cfg=optim_cfg, model_cfg=model_cfg)
+    return state.replace(opt_state=state.tx.init(params))
 
 
 def _loss_fn(params, model_cfg: MAEConfig, images: jax.Array, rng: jax.Array):
@@ -90,8 +66,7 @@ def _loss_fn(params, model_cfg: MAEConfig, images: jax.Array, rng: jax.Array):
     return loss
 
 
-def _loss_and_grads(params, model_cfg: MAEConfig, images: jax.Array, rng: jax.Array,
-                    microbatch: int):
+def _loss_and_grads(params, model_cfg: MAEConfig, images: jax.Array, rng: jax.Array, microbatch: int):
     """Loss and gradient of the batch mean; with ``microbatch`` as the mean over equal chunks.
 
     Chunk c holds the strided rows ``images[c::n]`` (n chunks; ``sharding.strided_chunks``: no
@@ -104,12 +79,10 @@ def _loss_and_grads(params, model_cfg: MAEConfig, images: jax.Array, rng: jax.Ar
     if not microbatch or microbatch >= b:
         return grad_fn(params, model_cfg, images, rng)
     if microbatch < 0:
-        raise ValueError(f"microbatch={microbatch} (auto) must be resolved first: "
-                         "cosmic_jax.train.optim.resolve_microbatch")
+        raise ValueError(f"microbatch={microbatch} (auto) must be resolved first: cosmic_jax.train.optim.resolve")
     if b % microbatch:
         raise ValueError(f"batch size {b} is not a multiple of microbatch={microbatch}")
     n = b // microbatch
-    chunks = strided_chunks(images, n)
 
     def body(carry, xs):
         loss_sum, grad_sum = carry
@@ -119,7 +92,7 @@ def _loss_and_grads(params, model_cfg: MAEConfig, images: jax.Array, rng: jax.Ar
 
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                           (jnp.arange(n), chunks))
+                                           (jnp.arange(n), strided_chunks(images, n)))
     return loss_sum / n, jax.tree_util.tree_map(lambda g: g / n, grad_sum)
 
 
@@ -131,16 +104,17 @@ def augment_key(rng: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.fold_in(rng, _AUGMENT_STREAM), step)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
-               augment: AugmentConfig | None = None):
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, augment=None):
     """One optimizer (micro-)step.
 
     Args:
       state: TrainState.
       batch: {"image": (B, H, W, C) float32}; other keys are ignored.
       rng: base PRNG key (the step number is folded in here).
-      augment: augment the batch on the device first (``augment_key(rng, state.step)``);
-        None trains on the images as given. Bind it with ``functools.partial`` before jit.
+      augment: augmentation settings (``configs.pretrain.augment_config`` or
+        ``data.augment.AugmentConfig``): the batch is augmented on the device first, with
+        ``augment_key(rng, state.step)``; None trains on the images as given. Bind it with
+        ``functools.partial`` before jit.
 
     Returns:
       (new_state, metrics) with metrics {"loss", "grad_norm", "lr"} float32 scalars; lr is the
@@ -154,19 +128,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array,
         images = augment_batch(images, augment_key(rng, state.step), augment)
     loss, grads = _loss_and_grads(state.params, state.model_cfg, images, step_rng,
                                   state.optim_cfg.microbatch)
-    tx = _tx(state.optim_cfg)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     update_idx = state.step // max(1, state.optim_cfg.accum_steps)
     metrics = {
         "loss": loss,
         "grad_norm": optax.tree.norm(grads),
         "lr": jnp.asarray(make_schedule(state.optim_cfg)(update_idx), jnp.float32),
     }
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-
-def eval_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array) -> dict[str, jax.Array]:
-    """Masked-reconstruction loss without an update (same masking as train_step at this step)."""
-    step_rng = jax.random.fold_in(rng, state.step)
-    return {"loss": _loss_fn(state.params, state.model_cfg, batch["image"], step_rng)}
+    return state.apply_gradients(grads), metrics

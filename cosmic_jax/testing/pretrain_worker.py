@@ -1,6 +1,7 @@
 """Subprocess entry for the resume / multi-process tests: ``train_and_evaluate`` plus fault injection.
 
-usage: python tests/_pretrain_worker.py DATA WORKDIR [--kill-at STEP] [key=value ...]
+usage: python -m cosmic_jax.testing.pretrain_worker DATA WORKDIR [--config NAME] [--kill-at STEP]
+       [--config.KEY=VALUE ...]
 --kill-at N sends SIGKILL to this very process right after step N (no cleanup, no final save),
 emulating a crashed or preempted job.
 """
@@ -12,6 +13,11 @@ import sys
 
 from absl import flags
 
+from cosmic_jax.configs import pretrain
+from cosmic_jax.configs.overrides import load_config
+from cosmic_jax.train.loop import Hook
+from cosmic_jax.train.pretrain import train_and_evaluate
+
 flags.FLAGS.mark_as_parsed()
 
 
@@ -21,12 +27,7 @@ def main() -> None:
     ap.add_argument("workdir")
     ap.add_argument("--config", default="test")
     ap.add_argument("--kill-at", type=int, default=0)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_intermixed_args()
-
-    from cosmic_jax.configs.pretrain import get_config
-    from cosmic_jax.train.loop import Hook
-    from cosmic_jax.train.pretrain import train_and_evaluate
+    args, overrides = ap.parse_known_args()
 
     hooks = ()
     if args.kill_at:
@@ -36,8 +37,7 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         hooks = (Hook(1, die, "kill", at_end=False),)
-    cfg = get_config(args.config, args.overrides)
-    out = train_and_evaluate(cfg, args.data, args.workdir, extra_hooks=hooks)
+    out = train_and_evaluate(load_config(pretrain, args.config, overrides), args.data, args.workdir, extra_hooks=hooks)
     print(f"WORKER DONE step={out['step']} start={out['start_step']}", flush=True)
 
 

@@ -1,0 +1,43 @@
+"""``cosmic analyze`` settings: ``default`` and ``quick`` (CPU minutes; ``--quick`` picks it).
+
+Sub-configs: ``pretrain`` (the MAE trained when the workdir holds none and no ``--mae`` is given)
+and ``joint`` (the cross-fitted joint model). Example:
+``cosmic analyze --data D --workdir W --quick --config.n_folds=5 --config.joint.steps=2000``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from cosmic_jax.configs import joint, pretrain
+
+VARIANTS = ("default", "quick")
+
+
+def get_config(name: str = "default") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = name
+    c.n_folds = 5  # cross-fitting folds
+    c.num_samples = 16  # draws per held-out cell for E[.|.]
+    c.n_boot = 300  # bootstrap replicates of the CI
+    c.expr_comps = 30  # expression PCs (with gene read-out)
+    c.morph_comps = 16  # PCs of the MAE embedding in the joint model's morphology input
+    c.n_top_genes = ml_collections.config_dict.placeholder(int)  # None = all genes
+    c.estimator = "cov"  # "cov": Cov(held-out conditional mean, target); "var": finite-S-corrected Var
+    c.seed = 0
+    # inputs
+    c.label_key = "cell_type"  # obs column with cell types; "" = no cell-type analyses
+    c.response_key = "response"  # obs column with untreated / resistant / responder; "" = none
+    c.use_raw = False  # read expression from adata.raw
+    c.input_kind = "auto"  # "auto" | "counts" (normalised + log1p here) | "lognorm" (used as is)
+    c.morph_key = ""  # obsm key of a morphology representation to use instead of the MAE embedding
+    c.features_key = ""  # obsm key of morphology features; "" = measure them from the crops
+    c.pretrain = pretrain.get_config("test")
+    c.pretrain.steps = 2000
+    c.pretrain.progress = True
+    c.joint = joint.get_config("default")
+    if name == "quick":
+        c.update(dict(n_folds=3, num_samples=8, n_boot=100, expr_comps=20, morph_comps=8))
+        c.pretrain.steps = 300
+        c.joint = joint.get_config("analysis")
+    return c
