@@ -42,12 +42,14 @@ def nucleus_crops(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray
     return out
 
 
-def make_dataset(out_dir: str, n: int, size: int, channels: int, seed: int = 0) -> dict:
+def make_dataset(out_dir: str, n: int, size: int, channels: int, float_storage: str | None = None,
+                 seed: int = 0) -> dict:
     from cosmic_jax.data import records
 
     crops = nucleus_crops(min(n, 1024), size, channels, seed)  # reused cyclically: cheap to build
     recs = (records.encode_record(crops[i % len(crops)], f"bench{i:06d}") for i in range(n))
-    return records.write_shards(recs, out_dir, records_per_shard=4096)
+    kw = {} if float_storage is None else {"float_storage": float_storage}  # None: the checkout's default
+    return records.write_shards(recs, out_dir, records_per_shard=4096, **kw)
 
 
 def cpu_seconds(proc: psutil.Process) -> float:
@@ -86,15 +88,16 @@ def time_training(data_dir: str, config: str, steps: int, warmup: int, batch: in
     """CPU and wall seconds per train step (loader + jitted step), after ``warmup`` steps."""
     import jax
 
-    from cosmic_jax.configs.pretrain import get_config
+    from cosmic_jax.configs import pretrain
+    from cosmic_jax.configs.overrides import load_config
     from cosmic_jax.train.loop import Hook
     from cosmic_jax.train.pretrain import train_and_evaluate
 
-    cfg = get_config(config, [
+    cfg = load_config(pretrain, config, [f"--config.{x}" for x in (
         f"steps={steps}", f"loader.global_batch={batch}", "loader.read_threads=1", "recon_every=0",
         "probe_every=0", "progress=false", f"log_every={steps}", f"ckpt_every={10 * steps}", "async_ckpt=false",
         "mesh.num_devices=1",
-    ])
+    )])
     proc, marks = psutil.Process(), []
 
     def mark(step, state):
@@ -116,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-crops", type=int, default=8192)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--float-storage", default=None, help="records.write_shards float_storage (default: its default)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--batches", type=int, default=48)
     p.add_argument("--warmup", type=int, default=3)
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         if data_dir is None:
             data_dir = os.path.join(tmp, "crops")
             t0 = time.perf_counter()
-            make_dataset(data_dir, args.num_crops, args.size, args.channels)
+            make_dataset(data_dir, args.num_crops, args.size, args.channels, args.float_storage)
             print(f"wrote {args.num_crops} crops {args.size}x{args.size}x{args.channels} in "
                   f"{time.perf_counter() - t0:.1f}s")
         shards = [os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.endswith(".array_record")]
