@@ -10,6 +10,9 @@ and spread, and the bytes per crop on disk.
     .venv/bin/python experiments/bench_loader.py --workers 0 --json out.json
     .venv/bin/python experiments/bench_loader.py --workers 0 2 --reps 5
 
+Step mode (``--step-reps R``): the MAE train step of ``--train-config`` on one batch without
+(before this change) and with on-device augmentation (after), alternating in one process.
+
 Train mode (``--train-steps K``): runs ``cosmic_jax.train.pretrain.train_and_evaluate`` for K
 steps of ``--train-config`` on that dataset and reports CPU-seconds (all threads and children)
 and wall seconds per step after ``--warmup`` steps, so two checkouts can be compared by
@@ -113,6 +116,70 @@ def time_training(data_dir: str, config: str, steps: int, warmup: int, batch: in
             "wall_s_per_step": {"median": float(np.median(wall)), "min": float(wall.min()), "max": float(wall.max())}}
 
 
+def compare_step(config: str, batch: int, reps: int) -> dict:
+    """CPU-seconds per MAE train step without (the step before this change) and with on-device
+    augmentation (after), alternating in one process on one fixed batch."""
+    import functools
+
+    import jax
+
+    from cosmic_jax.configs import pretrain
+    from cosmic_jax.configs.overrides import frozen, load_config
+    from cosmic_jax.models.mae import model_config
+    from cosmic_jax.train import optim
+    from cosmic_jax.train.mae import create_train_state, train_step
+
+    cfg = load_config(pretrain, config)
+    mc = model_config(cfg.model)
+    state = create_train_state(mc, optim.resolve(cfg.optim, 100, batch, 1, "cpu"), jax.random.key(0))
+    x = nucleus_crops(batch, mc.image_size, mc.channels)
+    steps = {"plain": jax.jit(train_step),
+             "augmented": jax.jit(functools.partial(train_step, augment=frozen(cfg.loader.augment)))}
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for r in range(reps + 1):
+        for name, fn in (steps.items() if r % 2 else reversed(steps.items())):
+            c0 = time.process_time()
+            jax.block_until_ready(fn(state, {"image": x}, jax.random.key(1)))
+            if r:  # the first round compiles
+                times[name].append(time.process_time() - c0)
+    return {"config": config, "batch": batch,
+            **{k: {"median": float(np.median(v)), "min": min(v), "max": max(v)} for k, v in times.items()}}
+
+
+def run_on_dataset(args, results: dict, tmp: str) -> None:
+    """Loader or train mode on ``--data-dir`` or a synthetic dataset written under ``tmp``."""
+    from cosmic_jax.data.records import CropSource
+
+    data_dir = args.data_dir
+    if data_dir is None:
+        data_dir = os.path.join(tmp, "crops")
+        t0 = time.perf_counter()
+        make_dataset(data_dir, args.num_crops, args.size, args.channels, args.float_storage)
+        print(f"wrote {args.num_crops} crops {args.size}x{args.size}x{args.channels} in {time.perf_counter() - t0:.1f}s")
+    shards = [os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.endswith(".array_record")]
+    n = len(CropSource(data_dir))
+    results["bytes_per_crop"] = sum(map(os.path.getsize, shards)) / n
+    print(f"{n} crops, {results['bytes_per_crop']:,.0f} bytes per crop on disk")
+    if args.train_steps:
+        res = results["train"] = time_training(data_dir, args.train_config, args.train_steps, args.warmup,
+                                               args.batch, os.path.join(tmp, "work"))
+        c, w = res["cpu_s_per_step"], res["wall_s_per_step"]
+        print(f"{res['config']} batch {args.batch}: {c['median']:.3f} CPU-s/step (min {c['min']:.3f}, "
+              f"max {c['max']:.3f}); wall {w['median']:.3f} s/step over {res['steps_timed']} steps")
+        return
+    for w in args.workers:
+        runs = [time_pipeline(data_dir, w, args.batch, args.batches, args.warmup, args.threads, seed=r)
+                for r in range(args.reps)]
+        rates, cpu = [r[0] for r in runs], [r[1] for r in runs]
+        res = results[f"workers={w}"] = {
+            "median": float(np.median(rates)), "min": min(rates), "max": max(rates), "reps": rates,
+            "per_cpu_second": float(np.median(cpu)), "per_cpu_second_min": min(cpu),
+            "per_cpu_second_max": max(cpu), "per_cpu_second_reps": cpu}
+        print(f"workers={w}: median {res['median']:,.0f} crops/s (min {min(rates):,.0f}, max {max(rates):,.0f}); "
+              f"{res['per_cpu_second']:,.0f} crops per CPU-second (min {min(cpu):,.0f}, max {max(cpu):,.0f}), "
+              f"{args.reps} reps")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=None, help="existing crop dataset (default: build a synthetic one)")
@@ -128,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     p.add_argument("--train-steps", type=int, default=0, help="> 0: time train steps instead of the loader")
     p.add_argument("--train-config", default="vit_t8_64")
+    p.add_argument("--step-reps", type=int, default=0,
+                   help="> 0: compare the train step without / with on-device augmentation instead")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
@@ -137,38 +206,13 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0], "batch": args.batch,
                "size": args.size, "channels": args.channels}
     print(f"{os.cpu_count()} CPUs, 1-min load average {results['load_avg_1min']:.1f}")
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = args.data_dir
-        if data_dir is None:
-            data_dir = os.path.join(tmp, "crops")
-            t0 = time.perf_counter()
-            make_dataset(data_dir, args.num_crops, args.size, args.channels, args.float_storage)
-            print(f"wrote {args.num_crops} crops {args.size}x{args.size}x{args.channels} in "
-                  f"{time.perf_counter() - t0:.1f}s")
-        shards = [os.path.join(data_dir, f) for f in os.listdir(data_dir) if f.endswith(".array_record")]
-        from cosmic_jax.data.records import CropSource
-
-        n = len(CropSource(data_dir))
-        results["bytes_per_crop"] = sum(map(os.path.getsize, shards)) / n
-        print(f"{n} crops, {results['bytes_per_crop']:,.0f} bytes per crop on disk")
-        if args.train_steps:
-            res = time_training(data_dir, args.train_config, args.train_steps, args.warmup, args.batch,
-                                os.path.join(tmp, "work"))
-            results["train"] = res
-            c, w = res["cpu_s_per_step"], res["wall_s_per_step"]
-            print(f"{res['config']} batch {args.batch}: {c['median']:.3f} CPU-s/step (min {c['min']:.3f}, "
-                  f"max {c['max']:.3f}); wall {w['median']:.3f} s/step over {res['steps_timed']} steps")
-        for w in [] if args.train_steps else args.workers:
-            runs = [time_pipeline(data_dir, w, args.batch, args.batches, args.warmup, args.threads, seed=r)
-                    for r in range(args.reps)]
-            rates, cpu = [r[0] for r in runs], [r[1] for r in runs]
-            res = {"median": float(np.median(rates)), "min": min(rates), "max": max(rates), "reps": rates,
-                   "per_cpu_second": float(np.median(cpu)), "per_cpu_second_min": min(cpu),
-                   "per_cpu_second_max": max(cpu), "per_cpu_second_reps": cpu}
-            results[f"workers={w}"] = res
-            print(f"workers={w}: median {res['median']:,.0f} crops/s (min {min(rates):,.0f}, max {max(rates):,.0f}); "
-                  f"{res['per_cpu_second']:,.0f} crops per CPU-second (min {min(cpu):,.0f}, max {max(cpu):,.0f}), "
-                  f"{args.reps} reps")
+    if args.step_reps:
+        res = results["step"] = compare_step(args.train_config, args.batch, args.step_reps)
+        print(" ".join(f"{k}: {res[k]['median']:.3f} CPU-s/step (min {res[k]['min']:.3f}, max {res[k]['max']:.3f})"
+                       for k in ("plain", "augmented")) + f"; {args.train_config} batch {args.batch}")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            run_on_dataset(args, results, tmp)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
