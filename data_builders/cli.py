@@ -1,14 +1,18 @@
 """``cosmic data nuclei | paired | tfds | synthetic``: dataset builders on the command line.
 
-Heavy imports (scikit-image, tensorflow_datasets, the synthetic generator's stack) happen inside
-the command functions so ``cosmic --help`` stays instant.
+Registered with ``cosmic`` through the ``cosmic.commands`` entry point. Settings use the one config
+system (``--config.crop.size=96``, ``--config.segment.noise_k=4``; ``configs/nuclei.py``); flags are
+for inputs and outputs. Heavy imports (scikit-image, tensorflow_datasets, the synthetic generator's
+stack) happen inside the command functions so ``cosmic --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+
+from cosmic_jax.commands import add_config, setup_logging
+from cosmic_jax.configs import nuclei as nuclei_configs
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -31,11 +35,6 @@ def _positive(text: str) -> float:
     return v
 
 
-def _setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="build datasets (nuclei crops, TFDS, synthetic)")
     sub = data.add_subparsers(dest="data_command", required=True)
@@ -56,31 +55,16 @@ def register(subparsers) -> None:
                    help="write the instance labels used for each image as DIR/<key>.tif (uint16/uint32; "
                         "multi-page for stacks, all-0 pages for skipped frames); usable as --masks")  # fmt: skip
     p.add_argument("--pixel-size", type=_positive, default=None, metavar="UM",
-                   help="microns per input pixel (default: from TIFF metadata where present)")  # fmt: skip
-    p.add_argument("--target-pixel-size", type=_positive, default=None, metavar="UM",
-                   help="rescale every frame to this many microns per pixel before segmenting and "
-                        "cropping (default: no rescaling)")  # fmt: skip
-    p.add_argument("--crop-size", type=int, default=64)
-    p.add_argument("--norm", choices=("crop", "image"), default="crop",
-                   help="crop: per-nucleus p1..p99 -> [0,1]; image: / frame foreground p99.9")  # fmt: skip
+                   help="microns per input pixel (default: from TIFF metadata where present); with "
+                        "--config.crop.target_pixel_size every frame is rescaled to that scale")  # fmt: skip
+    p.add_argument("--channel", type=int, default=None, help="nucleus channel of RGB(A) images")
+    p.add_argument("--skip-empty", action="store_true",
+                   help="count and skip frames without nuclei instead of failing (on for --demo; "
+                        "same as --config.crop.skip_empty=true)")  # fmt: skip
     p.add_argument("--workers", type=int, default=0, help="0 = in-process; K = K processes")
     p.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/n",
                    help="job i of n independent jobs (disjoint blocks of the sorted sources)")  # fmt: skip
-    p.add_argument("--downscale-large", action="store_true",
-                   help="shrink nuclei larger than the crop instead of dropping them")  # fmt: skip
-    p.add_argument("--skip-empty", action="store_true",
-                   help="count and skip frames without nuclei instead of failing (on for --demo)")  # fmt: skip
-    p.add_argument("--skip-unreadable", action="store_true",
-                   help="count and skip image files that cannot be read or used instead of failing")  # fmt: skip
-    p.add_argument("--channel", type=int, default=None, help="nucleus channel of RGB(A) images")
-    p.add_argument("--records-per-shard", type=int, default=4096)
-    seg = p.add_argument_group("segmentation")
-    seg.add_argument("--background-radius", type=int, default=25)
-    seg.add_argument("--sigma", type=float, default=1.0)
-    seg.add_argument("--noise-k", type=float, default=3.0)
-    seg.add_argument("--min-area", type=int, default=30)
-    seg.add_argument("--max-area", type=int, default=0, help="0 = no upper limit")
-    seg.add_argument("--min-distance", type=int, default=4)
+    add_config(p, nuclei_configs, "default")
     p.set_defaults(func=run_nuclei)
 
     q = sub.add_parser("paired", help="import a lab's paired data: AnnData of counts + one image per cell")
@@ -93,9 +77,7 @@ def register(subparsers) -> None:
     q.add_argument("--cell-id-key", default=None, help="obs column with the cell ids (default obs['cell_id'] or obs_names)")
     q.add_argument("--layer", default=None, help="take the counts from this layer instead of X")
     q.add_argument("--use-raw", action="store_true", help="take the counts (and genes) from adata.raw")
-    q.add_argument("--norm", choices=("crop", "none"), default="crop",
-                   help="crop: per-cell p1..p99 -> [0,1] float32; none: source pixels and dtype unchanged")  # fmt: skip
-    q.add_argument("--records-per-shard", type=int, default=4096)
+    add_config(q, nuclei_configs, "default")
     q.set_defaults(func=run_paired)
 
     t = sub.add_parser("tfds", help="re-pack a crop dataset as a TFDS (array_record) dataset")
@@ -104,57 +86,31 @@ def register(subparsers) -> None:
     t.set_defaults(func=run_tfds)
 
     s = sub.add_parser("synthetic", help="synthetic paired image/expression dataset")
-    try:
-        from data_builders import synthetic
-    except ModuleNotFoundError as e:
-        if e.name != "data_builders.synthetic":
-            raise
-        synthetic = None
-    if synthetic is not None and hasattr(synthetic, "add_arguments") and hasattr(synthetic, "run"):
-        synthetic.add_arguments(s)
-        s.set_defaults(func=run_synthetic)
-    else:  # module not written yet (or mid-edit): keep the rest of the CLI usable
-        s.set_defaults(func=_synthetic_missing)
+    from data_builders import synthetic
+
+    synthetic.add_arguments(s)
+    s.set_defaults(func=run_synthetic)
 
 
 def run_nuclei(args) -> int:
     from data_builders import images, nuclei, segment
 
-    _setup_logging()
+    setup_logging()
+    cfg = args.cfg
     sources = images.demo_images() if args.demo else images.find_images(args.images)
     masks = None
     if args.masks is not None:
         sources, masks = images.pair_masks(sources, images.find_images(args.masks), args.mask_suffix)
-    seg_params = segment.SegmentParams(
-        background_radius=args.background_radius,
-        sigma=args.sigma,
-        noise_k=args.noise_k,
-        min_area=args.min_area,
-        max_area=args.max_area,
-        min_distance=args.min_distance,
-    )
-    crop_params = nuclei.CropParams(
-        size=args.crop_size,
-        norm=args.norm,
-        downscale_large=args.downscale_large,
-        skip_empty=args.skip_empty or args.demo,  # the demo z-stack has empty end slices
-        skip_unreadable=args.skip_unreadable,
-        channel=args.channel,
-        pixel_size=args.pixel_size,
-        target_pixel_size=args.target_pixel_size,
-    )
+    crop = dict(cfg.crop.to_dict(), skip_empty=cfg.crop.skip_empty or args.skip_empty or args.demo)
+    if args.channel is not None:
+        crop["channel"] = args.channel
+    if args.pixel_size is not None:
+        crop["pixel_size"] = args.pixel_size
     manifest = nuclei.build_dataset(
-        sources,
-        args.out,
-        seg_params,
-        crop_params,
-        workers=args.workers,
-        shard=args.shard,
-        records_per_shard=args.records_per_shard,
-        progress=True,
-        masks=masks,
-        labels_dir=args.save_labels,
-    )
+        sources, args.out, segment.segment_params(**cfg.segment.to_dict()), nuclei.crop_settings(**crop),
+        workers=args.workers, shard=args.shard, records_per_shard=cfg.records_per_shard, progress=True,
+        masks=masks, labels_dir=args.save_labels,
+    )  # fmt: skip
     print(json.dumps({"out": args.out, "num_records": manifest["num_records"], **manifest["build"]["stats"]}))
     return 0
 
@@ -162,10 +118,10 @@ def run_nuclei(args) -> int:
 def run_paired(args) -> int:
     from data_builders import paired
 
-    _setup_logging()
+    setup_logging()
     summary = paired.build_paired(
         args.adata, args.images, args.out, masks=args.masks, cell_id_key=args.cell_id_key, layer=args.layer,
-        use_raw=args.use_raw, params=paired.PairedParams(norm=args.norm, records_per_shard=args.records_per_shard),
+        use_raw=args.use_raw, norm=args.cfg.crop.norm, records_per_shard=args.cfg.records_per_shard,
     )  # fmt: skip
     print(json.dumps(summary))
     return 0
@@ -174,7 +130,7 @@ def run_paired(args) -> int:
 def run_tfds(args) -> int:
     from data_builders import tfds_nuclei
 
-    _setup_logging()
+    setup_logging()
     builder = tfds_nuclei.build_tfds(args.crops, args.out)
     print(json.dumps({"out": str(builder.data_path), "num_examples": builder.info.splits["train"].num_examples}))
     return 0
@@ -183,12 +139,5 @@ def run_tfds(args) -> int:
 def run_synthetic(args) -> int:
     from data_builders import synthetic
 
-    _setup_logging()
+    setup_logging()
     return int(synthetic.run(args) or 0)
-
-
-def _synthetic_missing(args) -> int:
-    raise SystemExit(
-        "cosmic data synthetic: data_builders/synthetic.py (with add_arguments(parser) and "
-        "run(args)) is not available yet"
-    )

@@ -302,17 +302,6 @@ def pair_masks(
     return images, pairs
 
 
-def iter_frames(path: str, channel: int | None = None) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield every 2-D frame of an image file.
-
-    Yields:
-      (frame index, number of frames, (H, W) float32 frame).
-    """
-    frames = split_frames(read_image(path), path, channel)
-    for t in range(frames.shape[0]):
-        yield t, frames.shape[0], frames[t].astype(np.float32)
-
-
 def _package_dir(package: str) -> str:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:

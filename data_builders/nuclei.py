@@ -8,10 +8,10 @@ in flight per worker: the writer streams them into ``records.write_shards``.
 
 Per frame: the instance labels come from the user's label image (``masks``, paired by
 :func:`images.pair_masks`; exactly its instances are cropped, no segmentation, no size filter) or
-from :func:`segment.segment_nuclei`. With ``CropParams.target_pixel_size`` set, each frame is
+from :func:`segment.segment_nuclei`. With ``crop.target_pixel_size`` (configs/nuclei.py) set, each frame is
 first rescaled by ``pixel_size / target_pixel_size`` (bilinear, anti-aliased when shrinking; the
 labels nearest-neighbour) so every crop shows ``target_pixel_size`` microns per pixel, whatever
-the microscope. The pixel size is ``CropParams.pixel_size`` (``--pixel-size``) if given, else read
+the microscope. The pixel size is ``crop.pixel_size`` (``--pixel-size``) if given, else read
 from the file's TIFF metadata (:func:`images.pixel_size_um`). Segmentation then runs on the
 rescaled frame and its labels are mapped back to the input grid: the *label image used* is always
 on the input grid, and the crops are a fixed function of (frame, that label image), so labels
@@ -44,15 +44,17 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import dataclasses
 import glob
 import logging
 import os
 import uuid
 from typing import Any, Iterator
 
+import ml_collections
 import numpy as np
 
+from cosmic_jax.configs import nuclei as nuclei_configs
+from cosmic_jax.configs.overrides import frozen
 from cosmic_jax.data import records
 from data_builders import images as images_lib
 from data_builders import outdir
@@ -74,31 +76,27 @@ STAT_KEYS = (
 # every name a nuclei crop dataset folder may hold (anything else there is someone else's data)
 OUT_PATTERNS = (records.MANIFEST_GLOB, "crops*.array_record", "metadata*.csv", ".tmp-*")
 WHAT = "nuclei crop dataset"
-SKIP_EMPTY_HINT = "pass --skip-empty (CropParams.skip_empty) to count and skip such frames"
+SKIP_EMPTY_HINT = "pass --skip-empty to count and skip such frames"
 
 
-@dataclasses.dataclass(frozen=True)
-class CropParams:
-    """How nuclei become crops."""
+def crop_settings(**overrides) -> ml_collections.FrozenConfigDict:
+    """The cropping settings (``configs/nuclei.py``'s ``crop`` group) with ``overrides``, checked."""
+    cfg = nuclei_configs.get_config().crop
+    cfg.update(overrides)
+    return check_crop_params(frozen(cfg))
 
-    size: int = 64  # crop side (pixels)
-    norm: str = "crop"  # "crop" | "image", see module docstring
-    downscale_large: bool = False  # nuclei larger than the crop: shrink to fit instead of dropping
-    skip_empty: bool = False  # frames with no nuclei: count and skip instead of failing
-    skip_unreadable: bool = False  # unreadable/unusable image files: count and skip instead of failing
-    channel: int | None = None  # nucleus channel of RGB(A) inputs
-    pixel_size: float | None = None  # microns per input pixel; None: from TIFF metadata where present
-    target_pixel_size: float | None = None  # microns per crop pixel; None: no rescaling
 
-    def __post_init__(self):
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
-        if self.size < 8:
-            raise ValueError(f"crop size must be >= 8, got {self.size}")
-        for name in ("pixel_size", "target_pixel_size"):
-            v = getattr(self, name)
-            if v is not None and not (np.isfinite(v) and v > 0):
-                raise ValueError(f"{name} must be a positive number of microns, got {v!r}")
+def check_crop_params(params: Any) -> Any:
+    """Raise ValueError naming the ``crop`` setting that no build can use; returns ``params``."""
+    if params.norm not in NORMS:
+        raise ValueError(f"crop.norm must be one of {NORMS}, got {params.norm!r}")
+    if params.size < 8:
+        raise ValueError(f"crop.size must be >= 8, got {params.size}")
+    for name in ("pixel_size", "target_pixel_size"):
+        v = params[name]
+        if v is not None and not (np.isfinite(v) and v > 0):
+            raise ValueError(f"crop.{name} must be a positive number of microns, got {v!r}")
+    return params
 
 
 def _window(arr: np.ndarray, top: int, left: int, side: int) -> np.ndarray:
@@ -113,7 +111,7 @@ def _window(arr: np.ndarray, top: int, left: int, side: int) -> np.ndarray:
 
 
 def extract_crops(
-    frame: np.ndarray, labels: np.ndarray, params: CropParams, id_prefix: str
+    frame: np.ndarray, labels: np.ndarray, params: Any, id_prefix: str
 ) -> tuple[list[tuple[np.ndarray, str, dict[str, Any]]], dict[str, int]]:
     """Cut one normalised, masked crop per nucleus of a frame.
 
@@ -129,7 +127,7 @@ def extract_crops(
     """
     from skimage import measure, transform
 
-    frame = np.asarray(frame, np.float32)
+    frame = np.asarray(frame, np.float64)  # float64: a float64 source may exceed the float32 range
     side = params.size
     fg = labels > 0
     image_scale = float(np.percentile(frame[fg], 99.9)) if fg.any() else 1.0
@@ -197,7 +195,7 @@ def _n_labels(labels: np.ndarray) -> int:
     return int(len(ids) - (ids[0] == 0))
 
 
-def _pixel_scale(path: str, params: CropParams) -> tuple[float | None, float]:
+def _pixel_scale(path: str, params: Any) -> tuple[float | None, float]:
     """(microns per input pixel or None, factor by which frames are rescaled)."""
     px = params.pixel_size
     if px is None:
@@ -221,7 +219,7 @@ def frame_labels(
     frame: np.ndarray,
     mask: np.ndarray | None,
     factor: float,
-    seg_params: seg_lib.SegmentParams,
+    seg_params: Any,
     where: str,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
     """The label image used for one frame, on the input grid, and the frame/labels to crop from.
@@ -245,7 +243,7 @@ def frame_labels(
     if factor != 1.0:
         shape = tuple(max(1, int(round(n * factor))) for n in frame.shape)
         work_frame = transform.resize(frame, shape, order=1, anti_aliasing=factor < 1, preserve_range=True)
-        work_frame = work_frame.astype(np.float32)
+        work_frame = work_frame.astype(frame.dtype)
     if mask is None:
         seg_labels, seg_stats = seg_lib.segment_nuclei(work_frame, seg_params, where=where)
         labels = nearest_resize(seg_labels, frame.shape) if factor != 1.0 else seg_labels
@@ -265,8 +263,8 @@ def frame_labels(
 def process_image(
     path: str,
     key: str,
-    seg_params: seg_lib.SegmentParams,
-    crop_params: CropParams,
+    seg_params: Any,
+    crop_params: Any,
     mask_path: str | None = None,
     labels_dir: str | None = None,
 ) -> tuple[list[bytes], list[dict[str, Any]], dict[str, int]]:
@@ -300,7 +298,8 @@ def process_image(
     for t in range(n_frames):
         where = f"{path} frame {t}" if n_frames > 1 else path
         stats["frames"] += 1
-        frame = frames[t].astype(np.float32)
+        # float64 sources stay float64: values beyond the float32 range must not turn into inf
+        frame = frames[t].astype(np.float64 if frames.dtype == np.float64 else np.float32)
         try:
             labels, work_frame, work_labels, label_stats = frame_labels(
                 frame, None if masks is None else masks[t], factor, seg_params, where
@@ -378,8 +377,8 @@ def summary_line(stats: dict[str, int]) -> str:
 def build_dataset(
     sources: list[str],
     out_dir: str,
-    seg_params: seg_lib.SegmentParams = seg_lib.SegmentParams(),
-    crop_params: CropParams = CropParams(),
+    seg_params: Any = None,
+    crop_params: Any = None,
     workers: int = 0,
     shard: tuple[int, int] = (0, 1),
     records_per_shard: int = 4096,
@@ -392,6 +391,8 @@ def build_dataset(
     Args:
       sources: image files (any order; sorted here so every job sees the same list).
       out_dir: dataset folder (see ``cosmic_jax.data.records``).
+      seg_params / crop_params: the ``segment`` / ``crop`` groups of ``configs/nuclei.py``
+        (default: its defaults).
       workers: 0 = in-process; K > 0 = K spawned processes over source files.
       shard: (i, n): this job writes the i-th of n contiguous blocks of the sorted sources.
       records_per_shard: ArrayRecord shard size.
@@ -404,6 +405,8 @@ def build_dataset(
     Returns:
       The manifest written, with ``build.stats`` (every dropped frame and nucleus counted by reason).
     """
+    seg_params = seg_lib.segment_params() if seg_params is None else seg_params
+    crop_params = crop_settings() if crop_params is None else check_crop_params(crop_params)
     sources = sorted(os.path.abspath(s) for s in sources)
     if not sources:
         raise images_lib.ImageError("no source images given")
@@ -493,8 +496,8 @@ def _write_job(tasks, dest, names, seg_params, crop_params, shard, workers, reco
         # every image is processed: record build provenance before write_shards writes the manifest
         extra["build"].update(
             stats=dict(stats),
-            segment_params=dataclasses.asdict(seg_params),
-            crop_params=dataclasses.asdict(crop_params),
+            segment_params=seg_params.to_dict(),
+            crop_params=crop_params.to_dict(),
             shard=list(shard),
             sources=[t[0] for t in tasks],
             masks=[masks[t[0]] for t in tasks] if masks else None,

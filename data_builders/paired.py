@@ -36,15 +36,17 @@ The output is built in a staging folder and swapped in only when complete (:mod:
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import os
 from typing import Any, Callable, Iterator
 
+import anndata
 import numpy as np
 
 from cosmic_jax.data import records
+from cosmic_jax.data.anndata_io import read_h5ad
+from cosmic_jax.data.cells import cell_ids
 from data_builders import images as images_lib
 from data_builders import outdir
 
@@ -59,18 +61,6 @@ WHAT = "paired dataset (cells.h5ad + crops)"
 
 class PairedError(ValueError):
     """The AnnData and the images do not pair up; the message names the file and cell at fault."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PairedParams:
-    """How per-cell images become crops."""
-
-    norm: str = "crop"  # "crop" | "none", see module docstring
-    records_per_shard: int = 4096
-
-    def __post_init__(self):
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
 
 
 @dataclasses.dataclass
@@ -137,19 +127,9 @@ def _non_integer(d: np.ndarray) -> np.ndarray:
     return ~np.isfinite(d) | (d != np.round(d))
 
 
-def cell_ids(adata, path: str, key: str | None = None) -> list[str]:
-    """The cell ids (rule: module docstring); duplicates and empty ids are errors naming them."""
-    if key is not None:
-        if key not in adata.obs:
-            raise PairedError(f"{path}: has no obs column {key!r}; columns: {list(adata.obs.columns)}")
-        ids = [str(v) for v in adata.obs[key]]
-    elif "cell_id" in adata.obs:
-        ids = [str(v) for v in adata.obs["cell_id"]]
-    else:
-        ids = [str(v) for v in adata.obs_names]
-    dup = sorted(i for i, c in collections.Counter(ids).items() if c > 1)
-    if dup:
-        raise PairedError(f"{path}: {len(dup)} duplicate cell id(s), e.g. {dup[:5]}")
+def paired_cell_ids(adata, path: str, key: str | None = None) -> list[str]:
+    """The cell ids (``cosmic_jax.data.cells.cell_ids``); empty ids are errors too."""
+    ids = [str(v) for v in cell_ids(adata, key, where=path)]
     if "" in ids:
         raise PairedError(f"{path}: cell {ids.index('')} has an empty cell id")
     return ids
@@ -248,7 +228,8 @@ def build_paired(
     cell_id_key: str | None = None,
     layer: str | None = None,
     use_raw: bool = False,
-    params: PairedParams = PairedParams(),
+    norm: str = "crop",
+    records_per_shard: int = 4096,
 ) -> dict[str, Any]:
     """Write ``out_dir/cells.h5ad`` and ``out_dir/crops`` from an AnnData and per-cell images.
 
@@ -263,17 +244,12 @@ def build_paired(
     Returns:
       Summary: paths, number of cells, image shape and dtype.
     """
-    import anndata
-
-    if not os.path.exists(adata_path):
-        raise FileNotFoundError(f"AnnData not found: {adata_path}")
-    try:
-        adata = anndata.read_h5ad(adata_path)
-    except Exception as e:  # h5py/anndata raise many types for a file that is not an AnnData
-        raise PairedError(f"{adata_path}: not a readable .h5ad ({type(e).__name__}: {e})") from e
+    if norm not in NORMS:
+        raise ValueError(f"crop.norm must be one of {NORMS} for paired data, got {norm!r}")
+    adata = read_h5ad(adata_path)
     if adata.n_obs == 0:
         raise PairedError(f"{adata_path}: the AnnData has no cells")
-    ids = cell_ids(adata, adata_path, cell_id_key)
+    ids = paired_cell_ids(adata, adata_path, cell_id_key)
     counts, var = read_counts(adata, adata_path, layer, use_raw)
     imgs = open_cell_images(images, ids, "image")
     msks = open_cell_images(masks, ids, "mask") if masks is not None else None
@@ -303,22 +279,22 @@ def build_paired(
                         f"{msks.where(i)}: mask shape {mask.shape} does not match the image "
                         f"{imgs.where(i)} ({img.shape[:2]})"
                     )
-            crop, meta = cell_crop(img, mask, params.norm)
+            crop, meta = cell_crop(img, mask, norm)
             yield records.encode_record(crop, cid, {"row": i, "source": imgs.where(i), **meta})
 
     with outdir.staged_dir(out_dir, OUT_PATTERNS, WHAT) as tmp:
         manifest = records.write_shards(
-            crops(), os.path.join(tmp, "crops"), records_per_shard=params.records_per_shard,
+            crops(), os.path.join(tmp, "crops"), records_per_shard=records_per_shard,
             extra={"build": {"kind": "paired", "adata": os.path.abspath(adata_path),
                              "images": os.path.abspath(images), "masks": masks and os.path.abspath(masks),
-                             "params": dataclasses.asdict(params)}},
+                             "params": {"norm": norm, "records_per_shard": records_per_shard}}},
         )  # fmt: skip
         out = anndata.AnnData(
             X=counts, obs=adata.obs.copy(), var=var.copy(), obsm=dict(adata.obsm), uns=dict(adata.uns),
             varm=dict(adata.varm) if not use_raw else None, obsp=dict(adata.obsp),
         )  # fmt: skip
-        out.obs["cell_id"] = ids
         out.obs_names = ids
+        out.obs["cell_id"] = ids
         out.write_h5ad(os.path.join(tmp, "cells.h5ad"))
     summary = {
         "out": os.path.abspath(out_dir),
@@ -326,7 +302,7 @@ def build_paired(
         "n_genes": int(out.n_vars),
         "image_shape": manifest["image_shape"],
         "source_dtype": np.dtype(head["dtype"]).str,
-        "norm": params.norm,
+        "norm": norm,
     }
     log.info("paired %s: %s", out_dir, summary)
     return summary

@@ -8,8 +8,11 @@ import pytest
 import scipy.sparse as sp
 
 from cosmic_jax.analysis import celltype, generation, response
-from cosmic_jax.analysis.expression import align_cells, embed_expression
+from cosmic_jax.analysis.expression import embed_expression
 from cosmic_jax.analysis.variance import AnalysisInputError
+from cosmic_jax.configs import analyze as analyze_configs
+from cosmic_jax.configs.overrides import load_config
+from cosmic_jax.data.cells import CellKeyError, cell_ids, match_ids
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +84,24 @@ def test_expression_bad_inputs(pbmc):
     b.X[4] = 0
     with pytest.raises(AnalysisInputError, match="zero total counts: \\['4'\\]"):
         embed_expression(b, input_kind="counts")
-    with pytest.raises(AnalysisInputError, match="1 in a but not b.*'x'"):
-        align_cells(["a1", "x"], ["a1", "y"])
-    with pytest.raises(AnalysisInputError, match="duplicate cell ids"):
-        align_cells(["a", "a"], ["a", "b"])
+    with pytest.raises(CellKeyError, match=r"1 AnnData cell_id\(s\) have no match in b, e.g. \['x'\]"):
+        match_ids(["a1", "x"], ["a1", "y"], "b")
+    with pytest.raises(CellKeyError, match="duplicate cell_id"):
+        match_ids(["a", "a"], ["a", "b"], "b")
+    np.testing.assert_array_equal(match_ids(["b", "a"], ["a", "b"]), [1, 0])
+
+
+def test_cell_key_must_be_consistent():
+    """obs['cell_id'] naming the cells of other rows than obs_names do is refused, not guessed."""
+    a = ad.AnnData(np.ones((4, 2), np.float32))
+    a.obs_names = ["c0", "c1", "c2", "c3"]
+    a.obs["cell_id"] = ["c0", "c1", "c2", "c3"]
+    assert list(cell_ids(a)) == ["c0", "c1", "c2", "c3"]
+    a.obs["cell_id"] = ["c1", "c0", "c2", "c3"]  # permuted relative to the rows
+    with pytest.raises(CellKeyError, match="disagree about which row is which cell"):
+        cell_ids(a, where="cells.h5ad")
+    a.obs["cell_id"] = ["x0", "x1", "x2", "x3"]  # a separate id scheme: the column is the key
+    assert list(cell_ids(a)) == ["x0", "x1", "x2", "x3"]
 
 
 def test_celltype_probes_above_chance_on_pbmc(pbmc):
@@ -193,8 +210,7 @@ def test_end_to_end_synthetic_recovers_truth(tmp_path, frac):
     from scipy.stats import spearmanr
 
     from cosmic_jax.analysis.morphology import standardize_features
-    from cosmic_jax.analysis.pipeline import AnalyzeConfig, JointFits, expression_decomposition, morphology_decomposition
-    from cosmic_jax.configs.joint import get_config
+    from cosmic_jax.analysis.pipeline import JointFits, expression_decomposition, morphology_decomposition
     from data_builders.synthetic import generate, make_config
 
     d = str(tmp_path / "syn")
@@ -207,8 +223,8 @@ def test_end_to_end_synthetic_recovers_truth(tmp_path, frac):
     params = np.asarray(adata.obsm["true_morph_params"], np.float64)
     m = np.c_[(params - params.mean(0)) / params.std(0), feats.values]
     labels = np.asarray(adata.obs["cell_type"]).astype(str)
-    acfg = AnalyzeConfig.quick(n_folds=2, num_samples=8, n_boot=100)
-    fits = JointFits(m, expr.scores, get_config(acfg.joint_variant), 0, labels)
+    acfg = load_config(analyze_configs, "quick", ["--config.n_folds=2", "--config.num_samples=8", "--config.n_boot=100"])
+    fits = JointFits(m, expr.scores, acfg.joint, 0, labels)
     dec_e, per_gene, _ = expression_decomposition(expr, m, fits.expr_given_morph, acfg, labels)
     cols = np.arange(params.shape[1], m.shape[1])
     dec_m = morphology_decomposition(feats.values, expr.scores, lambda tr: fits.morph_given_expr(tr, cols), acfg, labels)

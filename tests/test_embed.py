@@ -205,14 +205,14 @@ def test_embed_anndata_id_errors(tmp_path, images, emb4):
 
     x = images[:4]
     adata = ad.AnnData(obs=pd.DataFrame(index=["a", "b", "c", "d"]))
-    with pytest.raises(ValueError, match=r"1 AnnData cell_id\(s\) have no crop.*\['d'\].*not in the AnnData.*\['z'\]"):
+    with pytest.raises(ValueError, match=r"1 AnnData cell_id\(s\) have no match in crops.*\['d'\].*not in the AnnData.*\['z'\]"):
         emb4.embed_anndata(adata, (x, ["a", "b", "c", "z"]))
     with pytest.raises(ValueError, match=r"1 duplicate cell_id\(s\) in crops, e.g. \['a'\]"):
         emb4.embed_anndata(adata, (x, ["a", "a", "c", "d"]))
     with pytest.raises(ValueError, match=r"4 images but 3 cell_ids"):
         emb4.embed_anndata(adata, x, cell_ids=["a", "b", "c"])
     d = write_crops(tmp_path / "c", x, ["a", "b", "c", "e"])
-    with pytest.raises(ValueError, match=r"no crop in crop dataset .*/c, e.g. \['d'\]"):
+    with pytest.raises(ValueError, match=r"no match in crop dataset .*/c, e.g. \['d'\]"):
         emb4.embed_anndata(adata, d)
     assert "X_cosmic" not in adata.obsm  # nothing half-written
 

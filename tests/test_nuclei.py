@@ -71,7 +71,7 @@ def test_user_masks_give_exactly_their_instances(user_data, tmp_path, capsys):
     out = tmp_path / "ds"
     # --min-area far above any nucleus: segmentation would find nothing, so the crops come from the labels
     rc, err = _cosmic(capsys, "--images", user_data / "raw", "--masks", user_data / "labels", "--out", out,
-                      "--min-area", 100000)  # fmt: skip
+                      "--config.segment.min_area=100000")  # fmt: skip
     assert rc == 0, err
     got = _crops(out)
     expected = {}
@@ -133,7 +133,7 @@ def test_save_labels_round_trip(stardist, tmp_path, capsys):
     tifffile.imwrite(raw / "single.tif", img[:256, 256:])
     empty = np.full((200, 200), 7, np.uint16)  # the stack's middle frame has no nuclei
     tifffile.imwrite(raw / "stack.tif", np.stack([img[256:456, :200], empty, img[300:500, 300:500]]), photometric="minisblack")
-    scale = ("--pixel-size", 0.5, "--target-pixel-size", 0.65)  # exercise the rescaled path too
+    scale = ("--pixel-size", 0.5, "--config.crop.target_pixel_size=0.65")  # exercise the rescaled path too
     rc, err = _cosmic(capsys, "--images", raw, "--out", tmp_path / "seg", "--save-labels", tmp_path / "labels",
                       "--skip-empty", *scale)  # fmt: skip
     assert rc == 0, err
@@ -170,8 +170,8 @@ def test_same_physical_scale_after_rescaling(stardist, tmp_path):
     assert images.pixel_size_um(str(a)) == pytest.approx(0.5) and images.pixel_size_um(str(b)) == 0.25
 
     def metas(path, mask, target):
-        recs, _, _ = nuclei.process_image(str(path), "k", seg.SegmentParams(),
-                                          nuclei.CropParams(target_pixel_size=target), mask and str(mask))  # fmt: skip
+        recs, _, _ = nuclei.process_image(str(path), "k", seg.segment_params(),
+                                          nuclei.crop_settings(target_pixel_size=target), mask and str(mask))  # fmt: skip
         return [records.decode_record(r)["meta"] for r in recs]
 
     for masks, tol in (((tmp_path / "a_mask.tif", tmp_path / "b_mask.tif"), 0.03), ((None, None), 0.10)):
@@ -219,13 +219,13 @@ def _two_tiles(stardist, folder):
 def test_good_dataset_survives_failed_rebuilds(stardist, tmp_path, capsys):
     raw = _two_tiles(stardist, tmp_path / "raw")
     out = tmp_path / "ds"
-    rc, err = _cosmic(capsys, "--images", raw, "--out", out, "--records-per-shard", 10)
+    rc, err = _cosmic(capsys, "--images", raw, "--out", out, "--config.records_per_shard=10")
     assert rc == 0, err
     before = _snapshot(out)
     assert len(before) > 3
     # b.tif fails after a.tif's crops already streamed into a shard; then a flat frame; then a bad mask
     (raw / "b.tif").write_bytes(b"not a tiff" * 100)
-    rc, err = _cosmic(capsys, "--images", raw, "--out", out, "--records-per-shard", 10)
+    rc, err = _cosmic(capsys, "--images", raw, "--out", out, "--config.records_per_shard=10")
     assert rc == 2 and "b.tif: unreadable image" in err
     tifffile.imwrite(raw / "b.tif", np.full((128, 128), 9, np.uint16))
     rc, err = _cosmic(capsys, "--images", raw, "--out", out)
@@ -298,15 +298,15 @@ def test_every_dropped_frame_is_counted(stardist, tmp_path, capsys, caplog):
     lab = np.stack([gt[:128, :128], np.zeros((128, 128), gt.dtype), filtered]).astype(np.uint16)
     tifffile.imwrite(masks / "stack.tif", lab, photometric="minisblack")
     (raw / "zz_broken.tif").write_bytes(b"junk" * 50)
-    args = ("--images", raw / "*.tif", "--masks", masks, "--mask-suffix", "", "--out", tmp_path / "ds", "--crop-size", 32)
-    rc, err = _cosmic(capsys, *args, "--skip-empty", "--skip-unreadable")
+    args = ("--images", raw / "*.tif", "--masks", masks, "--mask-suffix", "", "--out", tmp_path / "ds", "--config.crop.size=32")
+    rc, err = _cosmic(capsys, *args, "--skip-empty", "--config.crop.skip_unreadable=true")
     assert rc == 2 and "zz_broken.tif: no mask found" in err  # a missing mask is never skipped
     tifffile.imwrite(masks / "zz_broken.tif", lab[0])
     rc, err = _cosmic(capsys, *args)
     assert rc == 2 and "stack.tif frame 1: its mask has no labels" in err and "--skip-empty" in err
     rc, err = _cosmic(capsys, *args, "--skip-empty")
     assert rc == 2 and "zz_broken.tif: unreadable image" in err
-    rc, err = _cosmic(capsys, *args, "--skip-empty", "--skip-unreadable")
+    rc, err = _cosmic(capsys, *args, "--skip-empty", "--config.crop.skip_unreadable=true")
     assert rc == 0, err
     stats = records.read_manifests(str(tmp_path / "ds"))[0]["build"]["stats"]
     assert (stats["images"], stats["unreadable_images"], stats["frames"]) == (2, 1, 3)
@@ -316,4 +316,4 @@ def test_every_dropped_frame_is_counted(stardist, tmp_path, capsys, caplog):
     summary = [r.getMessage() for r in caplog.records if r.name == "data_builders.nuclei" and "job 0/1" in r.getMessage()]
     assert len(summary) == 1 and "1 empty, 1 with every nucleus filtered out, plus 1 unreadable image(s)" in summary[0]
     with pytest.raises(seg.EmptySegmentationError, match="stack.tif frame 1: segmentation found no .*--skip-empty"):
-        nuclei.process_image(str(raw / "stack.tif"), "stack", seg.SegmentParams(), nuclei.CropParams(size=32))
+        nuclei.process_image(str(raw / "stack.tif"), "stack", seg.segment_params(), nuclei.crop_settings(size=32))

@@ -48,7 +48,7 @@ def test_round_trip_stack(paired_inputs, capsys):
     d = paired_inputs
     np.save(d["dir"] / "imgs.npy", d["imgs"])
     out = d["dir"] / "out"
-    rc, err = _paired(capsys, "--adata", d["adata"], "--images", d["dir"] / "imgs.npy", "--out", out, "--norm", "none")
+    rc, err = _paired(capsys, "--adata", d["adata"], "--images", d["dir"] / "imgs.npy", "--out", out, "--config.crop.norm=none")
     assert rc == 0, err
     ad, recs = _read(out)
     assert np.array_equal(ad.X.toarray(), d["counts"]) and list(ad.obs["cell_id"]) == d["ids"]
@@ -87,7 +87,7 @@ def test_round_trip_folder(paired_inputs, capsys):
         tifffile.imwrite(mfolder / f"{cid}.tif", d["masks"][i].astype(bool))
     (folder / "README.txt").write_text("not an image")  # other files are ignored
     out = d["dir"] / "out"
-    rc, err = _paired(capsys, "--adata", d["adata"], "--images", folder, "--masks", mfolder, "--out", out, "--norm", "none")
+    rc, err = _paired(capsys, "--adata", d["adata"], "--images", folder, "--masks", mfolder, "--out", out, "--config.crop.norm=none")
     assert rc == 0, err
     ad, recs = _read(out)
     assert [r["cell_id"] for r in recs] == d["ids"] == list(ad.obs["cell_id"])
@@ -133,8 +133,8 @@ def test_mismatches_are_one_line_errors(paired_inputs, capsys):
          "lognorm.h5ad: X is not raw counts (non-integer values"),
         (("--images", d["dir"] / "imgs.npy", "--adata", d["dir"] / "neg.h5ad"),
          "neg.h5ad: X is not raw counts (negative values, e.g. -1.0 for cell 'row3', gene 'g4')"),
-        (("--images", d["dir"] / "imgs.npy", "--adata", d["dir"] / "dup.h5ad"), "dup.h5ad: 1 duplicate cell id(s), e.g. ['same']"),
-        (("--images", d["dir"] / "imgs.npy", "--adata", d["dir"] / "junk.h5ad"), "junk.h5ad: not a readable .h5ad"),
+        (("--images", d["dir"] / "imgs.npy", "--adata", d["dir"] / "dup.h5ad"), "dup.h5ad: 1 duplicate cell id(s) in cell_id, e.g. ['same']"),
+        (("--images", d["dir"] / "imgs.npy", "--adata", d["dir"] / "junk.h5ad"), "junk.h5ad: not an HDF5"),
         (("--images", d["dir"] / "nope.npy"), "images not found: "),
     ]
     for extra, message in cases:

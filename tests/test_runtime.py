@@ -88,14 +88,15 @@ def test_split_cpu_devices_before_jax_starts(tmp_path):
 
 
 def test_resolve_microbatch_auto():
-    from cosmic_jax.train.optim import OptimConfig, resolve_microbatch
+    from cosmic_jax.configs import optim as optim_configs
+    from cosmic_jax.train.optim import resolve
 
-    auto = OptimConfig(microbatch=-1)
-    assert resolve_microbatch(auto, 128, 2, "cpu").microbatch == 64  # 32 per device, 2 chunks
-    assert resolve_microbatch(auto, 128, 1, "cpu").microbatch == 32
-    assert resolve_microbatch(auto, 64, 2, "cpu").microbatch == 0  # one chunk per device: off
-    assert resolve_microbatch(auto, 128, 1, "gpu").microbatch == 0
-    assert resolve_microbatch(OptimConfig(microbatch=16), 128, 1, "gpu").microbatch == 16
+    auto = optim_configs.get_config(microbatch=-1)
+    assert resolve(auto, 10, 128, 2, "cpu").microbatch == 64  # 32 per device, 2 chunks
+    assert resolve(auto, 10, 128, 1, "cpu").microbatch == 32
+    assert resolve(auto, 10, 64, 2, "cpu").microbatch == 0  # one chunk per device: off
+    assert resolve(auto, 10, 128, 1, "gpu").microbatch == 0
+    assert resolve(optim_configs.get_config(microbatch=16), 10, 128, 1, "gpu").microbatch == 16
 
 
 def test_apply_cpu_devices_auto_is_quiet_once_jax_started(monkeypatch):

@@ -3,8 +3,8 @@
     cosmic fit-joint --adata cells.h5ad --morph-key X_cosmic --expr-key X_pca --workdir W [--config quick]
 
 m comes from ``adata.obsm[--morph-key]``. e comes from ``adata.obsm[--expr-key]``; if that key is
-absent and is ``X_pca``, it is computed from ``adata.X`` (counts: normalise_total + log1p + PCA with
-``--n-pcs`` components, scanpy). Outputs: ``W/model`` (JointModel.save), ``W/checkpoints`` (a rerun
+absent and is ``X_pca``, it is the analyses' expression embedding of ``adata.X`` (counts are
+normalised + log1p, then PCA with ``--n-pcs`` components). Outputs: ``W/model`` (JointModel.save), ``W/checkpoints`` (a rerun
 resumes), ``W/metrics.jsonl`` + ``W/tb`` (TensorBoard), ``W/fit_summary.json``.
 """
 
@@ -31,19 +31,16 @@ def register(subparsers) -> None:
 
 
 def expression_embedding(adata, key: str, n_pcs: int, where: str):
-    """(N, De) expression embedding: obsm[key], or PCA of log-normalised counts for key X_pca."""
+    """(N, De) expression embedding: obsm[key], or the analyses' PCA embedding for key X_pca."""
     import numpy as np
-    import scanpy as sc
+
+    from cosmic_jax.analysis.expression import embed_expression
 
     if key in adata.obsm:
         return np.asarray(adata.obsm[key], dtype=np.float32)
     if key != "X_pca":
         raise KeyError(f"{where}: obsm[{key!r}] not found; available obsm keys: {sorted(adata.obsm.keys())}")
-    work = adata.copy()
-    sc.pp.normalize_total(work, target_sum=1e4)
-    sc.pp.log1p(work)
-    sc.pp.pca(work, n_comps=min(n_pcs, work.n_obs - 1, work.n_vars - 1), random_state=0)
-    return np.asarray(work.obsm["X_pca"], dtype=np.float32)
+    return embed_expression(adata, n_comps=n_pcs).scores.astype(np.float32)
 
 
 def run(args) -> int:

@@ -72,7 +72,7 @@ def match_ids(target: Sequence[str], source: Sequence[str], what: str = "crops",
         missing = t[order < 0]
         extra = s.difference(t, sort=False)
         if len(missing):
-            problems.append(f"{len(missing)} {target_name} cell_id(s) are not in {what}, e.g. {list(missing[:5])}")
+            problems.append(f"{len(missing)} {target_name} cell_id(s) have no match in {what}, e.g. {list(missing[:5])}")
         if len(extra):
             problems.append(f"{len(extra)} cell_id(s) in {what} are not in the {target_name}, e.g. {list(extra[:5])}")
     if problems:
