@@ -1,6 +1,7 @@
 """The nuclei crop build as an Apache Beam pipeline: the ``--shard i/n`` jobs, run by a Beam runner.
 
     python -m data_builders.beam_pipeline --images 'plates/**/*.tif' --out crops --parts 200 \
+        [--config.crop.size=96 ...configs/nuclei.py overrides, as for cosmic data nuclei] \
         [--runner DirectRunner|DataflowRunner|FlinkRunner|SparkRunner ...any Beam pipeline option]
 
 The sorted source list is cut into ``parts`` contiguous blocks, exactly as ``cosmic data nuclei
@@ -39,8 +40,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Any, Sequence
 
+from cosmic_jax.configs import nuclei as nuclei_configs
+from cosmic_jax.configs.overrides import load_config
 from cosmic_jax.data import records
 from data_builders import images as images_lib
 from data_builders import nuclei
@@ -67,8 +71,8 @@ def build_with_beam(
     sources: Sequence[str],
     out_dir: str,
     parts: int,
-    seg_params: seg_lib.SegmentParams = seg_lib.SegmentParams(),
-    crop_params: nuclei.CropParams = nuclei.CropParams(),
+    seg_params: Any = None,
+    crop_params: Any = None,
     records_per_shard: int = 4096,
     masks: dict[str, str] | None = None,
     pipeline_args: Sequence[str] = (),
@@ -79,7 +83,8 @@ def build_with_beam(
       sources: image files (sorted here, as every ``--shard`` job sorts them).
       out_dir: crop dataset folder.
       parts: number of ``--shard`` jobs (Beam elements), 1 <= parts <= len(sources).
-      seg_params, crop_params, records_per_shard, masks: as ``nuclei.build_dataset``.
+      seg_params, crop_params, records_per_shard, masks: as ``nuclei.build_dataset`` (the
+        ``segment`` / ``crop`` groups of ``configs/nuclei.py``; None = its defaults).
       pipeline_args: Beam pipeline options (``--runner``, runner settings).
 
     Returns:
@@ -124,10 +129,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--images", nargs="+", required=True, metavar="GLOB", help="folders, globs or files")
     p.add_argument("--out", required=True, help="output crop dataset folder")
     p.add_argument("--parts", type=int, required=True, help="number of --shard jobs (Beam elements)")
-    p.add_argument("--records-per-shard", type=int, default=4096)
-    args, beam_args = p.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if a.startswith("--config.")]
+    args, beam_args = p.parse_known_args([a for a in argv if a not in overrides])
+    cfg = load_config(nuclei_configs, "default", overrides)
     out = build_with_beam(images_lib.find_images(args.images), args.out, args.parts,
-                          records_per_shard=args.records_per_shard, pipeline_args=beam_args)
+                          seg_lib.segment_params(**cfg.segment.to_dict()), nuclei.crop_settings(**cfg.crop.to_dict()),
+                          records_per_shard=cfg.records_per_shard, pipeline_args=beam_args)
     print(json.dumps({"out": args.out, **out}))
     return 0
 

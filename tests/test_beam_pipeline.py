@@ -40,3 +40,12 @@ def test_beam_build_equals_single_job(tiles, tmp_path):
     assert src.read_meta(np.arange(n))[1] == single.read_meta(np.arange(n))[1]
     with pytest.raises(ValueError, match=r"parts must be in \[1, 4\]"):
         beam_pipeline.build_with_beam(tiles, str(tmp_path / "x"), parts=5)
+
+
+def test_cli_takes_nuclei_config_overrides_and_beam_options(tiles, tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    assert beam_pipeline.main(["--images", *tiles[:2], "--out", out, "--parts", "2", "--config.crop.size=48",
+                               "--runner=DirectRunner"]) == 0
+    assert '"parts": 2' in capsys.readouterr().out
+    src = records.CropSource(out)
+    assert src.image_shape == (48, 48, 1) and len(src) > 20
