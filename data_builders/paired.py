@@ -230,6 +230,7 @@ def build_paired(
     use_raw: bool = False,
     norm: str = "crop",
     records_per_shard: int = 4096,
+    float_storage: str = "uint16",
 ) -> dict[str, Any]:
     """Write ``out_dir/cells.h5ad`` and ``out_dir/crops`` from an AnnData and per-cell images.
 
@@ -284,7 +285,7 @@ def build_paired(
 
     with outdir.staged_dir(out_dir, OUT_PATTERNS, WHAT) as tmp:
         manifest = records.write_shards(
-            crops(), os.path.join(tmp, "crops"), records_per_shard=records_per_shard,
+            crops(), os.path.join(tmp, "crops"), records_per_shard=records_per_shard, float_storage=float_storage,
             extra={"build": {"kind": "paired", "adata": os.path.abspath(adata_path),
                              "images": os.path.abspath(images), "masks": masks and os.path.abspath(masks),
                              "params": {"norm": norm, "records_per_shard": records_per_shard}}},

@@ -53,5 +53,8 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     k.channel = ml_collections.config_dict.placeholder(int)  # nucleus channel of RGB(A) inputs
     k.pixel_size = ml_collections.config_dict.placeholder(float)  # microns per input pixel (--pixel-size)
     k.target_pixel_size = ml_collections.config_dict.placeholder(float)  # microns per crop pixel; None: no rescaling
-    c.records_per_shard = 4096
+    c.records_per_shard = 4096  # crops per ArrayRecord shard (readers keep one open file per shard)
+    # float crops on disk: "uint16" (per-crop quantised, error <= range / 131070), "uint8", or exact
+    # "float32"; integer crops keep their dtype exactly whatever this says
+    c.float_storage = "uint16"
     return c

@@ -42,7 +42,7 @@ def augment_config() -> ml_collections.ConfigDict:
 def loader_config(global_batch: int = 128) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.global_batch = global_batch  # examples per step summed over all processes
-    c.seed = 0  # shuffle order and augmentations
+    c.seed = 0  # shuffle order (augmentations are drawn on the device from the run's seed and step)
     c.shuffle = True
     c.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
     c.worker_count = 0  # grain worker processes (0 = in-process)
