@@ -33,7 +33,7 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c.input_kind = "auto"  # "auto" | "counts" (normalised + log1p here) | "lognorm" (used as is)
     c.morph_key = ""  # obsm key of a morphology representation to use instead of the MAE embedding
     c.features_key = ""  # obsm key of morphology features; "" = measure them from the crops
-    c.pretrain = pretrain.get_config("test")
+    c.pretrain = pretrain.get_config("small")
     c.pretrain.steps = 2000
     c.pretrain.progress = True
     c.joint = joint.get_config("default")
