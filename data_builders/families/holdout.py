@@ -14,9 +14,9 @@ Cell state S = (cell type t among 3-5, program z in R^3, response r).
 Morphology (see notes/holdout_family.md):
   anchors, S only and at fixed strength so S stays visible in the pixels at every level:
     t -> chromatin texture grain (band-pass wavelength) and contrast;  z1 -> contour lobedness;
-    z2 -> elongation;  z3 -> radial intensity profile (bright centre vs bright rim)
+    z2 -> chromatin polarity (one half brighter);  z3 -> peripheral heterochromatin band
   mixed, sqrt(a) S + sqrt(1 - a) private with a = morph_shared (default shared_fraction):
-    nucleus size, chromatin brightness, heterochromatin foci rate
+    nucleus size, elongation, chromatin brightness, radial profile, heterochromatin foci rate
   private (morphology only): foci brightness, dark nucleoli (rate, depth)
   response (part of S): responders have brighter foci and brighter chromatin
   nuisance: everything :mod:`holdout_render` draws (orientation, jitter, illumination, blur, ...)
@@ -52,7 +52,7 @@ RESPONDER = 2
 TEXTURES = ((3.2, 0.28), (4.6, 0.13), (7.0, 0.30), (10.0, 0.17), (5.6, 0.45))
 N_PROGRAM = 3
 N_PRIVATE_EXPR = 5
-MORPH_PRIVATE = ("size", "brightness", "foci_rate", "foci_amp", "nucleoli")
+MORPH_PRIVATE = ("size", "elongation", "brightness", "profile", "foci_rate", "foci_amp", "nucleoli")
 SIGMA_BIO = 1.6  # sd of the biological log-composition signal
 LIB_SD = 0.35  # per-cell log library-size sd within a type
 TARGET_SUM = 1e4
@@ -232,14 +232,18 @@ def morph_params(world: World, state: dict, private: np.ndarray, a: float) -> di
     sa, sp = np.sqrt(a), np.sqrt(1 - a)
     p = dict(zip(MORPH_PRIVATE, private.T))
     size = sa * (zs[:, 0] - zs[:, 2]) / np.sqrt(2) + sp * p["size"]
+    elong = sa * zs[:, 1] + sp * p["elongation"]
     bright = sa * (zs[:, 1] + zs[:, 2]) / np.sqrt(2) + sp * p["brightness"]
+    profile = -sa * zs[:, 2] + sp * p["profile"]  # high z3: bright periphery, like the band
     foci = -sa * (zs[:, 0] + zs[:, 1]) / np.sqrt(2) + sp * p["foci_rate"]
     tex = world.textures[state["type"]]
     return {
         "radius": render.NOMINAL_RADIUS * world.cfg.crop_size * np.exp(0.11 * size),
-        "elongation": 1.05 + 0.70 * ndtr(zs[:, 1]),
+        "elongation": 1.05 + 0.70 * ndtr(elong),
         "lobes": 0.03 + 0.17 * ndtr(zs[:, 0]),
-        "profile": 0.5 * np.tanh(0.8 * zs[:, 2]),
+        "profile": 0.5 * np.tanh(0.8 * profile),
+        "rim": 1.0 * ndtr(zs[:, 2]),
+        "polarity": 0.6 * ndtr(zs[:, 1]),
         "brightness": render.NOMINAL_BRIGHTNESS * np.exp(0.14 * bright + 0.12 * resp),
         "tex_wavelength": tex[:, 0] * scale,
         "tex_contrast": tex[:, 1],

@@ -1,15 +1,17 @@
 """Pixel renderer of the held-out family: one unmasked fluorescence crop per nucleus.
 
 A nucleus is a Fourier-perturbed ellipse (radius r(phi) = 1 + sum_k A_k cos(k phi + psi_k),
-k = 2..6) with a soft rim, a radial intensity profile, multiplicative band-pass chromatin texture
-(log-normal, so strong contrast looks speckled), bright heterochromatin foci and dark nucleoli.
+k = 2..6) with a soft edge, a radial intensity profile, a bright peripheral heterochromatin band,
+a linear chromatin polarity gradient (one half brighter, random direction), multiplicative
+band-pass chromatin texture (log-normal, so strong contrast looks speckled), bright
+heterochromatin foci and dark nucleoli.
 Around it: a smooth background and fragments of neighbouring nuclei. The scene is lit by a
 linear illumination ramp, defocused by a per-cell Gaussian blur and recorded by a 12-bit camera
 (Poisson shot noise, Gaussian read noise, offset), then scaled to float32 in [0, 1].
 
 The caller passes the cell's render parameters (:data:`PARAM_KEYS`); everything drawn here is
 nuisance (orientation, position jitter, lobe phases, texture / foci / nucleoli positions,
-illumination, background, neighbours, blur, exposure, camera noise).
+polarity direction, illumination, background, neighbours, blur, exposure, camera noise).
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ import numpy as np
 from scipy import ndimage
 from scipy.special import expit
 
-PARAM_KEYS = ("radius", "elongation", "lobes", "profile", "brightness", "tex_wavelength", "tex_contrast",
-              "foci_rate", "foci_amp", "nucleoli_rate", "nucleoli_depth")
+PARAM_KEYS = ("radius", "elongation", "lobes", "profile", "rim", "polarity", "brightness", "tex_wavelength",
+              "tex_contrast", "foci_rate", "foci_amp", "nucleoli_rate", "nucleoli_depth")
 HARMONICS = np.arange(2, 7)
 MAX_FOCI = 16
 MAX_NUCLEOLI = 4
 MAX_NEIGHBOURS = 3
 # Camera: electrons per unit scene intensity, ADU per electron, offset and read noise (ADU), 12 bit.
 _ELECTRONS, _GAIN, _OFFSET, _READ_SD, _FULL_SCALE = 1800.0, 2.0, 100.0, 6.0, 4095.0
-_RIM_PX = 0.7  # width of the soft nuclear rim
+_EDGE_PX = 0.7  # width of the soft nuclear edge
+_BAND_WIDTH = 0.18  # peripheral heterochromatin band, in units of the normalised radius
 # Typical nucleus radius (fraction of the crop side) and brightness; neighbours are drawn around these.
 NOMINAL_RADIUS = 0.19
 NOMINAL_BRIGHTNESS = 0.40
@@ -120,10 +123,14 @@ def render(params: dict[str, np.ndarray], rng: np.random.Generator, size: int) -
     un, vn = u / a_ax[:, None, None], v / b_ax[:, None, None]
     rho = np.hypot(un, vn) / _contour(np.arctan2(vn, un), amp, phase)
     masks = (rho < 1).astype(np.uint8)
-    rim = expit((1 - rho) * p["radius"][:, None, None] / _RIM_PX)
+    edge = expit((1 - rho) * p["radius"][:, None, None] / _EDGE_PX)
 
-    # Chromatin: radial profile (> 0 bright centre, < 0 bright rim) times band-pass texture.
+    # Chromatin: radial profile (> 0 bright centre, < 0 bright periphery), peripheral band,
+    # polarity gradient along a random direction, times band-pass texture.
     body = 1 + p["profile"][:, None, None] * (0.5 - np.minimum(rho, 1) ** 2)
+    body = body * (1 + p["rim"][:, None, None] * np.exp(-(((1 - np.minimum(rho, 1)) / _BAND_WIDTH) ** 2)))
+    gamma = rng.uniform(0, 2 * np.pi, n)[:, None, None]
+    body = body * (1 + p["polarity"][:, None, None] * np.clip(np.cos(gamma) * un + np.sin(gamma) * vn, -1, 1))
     c = p["tex_contrast"][:, None, None]
     tex = np.exp(c * _filtered_noise(rng, n, size, _bandpass(p["tex_wavelength"], size)) - c**2 / 2)
 
@@ -140,7 +147,7 @@ def render(params: dict[str, np.ndarray], rng: np.random.Generator, size: int) -
 
     scene = rng.uniform(0.02, 0.05, (n, 1, 1)) + 0.008 * _filtered_noise(rng, n, size, _lowpass(size, 0.04))
     scene = scene + _neighbours(rng, a_ax, amp, cy, cx, yy, xx, size)
-    img = rim * nucleus + (1 - rim) * scene
+    img = edge * nucleus + (1 - edge) * scene
 
     ramp = rng.uniform(0, 0.3, n)
     alpha = rng.uniform(0, 2 * np.pi, n)
@@ -170,7 +177,7 @@ def _neighbours(rng, a_ax, amp, cy, cx, yy, xx, size) -> np.ndarray:
         a, b = (r_nb * np.sqrt(e_nb))[:, None, None], (r_nb / np.sqrt(e_nb))[:, None, None]
         rho = np.hypot((c * dx + s * dy) / a, (-s * dx + c * dy) / b)
         level = (j < count) * NOMINAL_BRIGHTNESS * rng.uniform(0.5, 1.3, n)
-        out = np.maximum(out, level[:, None, None] * expit((1 - rho) * r_nb[:, None, None] / _RIM_PX) * texture)
+        out = np.maximum(out, level[:, None, None] * expit((1 - rho) * r_nb[:, None, None] / _EDGE_PX) * texture)
     return out
 
 
