@@ -49,7 +49,7 @@ RESPONSE_LEVELS = ("untreated", "resistant", "responder")
 RESPONDER = 2
 # (band-pass wavelength in px at an 80 px crop, log-contrast) per cell type: types differ by
 # chromatin grain and contrast, not by size. Any subset is pairwise distinct in one of the two.
-TEXTURES = ((3.2, 0.28), (4.6, 0.13), (7.0, 0.30), (10.0, 0.17), (5.6, 0.45))
+TEXTURES = ((4.0, 0.40), (5.5, 0.13), (7.5, 0.30), (11.0, 0.16), (9.0, 0.50))
 N_PROGRAM = 3
 N_PRIVATE_EXPR = 5
 MORPH_PRIVATE = ("size", "elongation", "brightness", "profile", "foci_rate", "foci_amp", "nucleoli")
@@ -240,10 +240,10 @@ def morph_params(world: World, state: dict, private: np.ndarray, a: float) -> di
     return {
         "radius": render.NOMINAL_RADIUS * world.cfg.crop_size * np.exp(0.11 * size),
         "elongation": 1.05 + 0.70 * ndtr(elong),
-        "lobes": 0.03 + 0.17 * ndtr(zs[:, 0]),
+        "lobes": np.clip(0.11 + 0.045 * zs[:, 0], 0.0, 0.24),
         "profile": 0.5 * np.tanh(0.8 * profile),
-        "rim": 1.0 * ndtr(zs[:, 2]),
-        "polarity": 0.6 * ndtr(zs[:, 1]),
+        "rim": np.clip(0.6 + 0.25 * zs[:, 2], 0.0, 1.3),
+        "polarity": np.clip(0.35 + 0.15 * zs[:, 1], 0.0, 0.8),
         "brightness": render.NOMINAL_BRIGHTNESS * np.exp(0.14 * bright + 0.12 * resp),
         "tex_wavelength": tex[:, 0] * scale,
         "tex_contrast": tex[:, 1],

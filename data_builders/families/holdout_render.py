@@ -1,10 +1,10 @@
 """Pixel renderer of the held-out family: one unmasked fluorescence crop per nucleus.
 
 A nucleus is a Fourier-perturbed ellipse (radius r(phi) = 1 + sum_k A_k cos(k phi + psi_k),
-k = 2..6) with a soft edge, a radial intensity profile, a bright peripheral heterochromatin band,
-a linear chromatin polarity gradient (one half brighter, random direction), multiplicative
-band-pass chromatin texture (log-normal, so strong contrast looks speckled), bright
-heterochromatin foci and dark nucleoli.
+k = 3..7; k = 2 would mimic elongation) with a soft edge, a radial intensity profile, a bright
+peripheral heterochromatin band, a linear chromatin polarity gradient (one half brighter, random
+direction), multiplicative band-pass chromatin texture (log-normal, so strong contrast looks
+speckled), bright heterochromatin foci and dark nucleoli.
 Around it: a smooth background and fragments of neighbouring nuclei. The scene is lit by a
 linear illumination ramp, defocused by a per-cell Gaussian blur and recorded by a 12-bit camera
 (Poisson shot noise, Gaussian read noise, offset), then scaled to float32 in [0, 1].
@@ -22,7 +22,8 @@ from scipy.special import expit
 
 PARAM_KEYS = ("radius", "elongation", "lobes", "profile", "rim", "polarity", "brightness", "tex_wavelength",
               "tex_contrast", "foci_rate", "foci_amp", "nucleoli_rate", "nucleoli_depth")
-HARMONICS = np.arange(2, 7)
+HARMONICS = np.arange(3, 8)
+HARMONIC_SHARE = np.array([0.35, 0.25, 0.18, 0.12, 0.10])  # fixed, so "lobes" alone sets the contour roughness
 MAX_FOCI = 16
 MAX_NUCLEOLI = 4
 MAX_NEIGHBOURS = 3
@@ -113,8 +114,7 @@ def render(params: dict[str, np.ndarray], rng: np.random.Generator, size: int) -
     cos_t, sin_t = np.cos(theta), np.sin(theta)
     a_ax = p["radius"] * np.sqrt(p["elongation"])
     b_ax = p["radius"] / np.sqrt(p["elongation"])
-    share = rng.dirichlet(np.ones(len(HARMONICS)), n)
-    amp = p["lobes"][:, None] * share
+    amp = p["lobes"][:, None] * HARMONIC_SHARE
     phase = rng.uniform(0, 2 * np.pi, (n, len(HARMONICS)))
 
     dy, dx = yy[None] - cy[:, None, None], xx[None] - cx[:, None, None]
@@ -154,7 +154,7 @@ def render(params: dict[str, np.ndarray], rng: np.random.Generator, size: int) -
     illum = 1 + ramp[:, None, None] * (np.cos(alpha)[:, None, None] * (xx - centre) +
                                        np.sin(alpha)[:, None, None] * (yy - centre)) / size
     img = img * illum * np.exp(rng.normal(0, 0.04, n))[:, None, None]
-    blur = rng.uniform(0.5, 1.1, n)
+    blur = rng.uniform(0.4, 0.9, n)
     img = np.stack([ndimage.gaussian_filter(img[i], blur[i], mode="nearest") for i in range(n)])
     return _camera(img, rng), masks
 
