@@ -2,8 +2,8 @@
 
 Nobody tunes on this family: the lead runs this once, at the end. For each truth level it
 generates a dataset (data_builders/families/holdout.py), imports it as a lab would (``cosmic data
-paired --masks`` when the CLI has it, else ``holdout.write_paired``), runs ``cosmic analyze --data D
---workdir W --quick`` and tabulates estimate vs truth in both directions::
+paired --masks [--norm none]`` when the CLI has it, else ``holdout.write_paired``), runs ``cosmic
+analyze --data D --workdir W --quick`` and tabulates estimate vs truth in both directions::
 
   python experiments/holdout_eval.py --out /tmp/holdout_eval            # 3 x 3,000 cells
   python experiments/holdout_eval.py --out /tmp/h --generate-only       # data + truth only
@@ -41,14 +41,21 @@ def _env() -> dict:
     return env
 
 
-def has_paired_cli() -> bool:
-    r = subprocess.run(CLI + ["data", "paired", "--help"], capture_output=True, env=_env())
-    return r.returncode == 0
+def paired_cli_args() -> list[str] | None:
+    """Extra `cosmic data paired` arguments, or None when the command does not exist yet.
+
+    The truth's features are measured on the masked pixels as they are; an import that rescales
+    each crop (``--norm crop``: per-cell p1..p99 -> [0, 1]) would change them, so ask for none.
+    """
+    r = subprocess.run(CLI + ["data", "paired", "--help"], capture_output=True, text=True, env=_env())
+    if r.returncode != 0:
+        return None
+    return ["--norm", "none"] if "--norm" in r.stdout else []
 
 
-def import_dataset(d: str, use_cli: bool) -> str:
+def import_dataset(d: str, cli_args: list[str] | None) -> str:
     """The directory `cosmic analyze --data` reads (cells.h5ad, crops/, truth.json)."""
-    if not use_cli:
+    if cli_args is None:
         holdout.write_paired(d)
         return d
     out = os.path.join(d, "paired")
@@ -56,8 +63,8 @@ def import_dataset(d: str, use_cli: bool) -> str:
         shutil.rmtree(out)
     raw = os.path.join(d, "raw")
     subprocess.run(CLI + ["data", "paired", "--adata", os.path.join(raw, "cells.h5ad"), "--images",
-                          os.path.join(raw, "images.npy"), "--masks", os.path.join(raw, "masks.npy"), "--out", out],
-                   check=True, env=_env())
+                          os.path.join(raw, "images.npy"), "--masks", os.path.join(raw, "masks.npy"), "--out", out,
+                          *cli_args], check=True, env=_env())
     # Truth beside the data only so the summary reports it; the analysis does not fit on it.
     shutil.copy(os.path.join(d, "truth.json"), os.path.join(out, "truth.json"))
     return out
@@ -102,6 +109,24 @@ def score(workdir: str, truth: dict) -> dict:
     return out
 
 
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _row(r: dict, key: str) -> str:
+    sc, d = r["score"], r["score"][key]
+    base = " / ".join(_fmt(d["baselines"].get(b)) for b in ("ridge", "knn"))
+    pg = sc["per_gene"]
+    gene = f"{pg['spearman']:.3f} | {100 * pg['within_0.05']:.0f} %" if key.startswith("expr") else "- | -"
+    ct = sc["celltype_accuracy"]
+    cells = [str(r["shared_fraction"]), "expr from morph" if key.startswith("expr") else "morph from expr",
+             f"{d['truth']:.3f} ({d['truth_mc_se']:.3f})", f"{d['estimate']:.3f} ({d['ci'][0]:.3f}-{d['ci'][1]:.3f})",
+             "yes" if d["covers"] else "no", base, gene,
+             f"{_fmt(ct['mae'].get('linear'), 2)} / {_fmt(ct['features'].get('linear'), 2)}",
+             f"{r['analyze']['wall_s']:.0f} / {r['analyze']['cpu_s']:.0f}"]
+    return "| " + " | ".join(cells) + " |"
+
+
 def markdown(results: list[dict], meta: dict) -> str:
     lines = [f"# Held-out family: cosmic analyze --quick ({meta['n_cells']} cells per dataset, "
              f"import: {meta['import']})", "",
@@ -109,27 +134,16 @@ def markdown(results: list[dict], meta: dict) -> str:
              "genes within 0.05 | cell type MAE / features (linear) | runtime s (wall / cpu) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        if "score" not in r:
-            continue
-        sc = r["score"]
-        for key, name in (("expr_var_explained_by_morph", "expr|morph"), ("morph_var_explained_by_expr", "morph|expr")):
-            d = sc[key]
-            base = " / ".join(f"{d['baselines'].get(b, float('nan')):.3f}" for b in ("ridge", "knn"))
-            gene = (f"{sc['per_gene']['spearman']:.3f} | {100 * sc['per_gene']['within_0.05']:.0f} %"
-                    if key.startswith("expr") else " | ")
-            ct = sc["celltype_accuracy"]
-            cts = f"{ct['mae'].get('linear', float('nan')):.2f} / {ct['features'].get('linear', float('nan')):.2f}"
-            lines.append(f"| {r['shared_fraction']} | {name} | {d['truth']:.3f} ({d['truth_mc_se']:.3f}) | "
-                         f"{d['estimate']:.3f} ({d['ci'][0]:.3f}-{d['ci'][1]:.3f}) | {'yes' if d['covers'] else 'no'} | "
-                         f"{base} | {gene} | {cts} | {r['analyze']['wall_s']:.0f} / {r['analyze']['cpu_s']:.0f} |")
+        if "score" in r:
+            lines += [_row(r, "expr_var_explained_by_morph"), _row(r, "morph_var_explained_by_expr")]
     lines += ["", "Generation (truth levels, MC standard errors, seconds):", "",
-              "| level | seed | expr truth (se) | morph truth (se) | mixing w | generate s |", "|---|---|---|---|---|---|"]
+              "| level | seed | expr truth (se) | morph truth (se) | mixing w | generate s |",
+              "|---|---|---|---|---|---|"]
     for r in results:
-        g = r["generate"]
+        g, se = r["generate"], r["generate"]["mc_standard_errors"]
         lines.append(f"| {r['shared_fraction']} | {r['seed']} | {g['expr_var_explained_by_morph']:.4f} "
-                     f"({g['mc_standard_errors']['expr_var_explained_by_morph']:.4f}) | "
-                     f"{g['morph_var_explained_by_expr']:.4f} ({g['mc_standard_errors']['morph_var_explained_by_expr']:.4f}) "
-                     f"| {g['mixing_weight']:.3f} | {r['generate_s']:.0f} |")
+                     f"({se['expr_var_explained_by_morph']:.4f}) | {g['morph_var_explained_by_expr']:.4f} "
+                     f"({se['morph_var_explained_by_expr']:.4f}) | {g['mixing_weight']:.3f} | {r['generate_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +163,7 @@ def main(argv=None) -> int:
     if len(seeds) != len(args.levels):
         p.error("--seeds needs one seed per level")
     os.makedirs(args.out, exist_ok=True)
-    use_cli = False if args.generate_only else has_paired_cli()
+    cli_args = None if args.generate_only else paired_cli_args()
     results = []
     for level, seed in zip(args.levels, seeds):
         d = os.path.join(args.out, f"holdout_{level:g}_s{seed}")
@@ -166,13 +180,14 @@ def main(argv=None) -> int:
         print(json.dumps({"level": level, "seed": seed, **{k: r["generate"][k] for k in (
             "expr_var_explained_by_morph", "morph_var_explained_by_expr", "mixing_weight", "timings_s")}}), flush=True)
         if not args.generate_only:
-            data = import_dataset(d, use_cli)
+            data = import_dataset(d, cli_args)
             work = os.path.join(args.out, f"run_{level:g}_s{seed}")
             r["analyze"] = run_analyze(data, work, args.analyze_arg)
             with open(os.path.join(d, "truth.json")) as f:
                 r["score"] = score(work, json.load(f))
         results.append(r)
-    meta = {"n_cells": args.n_cells, "import": "cosmic data paired" if use_cli else "holdout.write_paired",
+    how = "holdout.write_paired" if cli_args is None else " ".join(["cosmic data paired --masks", *cli_args])
+    meta = {"n_cells": args.n_cells, "import": how,
             "crop_size": args.crop_size, "analyze_args": args.analyze_arg}
     with open(os.path.join(args.out, "holdout_eval.json"), "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)

@@ -290,7 +290,8 @@ def generate(out_dir: str, n_cells: int, seed: int, shared_fraction: float, crop
         zero_inflation, expr_mc, morph_mc, response_mc, ...).
 
     Returns:
-      summary: paths, the calibrated mixing weight, overall truths with MC SEs, timings (s).
+      summary: paths, the calibrated mixing weight, overall truths with MC SEs, timings (wall s per
+      stage, plus this process's total CPU s).
     """
     from data_builders.families import holdout_truth as truth_mod
 
@@ -307,6 +308,7 @@ def generate(out_dir: str, n_cells: int, seed: int, shared_fraction: float, crop
     cfg = HoldoutConfig(crop_size=crop_size, **options)
     raw = os.path.join(out_dir, "raw")
     _prepare(out_dir, raw, overwrite)
+    cpu0 = time.process_time()
     timings: dict[str, float] = {}
     t = time.perf_counter()
     world = make_world(cfg, seed)
@@ -336,6 +338,7 @@ def generate(out_dir: str, n_cells: int, seed: int, shared_fraction: float, crop
     np.save(os.path.join(raw, "masks.npy"), masks, allow_pickle=False)
     with open(os.path.join(out_dir, "truth.json"), "w") as f:
         json.dump(truth, f, indent=1)
+    timings["cpu_total"] = time.process_time() - cpu0
     return {
         "out_dir": out_dir,
         "raw": raw,
