@@ -7,14 +7,16 @@ chunks the public sampler uses (``sampling.chunk_rows`` rows per call, every chu
 before the first result is read), alternating which goes first, several repetitions; per pass we
 record wall time and this process's CPU time (``time.process_time``, all threads: the robust
 number on a shared machine). ``public`` times ``JointModel.sample_expr_given_morph`` itself (noise
-drawn in the jitted call, standardisation, copy back), i.e. the package's solver in situ.
+drawn in the jitted call, standardisation, copy back), i.e. the package's solver in situ. A second part times one public-sized chunk (1,024 cells) many times
+in short paired rounds (``--chunk-rounds``): the precise number for a per-step overhead of a few %.
+Compile time (first call, wall and CPU) is recorded too: every ``JointModel`` compiles its own sampler.
 
 Networks: the joint config variants ``analysis`` (what ``cosmic analyze --quick`` fits) and
 ``bench`` (CellFlow mlp3x256-sized), fitted for ``--fit-steps`` on the 64-d tanh toy
 (``cosmic_jax.testing.toys.TanhToy``) so the velocity field is a trained one. Workloads: 100,000
 cells x 1 sample and 10,000 cells x 16 samples.
 
-    python experiments/bench_sampling.py --json notes/bench_sampling.jsonl      # ~15 min on 2 busy cores
+    python experiments/bench_sampling.py --json notes/bench_sampling.jsonl      # ~40 min on 2 busy cores
     python experiments/bench_sampling.py --tiny                                 # smoke, ~1 min
 
 The two solutions must agree to float32 round-off: the script reports the max |difference|
@@ -100,10 +102,9 @@ def bench_one(model, size: str, cells: int, samples: int, reps: int, out) -> Non
     per = max(1, cfg.chunk_rows // samples)
     fns = {k: chunk_fn(flow, s, cfg.steps, cfg.time_power, samples) for k, s in SOLVERS.items()}
     compile_s, results = {}, {}
-    for k, fn in fns.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(params, cond[:per], x0[:, :per].reshape(samples * per, DIM)))
-        compile_s[k] = time.perf_counter() - t0
+    for k, fn in fns.items():  # first call: trace + compile + one chunk
+        _, wall, cpu = timed(lambda: jax.block_until_ready(fn(params, cond[:per], x0[:, :per].reshape(samples * per, DIM))))
+        compile_s[k] = {"wall": wall, "cpu": cpu}
     model.sample_expr_given_morph(m[:per], samples, seed=0)  # compiles the public path (same chunk shape)
     walls = {k: [] for k in [*fns, "public"]}
     cpus = {k: [] for k in walls}
@@ -125,11 +126,45 @@ def bench_one(model, size: str, cells: int, samples: int, reps: int, out) -> Non
                solve=f"{cfg.solver}{cfg.steps}_p{cfg.time_power}", compile_s=compile_s,
                cpu_s={k: spread(v) for k, v in cpus.items()}, wall_s={k: spread(v) for k, v in walls.items()},
                ratio_cpu_diffrax_over_hand=spread(ratio_cpu), ratio_wall_diffrax_over_hand=spread(ratio_wall),
+               cpu_s_raw=cpus, wall_s_raw=walls,
                max_abs_diff=float(diff.max()), max_abs_diff_over_std=float(diff.max()) / sd, sample_std=sd)
     out(rec)
     if rec["max_abs_diff_over_std"] > AGREE_TOL:
         raise SystemExit(f"{size} {cells}x{samples}: diffrax and hand-written disagree "
                          f"(max |diff| / std = {rec['max_abs_diff_over_std']:.2e} > {AGREE_TOL})")
+
+
+def bench_chunk(model, size: str, rounds: int, calls: int, out) -> None:
+    """One public-sized chunk (``chunk_rows`` cells x 1 sample) solved ``calls`` times per solver per
+    round, solvers alternating: many short paired measurements resolve a few % of per-step overhead."""
+    cfg = model.config.sampling
+    flow, params = model.nets.flow_e, model.params["flow_e"]
+    n = cfg.chunk_rows
+    cond = jax.random.normal(jax.random.key(12), (n, DIM))
+    x0 = jax.random.normal(jax.random.key(13), (n, DIM))
+    fns = {k: chunk_fn(flow, s, cfg.steps, cfg.time_power, 1) for k, s in SOLVERS.items()}
+    for fn in fns.values():
+        jax.block_until_ready(fn(params, cond, x0))
+    cpus = {k: [] for k in fns}
+    walls = {k: [] for k in fns}
+
+    def calls_of(fn):
+        for _ in range(calls):
+            y = fn(params, cond, x0)
+        return jax.block_until_ready(y)
+
+    for r in range(rounds):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            _, wall, cpu = timed(lambda: calls_of(fns[k]))
+            cpus[k].append(cpu / calls)
+            walls[k].append(wall / calls)
+    ratio = [a / b for a, b in zip(cpus["diffrax"], cpus["handwritten"])]
+    out(dict(size=size, part="chunk", rows=n, rounds=rounds, calls_per_round=calls,
+             solve=f"{cfg.solver}{cfg.steps}_p{cfg.time_power}",
+             cpu_s_per_call={k: spread(v) for k, v in cpus.items()},
+             wall_s_per_call={k: spread(v) for k, v in walls.items()},
+             ratio_cpu_diffrax_over_hand=spread(ratio),
+             rounds_diffrax_slower=sum(x > 1 for x in ratio)))
 
 
 def fitted_model(size: str, fit_steps: int, fit_cells: int):
@@ -146,6 +181,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", default="analysis,bench", help="joint config variants whose flow is timed")
     ap.add_argument("--workloads", default="100000x1,10000x16", help="CELLSxSAMPLES, comma separated")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--chunk-rounds", type=int, default=30, help="paired rounds of the one-chunk timing (0 = skip)")
     ap.add_argument("--fit-steps", type=int, default=400)
     ap.add_argument("--fit-cells", type=int, default=20_000)
     ap.add_argument("--tiny", action="store_true", help="smoke: analysis size, 2000x1 and 200x16, 2 reps, 50 fit steps")
@@ -154,6 +190,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.tiny:
         args.sizes, args.workloads, args.reps, args.fit_steps, args.fit_cells = "analysis", "2000x1,200x16", 2, 50, 2000
+        args.chunk_rounds = 4
     base = dict(bench="sampling", tag=args.tag, jax=jax.__version__, diffrax=diffrax.__version__,
                 host=platform.node(), cpu_count=os.cpu_count(), time=time.strftime("%Y-%m-%dT%H:%M:%S"))
 
@@ -168,6 +205,8 @@ def main(argv=None) -> None:
         model, fit_s = fitted_model(size, args.fit_steps, args.fit_cells)
         print(f"# {size}: fitted {args.fit_steps} steps in {fit_s:.1f} s, loss "
               f"{model.loss_history['loss'][0]:.3f} -> {model.loss_history['loss'][-1]:.3f}", flush=True)
+        if args.chunk_rounds:
+            bench_chunk(model, size, args.chunk_rounds, 10, out)
         for w in args.workloads.split(","):
             cells, samples = (int(v) for v in w.split("x"))
             bench_one(model, size, cells, samples, args.reps, out)
