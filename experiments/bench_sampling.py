@@ -18,6 +18,7 @@ cells x 1 sample and 10,000 cells x 16 samples.
 
     python experiments/bench_sampling.py --json notes/bench_sampling.jsonl      # ~40 min on 2 busy cores
     python experiments/bench_sampling.py --tiny                                 # smoke, ~1 min
+    python experiments/bench_sampling.py --summarize notes/bench_sampling.jsonl # the tables
 
 The two solutions must agree to float32 round-off: the script reports the max |difference|
 relative to the samples' spread and fails if it exceeds 1e-4.
@@ -176,6 +177,38 @@ def fitted_model(size: str, fit_steps: int, fit_cells: int):
     return model, time.perf_counter() - t0
 
 
+def _cell(d: dict, fmt: str = "{:.3g}") -> str:
+    return f"{fmt.format(d['median'])} ({fmt.format(d['min'])}-{fmt.format(d['max'])})"
+
+
+def summarize(path: str) -> str:
+    """Markdown tables of a --json file: paired CPU ratios per workload and the one-chunk rounds."""
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    rows = ["| run | flow | cells x samples | CPU s diffrax | CPU s hand-written | CPU s public | CPU ratio diffrax/hand, "
+            "median (min-max) of reps | wall ratio | compile s wall / CPU diffrax; hand-written | max diff / std | load |",
+            "|---" * 11 + "|"]
+    for r in recs:
+        if r.get("part") == "chunk":
+            continue
+        c, comp = r["cpu_s"], r["compile_s"]
+        rows.append(f"| {r['tag']} | {r['size']} | {r['cells']:,} x {r['samples']} | {_cell(c['diffrax'])} | "
+                    f"{_cell(c['handwritten'])} | {_cell(c['public'])} | {_cell(r['ratio_cpu_diffrax_over_hand'])} | "
+                    f"{_cell(r['ratio_wall_diffrax_over_hand'])} | {comp['diffrax']['wall']:.1f} / {comp['diffrax']['cpu']:.2f}; "
+                    f"{comp['handwritten']['wall']:.1f} / {comp['handwritten']['cpu']:.2f} | "
+                    f"{r['max_abs_diff_over_std']:.1e} | {r['loadavg']:.0f} |")
+    rows += ["", "| run | flow | rows per call | ms CPU per call diffrax | ms CPU hand-written | ratio, median (min-max) "
+             "of rounds | rounds diffrax slower | load |", "|---" * 8 + "|"]
+    for r in recs:
+        if r.get("part") != "chunk":
+            continue
+        c = {k: {kk: 1e3 * vv for kk, vv in v.items()} for k, v in r["cpu_s_per_call"].items()}
+        rows.append(f"| {r['tag']} | {r['size']} | {r['rows']:,} | {_cell(c['diffrax'])} | {_cell(c['handwritten'])} | "
+                    f"{_cell(r['ratio_cpu_diffrax_over_hand'])} | {r['rounds_diffrax_slower']} / {r['rounds']} | "
+                    f"{r['loadavg']:.0f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="analysis,bench", help="joint config variants whose flow is timed")
@@ -187,7 +220,11 @@ def main(argv=None) -> None:
     ap.add_argument("--tiny", action="store_true", help="smoke: analysis size, 2000x1 and 200x16, 2 reps, 50 fit steps")
     ap.add_argument("--json", default=None, help="append one JSON line per (size, workload)")
     ap.add_argument("--tag", default="")
+    ap.add_argument("--summarize", metavar="FILE", default=None, help="print the markdown tables of a --json file")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return
     if args.tiny:
         args.sizes, args.workloads, args.reps, args.fit_steps, args.fit_cells = "analysis", "2000x1,200x16", 2, 50, 2000
         args.chunk_rounds = 4

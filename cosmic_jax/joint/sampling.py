@@ -8,6 +8,12 @@ at 6-8 steps; steps that shrink towards t = 1 give the accuracy of 8 uniform ste
 (notes/joint.md has the measured error vs NFE of each scheme and grid against a tight Dopri8 solve). All cells share the time grid, so the time embedding is computed once per stage for
 the whole batch and the condition embedding once per solve: an NFE costs only the trunk.
 
+Why the fixed-step loop is hand-written and not diffrax's Midpoint/Heun/Euler with
+``StepTo(ts=grid)`` (which computes the same numbers: tests/test_flow.py): diffrax runs the RK
+stages of every step in an inner while loop with stage buffers, which cost 2-6 % more CPU per solve
+of the default (sampler-chunk sized) problem and about twice the compile time, paid once per fitted
+model (experiments/bench_sampling.py; numbers in notes/experiments.md).
+
 diffrax (Tsit5 / Dopri5 / Dopri8 with a PID controller) integrates the whole batch as one ODE state
 with a max-norm error, i.e. every cell is held to the tolerance; it is the reference, not the default
 (~100-1500 NFE).
