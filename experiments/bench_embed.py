@@ -123,6 +123,8 @@ def compare(args, overrides: list[str]) -> list[dict]:
             child_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
             if who == "jax":
                 res = json.loads(info["stdout"].strip().splitlines()[-1])
+            elif not os.path.exists(tmp):
+                raise SystemExit(f"{peer} ({peer_py}) wrote no result to {tmp}; its output: {info['stdout'][-500:]!r}")
             else:
                 with open(tmp) as f:
                     res = json.loads(f.read().strip().splitlines()[-1])
