@@ -77,7 +77,7 @@ def register(subparsers) -> None:
     q.add_argument("--cell-id-key", default=None, help="obs column with the cell ids (default obs['cell_id'] or obs_names)")
     q.add_argument("--layer", default=None, help="take the counts from this layer instead of X")
     q.add_argument("--use-raw", action="store_true", help="take the counts (and genes) from adata.raw")
-    add_config(q, nuclei_configs, "default")
+    add_config(q, nuclei_configs, "paired")
     q.set_defaults(func=run_paired)
 
     t = sub.add_parser("tfds", help="re-pack a crop dataset as a TFDS (array_record) dataset")

@@ -2,7 +2,7 @@
 
 Nobody tunes on this family: the lead runs this once, at the end. For each truth level it
 generates a dataset (data_builders/families/holdout.py), imports it as a lab would (``cosmic data
-paired --masks [--norm none]`` when the CLI has it, else ``holdout.write_paired``), runs ``cosmic
+paired --masks --config.crop.norm=none`` when the CLI has it, else ``holdout.write_paired``), runs ``cosmic
 analyze --data D --workdir W --quick`` and tabulates estimate vs truth in both directions::
 
   python experiments/holdout_eval.py --out /tmp/holdout_eval            # 3 x 3,000 cells
@@ -45,12 +45,12 @@ def paired_cli_args() -> list[str] | None:
     """Extra `cosmic data paired` arguments, or None when the command does not exist yet.
 
     The truth's features are measured on the masked pixels as they are; an import that rescales
-    each crop (``--norm crop``: per-cell p1..p99 -> [0, 1]) would change them, so ask for none.
+    each crop (``crop.norm`` "crop" or "dataset") would change them, so ask for none.
     """
     r = subprocess.run(CLI + ["data", "paired", "--help"], capture_output=True, text=True, env=_env())
     if r.returncode != 0:
         return None
-    return ["--norm", "none"] if "--norm" in r.stdout else []
+    return ["--config.crop.norm=none"]
 
 
 def import_dataset(d: str, cli_args: list[str] | None) -> str:

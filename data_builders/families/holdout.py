@@ -409,6 +409,7 @@ def write_paired(out_dir: str, records_per_shard: int = 4096) -> dict[str, Any]:
             for j, crop in enumerate(block):
                 yield encode_record(crop[..., None], ids[start + j])
 
-    manifest = write_shards(records(), crops_dir, records_per_shard=records_per_shard)
+    # exact pixels: the truth's features were measured on these very values
+    manifest = write_shards(records(), crops_dir, records_per_shard=records_per_shard, float_storage="float32")
     adata.write_h5ad(os.path.join(out_dir, "cells.h5ad"))
     return {"h5ad": os.path.join(out_dir, "cells.h5ad"), "crops": crops_dir, "num_records": manifest["num_records"]}
