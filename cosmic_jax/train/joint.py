@@ -26,7 +26,7 @@ from cosmic_jax.models.joint import build_nets, check_config, init_params, joint
 from cosmic_jax.train import optim
 from cosmic_jax.train import sharding as shd
 from cosmic_jax.train.checkpoint import CONFIG_FILE, Checkpointer, checkpoint_steps
-from cosmic_jax.train.loop import train_loop
+from cosmic_jax.train.loop import Hook, train_loop
 from cosmic_jax.train.metrics import MetricWriter, read_metrics
 from cosmic_jax.train.state import TrainState
 
@@ -38,7 +38,7 @@ ROWS_BUCKET = 256  # the data are zero-padded to a multiple of this many rows
 
 @functools.lru_cache(maxsize=8)
 def _compiled(cfg: ml_collections.FrozenConfigDict, n_pad: int, dm: int, de: int, batch: int, devices: tuple):
-    """(init, multi-step fn, state shardings, replicated sharding) for one padded problem shape.
+    """(init fn, mesh, multi-step fn, state shardings, replicated sharding) for one padded problem shape.
 
     The number of real rows is an argument, not a shape: the folds of a cross-fit (a cell or two
     apart) share one compile.
@@ -53,9 +53,7 @@ def _compiled(cfg: ml_collections.FrozenConfigDict, n_pad: int, dm: int, de: int
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, optim_cfg=optim_cfg)
         return state.replace(opt_state=state.tx.init(params))
 
-    abstract = jax.eval_shape(init_state, jax.random.key(0))
-    state_sh = shd.state_shardings(abstract, mesh)  # no logical names: replicated (data parallel)
-    init_fn = jax.jit(init_state, out_shardings=state_sh)
+    state_sh = shd.state_shardings(jax.eval_shape(init_state, jax.random.key(0)), mesh)  # no names: replicated
 
     def multi_step(state, data, root, num):
         m_all, e_all, n = data
@@ -79,11 +77,12 @@ def _compiled(cfg: ml_collections.FrozenConfigDict, n_pad: int, dm: int, de: int
 
     step_fn = jax.jit(multi_step, static_argnums=(3,), in_shardings=(state_sh, rep, rep),
                       out_shardings=(state_sh, rep), donate_argnums=(0,))
-    return init_fn, step_fn, state_sh, rep
+    return init_state, mesh, step_fn, state_sh, rep
 
 
 def train_joint(ms: np.ndarray, es: np.ndarray, cfg: ml_collections.ConfigDict, seed: int,
-                workdir: str | None = None, desc: str = "joint fit") -> tuple[dict, dict[str, list[float]], dict]:
+                workdir: str | None = None, desc: str = "joint fit",
+                hooks: tuple[Hook, ...] = ()) -> tuple[dict, dict[str, list[float]], dict]:
     """Train the joint networks on standardised paired embeddings with the shared loop.
 
     Args:
@@ -93,6 +92,7 @@ def train_joint(ms: np.ndarray, es: np.ndarray, cfg: ml_collections.ConfigDict, 
       workdir: if given, checkpoints (resume: a rerun continues from the newest), the config,
         TensorBoard events and metrics.jsonl go there.
       desc: progress-bar label.
+      hooks: periodic callbacks of the loop (e.g. evaluations, fault injection in tests).
 
     Returns:
       (params on the host, history {"step": [...], "loss": [...], ...} of the logged windows,
@@ -109,7 +109,7 @@ def train_joint(ms: np.ndarray, es: np.ndarray, cfg: ml_collections.ConfigDict, 
     ndev = len(devices)
     batch = max(ndev, min(cfg.batch_size, n) // ndev * ndev)  # no duplicate cells within a batch if N is small
     n_pad = -(-n // ROWS_BUCKET) * ROWS_BUCKET
-    init_fn, step_fn, state_sh, rep = _compiled(frozen, n_pad, dm, de, batch, devices)
+    init_fn, mesh, step_fn, state_sh, rep = _compiled(frozen, n_pad, dm, de, batch, devices)
     root = jax.random.key(seed)
     pad = ((0, n_pad - n), (0, 0))
     data = (jax.device_put(np.pad(np.asarray(ms, np.float32), pad), rep),
@@ -125,7 +125,7 @@ def train_joint(ms: np.ndarray, es: np.ndarray, cfg: ml_collections.ConfigDict, 
                 raise ValueError(f"{workdir}: holds checkpoints of a different joint config ({', '.join(changed)}); "
                                  "use a fresh workdir")
         ckpt = Checkpointer(workdir, save_every=cfg.ckpt_every, keep=2, async_save=False)
-    state = init_fn(jax.random.fold_in(root, 0))
+    state, _ = shd.create_sharded_state(init_fn, mesh, jax.random.fold_in(root, 0))
     if ckpt is not None and ckpt.latest_step() is not None:
         state, _ = ckpt.restore(shd.abstract_with_shardings(jax.eval_shape(lambda: state), state_sh))
     if workdir:
@@ -134,7 +134,7 @@ def train_joint(ms: np.ndarray, es: np.ndarray, cfg: ml_collections.ConfigDict, 
     try:
         state = train_loop(state, step_fn, itertools.repeat(data), num_steps=cfg.steps, rng=root,
                            steps_per_call=cfg.steps_per_call, checkpointer=ckpt, writer=writer,
-                           log_every=cfg.log_every, progress=cfg.progress, desc=desc)
+                           log_every=cfg.log_every, progress=cfg.progress, desc=desc, hooks=hooks)
     finally:
         writer.close()
         if ckpt is not None:
