@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean distclean
 
 $(STAMP): requirements.lock requirements-nodeps.txt setup.cfg
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +18,7 @@ $(STAMP): requirements.lock requirements-nodeps.txt setup.cfg
 setup: $(STAMP)
 
 ## demo: build data, pretrain a small MAE, embed, fit the joint model, analyse, write demo_out/report.md
+## (run it again: finished stages are kept, an interrupted one resumes; see experiments/demo.py)
 demo: $(STAMP)
 	XLA_FLAGS= $(BIN)/python experiments/demo.py --out demo_out
 
@@ -28,5 +29,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
+## clean: the demo's and benchmarks' outputs (the venv stays; `make distclean` removes it too)
 clean:
-	rm -rf $(VENV) demo_out bench_out *.egg-info
+	rm -rf demo_out bench_out
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

@@ -15,10 +15,11 @@ import importlib.metadata
 import os
 import sys
 
-from cosmic_jax.commands import analyze, embed, fit_joint, pretrain
+from cosmic_jax.commands import analyze, embed, fit_joint, pretrain, report
 from cosmic_jax.configs.overrides import ConfigError, load_config
+from cosmic_jax.runtime import reexec_with_hugepage_malloc
 
-_COMMANDS = (pretrain, embed, fit_joint, analyze)
+_COMMANDS = (pretrain, embed, fit_joint, analyze, report)
 ENTRY_POINT_GROUP = "cosmic.commands"
 
 # commands whose XLA runs allocate large per-call temp buffers (huge-page malloc helps them)
@@ -55,8 +56,6 @@ def main(argv: list[str] | None = None) -> int:
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if argv is None and args.command in _XLA_HEAVY_COMMANDS:
-            from cosmic_jax.runtime import reexec_with_hugepage_malloc
-
             reexec_with_hugepage_malloc()  # before jax starts; see cosmic_jax/runtime.py
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError, ConfigError) as e:

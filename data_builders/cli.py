@@ -77,7 +77,7 @@ def register(subparsers) -> None:
     q.add_argument("--cell-id-key", default=None, help="obs column with the cell ids (default obs['cell_id'] or obs_names)")
     q.add_argument("--layer", default=None, help="take the counts from this layer instead of X")
     q.add_argument("--use-raw", action="store_true", help="take the counts (and genes) from adata.raw")
-    add_config(q, nuclei_configs, "default")
+    add_config(q, nuclei_configs, "paired")
     q.set_defaults(func=run_paired)
 
     t = sub.add_parser("tfds", help="re-pack a crop dataset as a TFDS (array_record) dataset")
@@ -108,7 +108,8 @@ def run_nuclei(args) -> int:
         crop["pixel_size"] = args.pixel_size
     manifest = nuclei.build_dataset(
         sources, args.out, segment.segment_params(**cfg.segment.to_dict()), nuclei.crop_settings(**crop),
-        workers=args.workers, shard=args.shard, records_per_shard=cfg.records_per_shard, progress=True,
+        workers=args.workers, shard=args.shard, records_per_shard=cfg.records_per_shard,
+        float_storage=cfg.float_storage, progress=True,
         masks=masks, labels_dir=args.save_labels,
     )  # fmt: skip
     print(json.dumps({"out": args.out, "num_records": manifest["num_records"], **manifest["build"]["stats"]}))
@@ -122,6 +123,7 @@ def run_paired(args) -> int:
     summary = paired.build_paired(
         args.adata, args.images, args.out, masks=args.masks, cell_id_key=args.cell_id_key, layer=args.layer,
         use_raw=args.use_raw, norm=args.cfg.crop.norm, records_per_shard=args.cfg.records_per_shard,
+        float_storage=args.cfg.float_storage,
     )  # fmt: skip
     print(json.dumps(summary))
     return 0

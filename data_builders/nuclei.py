@@ -307,7 +307,7 @@ def process_image(
         except seg_lib.EmptySegmentationError as e:
             if not crop_params.skip_empty:
                 raise seg_lib.EmptySegmentationError(f"{e}; {SKIP_EMPTY_HINT}") from e
-            log.info("%s: no nuclei, skipped (skip_empty)", where)
+            log.debug("%s: no nuclei, skipped (skip_empty)", where)
             stats["empty_frames"] += 1
             continue
         if labels_dir is not None:
@@ -382,6 +382,7 @@ def build_dataset(
     workers: int = 0,
     shard: tuple[int, int] = (0, 1),
     records_per_shard: int = 4096,
+    float_storage: str = "uint16",
     progress: bool = False,
     masks: dict[str, str] | None = None,
     labels_dir: str | None = None,
@@ -396,6 +397,7 @@ def build_dataset(
       workers: 0 = in-process; K > 0 = K spawned processes over source files.
       shard: (i, n): this job writes the i-th of n contiguous blocks of the sorted sources.
       records_per_shard: ArrayRecord shard size.
+      float_storage: how float crops are stored (``records.write_shards``).
       progress: show a tqdm bar over source files.
       masks: {image path: instance label file} for every source (:func:`images.pair_masks`);
         None segments every frame.
@@ -436,8 +438,8 @@ def build_dataset(
             tag, build = _job_tag(shard), uuid.uuid4().hex[:8]
             dest = stack.enter_context(outdir.staging(out_dir, f".tmp-{tag}-"))
             names = (f"crops-{tag}-{build}", f"manifest-{tag}.json", f"metadata-{tag}-{build}.csv")
-        manifest = _write_job(tasks, dest, names, seg_params, crop_params, shard, workers, records_per_shard,
-                              progress, masks, labels_dir)  # fmt: skip
+        manifest = _write_job(tasks, dest, names, seg_params, crop_params, shard, workers,
+                              (records_per_shard, float_storage), progress, masks, labels_dir)  # fmt: skip
         stats = manifest["build"]["stats"]
         if stats["crops"] == 0 and shard[1] == 1:
             raise ValueError(f"{out_dir}: the build made no crops ({summary_line(stats)}); nothing was written")
@@ -467,10 +469,11 @@ def _check_labels_dir(labels_dir, out_dir, keys, sources, masks) -> None:
             raise outdir.OutputExistsError(f"--save-labels would overwrite the input file {target}; choose another folder")
 
 
-def _write_job(tasks, dest, names, seg_params, crop_params, shard, workers, records_per_shard, progress,
+def _write_job(tasks, dest, names, seg_params, crop_params, shard, workers, storage, progress,
                masks, labels_dir) -> dict[str, Any]:  # fmt: skip
     """Process ``tasks`` and write the job's shards, CSV and manifest into ``dest``."""
     prefix, manifest_name, csv_name = names
+    records_per_shard, float_storage = storage
     stats = dict.fromkeys(STAT_KEYS, 0)
 
     def results() -> Iterator[tuple[list[bytes], list[dict], dict]]:
@@ -511,5 +514,5 @@ def _write_job(tasks, dest, names, seg_params, crop_params, shard, workers, reco
         writer.writeheader()
         return records.write_shards(
             stream(writer), dest, prefix=prefix, records_per_shard=records_per_shard,
-            manifest_name=manifest_name, extra=extra,
+            manifest_name=manifest_name, extra=extra, float_storage=float_storage,
         )  # fmt: skip

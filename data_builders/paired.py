@@ -23,10 +23,14 @@ of the normalisation statistics). All images must share one shape. Non-square im
 to square with zeros, centred (``pad_top``/``pad_left`` and the original ``height``/``width`` are in
 each record's metadata), because the MAE takes square crops.
 
-Pixel values (``norm``):
+Pixel values (``norm``, ``--config.crop.norm``):
 
-- ``crop`` (default): per channel ``clip((x - p1) / (p99 - p1), 0, 1)`` over the cell's pixels (its
-  mask, or the whole image), float32, like ``cosmic data nuclei``; ready for pretraining.
+- ``dataset`` (default): per channel ``clip(x / p99.9, 0, 1)`` with one p99.9 over the cells' pixels
+  (their masks, or the whole images) of the whole dataset, float32: one linear scale for every
+  cell, so differences in brightness between cells (a biological signal) survive; ready for
+  pretraining.
+- ``crop``: per cell and channel ``clip((x - p1) / (p99 - p1), 0, 1)`` over the cell's pixels, like
+  ``cosmic data nuclei``'s default: robust to illumination differences, but erases brightness.
 - ``none``: the source pixels unchanged, in the source dtype (integer stays integer, so compact
   storage can keep them losslessly); for users who normalise through the model config.
 
@@ -52,7 +56,7 @@ from data_builders import outdir
 
 log = logging.getLogger(__name__)
 
-NORMS = ("crop", "none")
+NORMS = ("dataset", "crop", "none")
 STACK_EXTENSIONS = (".npy", ".tif", ".tiff")
 CELL_FILE_EXTENSIONS = (".tif", ".tiff", ".png", ".npy")
 OUT_PATTERNS = ("cells.h5ad", "crops")
@@ -200,8 +204,12 @@ def pad_square(img: np.ndarray) -> tuple[np.ndarray, int, int]:
     return out, top, left
 
 
-def cell_crop(img: np.ndarray, mask: np.ndarray | None, norm: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """One cell's image (H, W, C) -> (square crop, metadata) following the module's rules."""
+def cell_crop(img: np.ndarray, mask: np.ndarray | None, norm: str,
+              scale: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """One cell's image (H, W, C) -> (square crop, metadata) following the module's rules.
+
+    ``scale``: the dataset's per-channel p99.9 (``norm="dataset"``, :func:`dataset_scale`).
+    """
     inside = np.ones(img.shape[:2], bool) if mask is None else mask != 0
     meta: dict[str, Any] = {"source_dtype": img.dtype.str, "norm": norm, "height": img.shape[0], "width": img.shape[1]}
     if mask is not None:
@@ -216,8 +224,26 @@ def cell_crop(img: np.ndarray, mask: np.ndarray | None, norm: str) -> tuple[np.n
         hi = np.where(hi <= lo, lo + 1.0, hi)  # flat channel: avoid 0/0
         img = np.where(inside[..., None], np.clip((img - lo) / (hi - lo), 0.0, 1.0), 0.0).astype(np.float32)
         meta["norm_lo"], meta["norm_hi"] = lo.tolist(), hi.tolist()
+    elif norm == "dataset":
+        img = np.where(inside[..., None], np.clip(img / scale, 0.0, 1.0), 0.0).astype(np.float32)
+        meta["norm_hi"] = scale.tolist()
     img, meta["pad_top"], meta["pad_left"] = pad_square(img)
     return img, meta
+
+
+def dataset_scale(imgs: CellImages, msks: CellImages | None, max_cells: int = 500) -> np.ndarray:
+    """Per-channel p99.9 of the cells' pixels (inside their masks) over up to ``max_cells`` cells
+    spread evenly over the dataset; 1 where a channel is all zero."""
+    n = imgs.n
+    values = []
+    for i in np.unique(np.linspace(0, n - 1, min(n, max_cells)).round().astype(int)):
+        img = np.asarray(imgs.get(i), np.float64)
+        img = img[..., None] if img.ndim == 2 else img
+        inside = np.ones(img.shape[:2], bool) if msks is None else np.asarray(msks.get(i)) != 0
+        if inside.shape == img.shape[:2]:  # a mismatched mask is reported by the import loop
+            values.append(img[inside])
+    hi = np.percentile(np.concatenate(values), 99.9, axis=0) if values else np.ones(1)
+    return np.where(hi > 0, hi, 1.0)
 
 
 def build_paired(
@@ -228,8 +254,9 @@ def build_paired(
     cell_id_key: str | None = None,
     layer: str | None = None,
     use_raw: bool = False,
-    norm: str = "crop",
+    norm: str = "dataset",
     records_per_shard: int = 4096,
+    float_storage: str = "uint16",
 ) -> dict[str, Any]:
     """Write ``out_dir/cells.h5ad`` and ``out_dir/crops`` from an AnnData and per-cell images.
 
@@ -253,6 +280,7 @@ def build_paired(
     counts, var = read_counts(adata, adata_path, layer, use_raw)
     imgs = open_cell_images(images, ids, "image")
     msks = open_cell_images(masks, ids, "mask") if masks is not None else None
+    scale = dataset_scale(imgs, msks) if norm == "dataset" else None
     head: dict[str, Any] = {}
 
     def crops() -> Iterator[bytes]:
@@ -279,12 +307,12 @@ def build_paired(
                         f"{msks.where(i)}: mask shape {mask.shape} does not match the image "
                         f"{imgs.where(i)} ({img.shape[:2]})"
                     )
-            crop, meta = cell_crop(img, mask, norm)
+            crop, meta = cell_crop(img, mask, norm, scale)
             yield records.encode_record(crop, cid, {"row": i, "source": imgs.where(i), **meta})
 
     with outdir.staged_dir(out_dir, OUT_PATTERNS, WHAT) as tmp:
         manifest = records.write_shards(
-            crops(), os.path.join(tmp, "crops"), records_per_shard=records_per_shard,
+            crops(), os.path.join(tmp, "crops"), records_per_shard=records_per_shard, float_storage=float_storage,
             extra={"build": {"kind": "paired", "adata": os.path.abspath(adata_path),
                              "images": os.path.abspath(images), "masks": masks and os.path.abspath(masks),
                              "params": {"norm": norm, "records_per_shard": records_per_shard}}},

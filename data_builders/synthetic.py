@@ -437,6 +437,7 @@ def generate(
     write_shards(
         records(), crops_dir, records_per_shard=cfg.records_per_shard,
         extra={"source": "synthetic", "seed": seed, "n_cells": n_cells},
+        float_storage="float32",  # exact: the truth features were measured on these very pixels
     )  # fmt: skip
     timings["render_crops"] = time.perf_counter() - t
 

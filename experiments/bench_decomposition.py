@@ -1,29 +1,27 @@
 """Benchmark the variance decomposition: both estimators' bias, CI coverage and speed.
 
     python experiments/bench_decomposition.py [--reps 40] [--cells 3000] [--frac 0.5]
+    python experiments/bench_decomposition.py --reps 2 --cells 500 --timing-cells 2000   # smoke
 
-Uses the Gaussian toy of tests/test_variance.py (known truth). Samplers: "exact" (the true
+Uses the Gaussian toy of the variance tests (``cosmic_jax.testing.toys``, known truth). Samplers: "exact" (the true
 conditional), "noisy" (true mean + a fixed per-cell error of 10% of the total variance: what a
 flexible fit on few cells looks like held out) and "shrunk" (mean x 0.9). For each estimator
 ("cov" = Cov(S-sample mean, target), "var" = finite-S-corrected Var(S-sample mean)) prints JSON:
 mean error / sd of the estimate per S, the naive (uncorrected Var) error, CI coverage, and seconds
-for decompose() (with bootstrap) at several N.
+for decompose() (with bootstrap) at several N (``--timing-cells``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from test_variance import GaussianToy, NoisyShrunkSampler  # noqa: E402
-
-from cosmic_jax.analysis import variance as V  # noqa: E402
+from cosmic_jax.analysis import variance as V
+from cosmic_jax.testing.toys import GaussianToy, NoisyShrunkSampler
 
 
 def main() -> int:
@@ -31,6 +29,7 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=40)
     p.add_argument("--cells", type=int, default=3000)
     p.add_argument("--frac", type=float, default=0.5)
+    p.add_argument("--timing-cells", default="10000,100000", help="N of the decompose() timings, comma separated")
     args = p.parse_args()
     toy = GaussianToy(args.frac, seed=1)
     noise_sd = np.sqrt(0.1 * np.trace(toy.s_ee) / len(toy.noise_var))
@@ -54,7 +53,7 @@ def main() -> int:
                             "ci95_coverage": cover[how] / args.reps} for how, v in est.items()}
             res[s]["naive_bias"] = round(float(np.mean(naive) - args.frac), 4)
     out["decompose_seconds"] = {}
-    for n in (10_000, 100_000):
+    for n in (int(v) for v in args.timing_cells.split(",")):
         toy2 = GaussianToy(args.frac, seed=2, de=50, dm=16, r=8)
         m, e = toy2.draw(n)
         mom = V.sampler_moments(m, toy2.sampler, 8, seed=0)

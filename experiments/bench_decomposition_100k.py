@@ -1,12 +1,17 @@
 """Wall time of the full cross-fitted variance decomposition on 100,000 cells (issue 6: "minutes, not hours").
 
-Data: m ~ N(0, I_64), e = tanh(m W) + sigma * noise (64-d), the flow benchmark's problem, so the
-true fraction of Var(e) explained by m is known (Monte Carlo over the generator). Both directions
-are run the way `cosmic analyze` runs them: K joint fits (one per fold, each giving p(e|m) and
-p(m|e)), S samples per held-out cell from each flow, `decompose` with bootstrap CIs.
+Data: m ~ N(0, I_64), e = tanh(m W) + sigma * noise (64-d), the flow benchmark's problem
+(``cosmic_jax.testing.toys.TanhToy``), so the true fraction of Var(e) explained by m is known (Monte
+Carlo over the generator). Both directions are run the way `cosmic analyze` runs them: K joint fits
+(one per fold, each giving p(e|m) and p(m|e)), S samples per held-out cell from each flow,
+`decompose` with bootstrap CIs.
 
-    .venv/bin/python experiments/bench_decomposition_100k.py --json bench_out/decomp100k.jsonl
-    .venv/bin/python experiments/bench_decomposition_100k.py --cells 20000 --set steps=500   # smoke
+    python experiments/bench_decomposition_100k.py --json bench_out/decomp100k.jsonl
+    python experiments/bench_decomposition_100k.py --cells 20000 --config.steps=500               # shorter
+    python experiments/bench_decomposition_100k.py --cells 2000 --folds 2 --samples 2 --n-boot 20 \
+        --config quick --config.steps=50                                                          # smoke
+
+``--config`` names a joint config variant (``configs/joint.py``); ``--config.KEY=VALUE`` overrides it.
 """
 
 from __future__ import annotations
@@ -16,21 +21,13 @@ import json
 import os
 import time
 
-import numpy as np
+from cosmic_jax.analysis import variance as V
+from cosmic_jax.analysis.pipeline import JointFits
+from cosmic_jax.configs import joint as joint_configs
+from cosmic_jax.configs.overrides import ConfigError, load_config
+from cosmic_jax.testing.toys import TanhToy
 
 D = 64
-
-
-def make_data(n: int, sigma: float, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    w = rng.normal(size=(D, D)).astype(np.float32) / np.sqrt(D)
-    m = rng.normal(size=(n, D)).astype(np.float32)
-    e = np.tanh(m @ w) + sigma * rng.normal(size=(n, D)).astype(np.float32)
-    # truth: Var(E[e|m]) = Var(tanh(mW)) per dim, estimated on a large fresh draw
-    f = np.tanh(rng.normal(size=(400_000, D)).astype(np.float32) @ w)
-    var_f = f.var(0)
-    truth = float(var_f.sum() / (var_f + sigma**2).sum())
-    return m, e.astype(np.float32), truth
 
 
 def main() -> int:
@@ -39,18 +36,18 @@ def main() -> int:
     ap.add_argument("--folds", type=int, default=3)
     ap.add_argument("--samples", type=int, default=8, help="S draws per held-out cell")
     ap.add_argument("--sigma", type=float, default=0.3)
-    ap.add_argument("--config", default="default", help="JointConfig variant")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="JointConfig override")
+    ap.add_argument("--config", default="default", choices=joint_configs.VARIANTS, help="joint config variant")
     ap.add_argument("--n-boot", type=int, default=200)
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args, overrides = ap.parse_known_args()
+    try:
+        cfg = load_config(joint_configs, args.config, overrides)
+    except ConfigError as err:
+        ap.error(str(err))
 
-    from cosmic_jax.analysis import variance as V
-    from cosmic_jax.analysis.pipeline import JointFits
-    from cosmic_jax.configs.joint import get_config
-
-    cfg = get_config(args.config, args.set)
-    m, e, truth = make_data(args.cells, args.sigma)
+    toy = TanhToy(D, args.sigma, seed=0)
+    m, e = toy.draw(args.cells)
+    truth = toy.explained_fraction()
     fits = JointFits(m, e, cfg, seed=0)
     t0 = time.perf_counter()
     mom_e = V.cross_fit_moments(m, fits.expr_given_morph, args.samples, args.folds, seed=0)
@@ -62,9 +59,10 @@ def main() -> int:
     t_m = time.perf_counter() - t1
     dec_m = V.decompose(m, mom_m, n_boot=args.n_boot, seed=0)
     total = time.perf_counter() - t0
+    s = cfg.sampling
     rec = dict(
         bench="decomposition", cells=args.cells, folds=args.folds, samples=args.samples, config=args.config,
-        overrides=args.set, joint_steps=cfg.steps, solver=f"{cfg.solver}{cfg.solver_steps}_p{cfg.solver_time_power}",
+        overrides=overrides, joint_steps=cfg.steps, solver=f"{s.solver}{s.steps}_p{s.time_power}",
         fit_s=fits.fit_seconds, fits=len(fits.models),
         sample_expr_s=t_e - fit_after_e, sample_morph_s=t_m - (fits.fit_seconds - fit_after_e),
         total_s=total, expr_truth=truth, expr_estimate=dec_e.overall.estimate,

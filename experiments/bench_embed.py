@@ -1,15 +1,20 @@
 """Embedding inference throughput: ``Embedder.embed`` vs the HF ViTMAE torch-eager peer.
 
-Protocol (same as /work/shared/bench/peer_torch_embed.py): vit_s8_64, all 64 patches (no mask),
+Protocol (same as ../shared/bench/peer_torch_embed.py): vit_s8_64, all 64 patches (no mask),
 mean of patch tokens after the final LayerNorm, float32, batch 256, synthetic N(0, 1) single-channel
 64x64 images (4 batches cycled), 3 warm-up batches, 10 timed batches, median images/s. One timed
 batch = one ``Embedder.embed(numpy (256, 64, 64, 1))`` call: host->device copy, the jitted
 forward, device->host copy of the (256, 384) result: the public API's whole cost.
 
-  # one JAX run (prints one JSON line)
-  .venv/bin/python experiments/bench_embed.py --mode jax
+  # one JAX run (prints one JSON line); smoke: --config vit_test --batch 64 --warmup 1 --steps 2
+  python experiments/bench_embed.py --mode jax
   # REPS x (jax, torch peer) alternating, each in a fresh subprocess; appends to --json
-  .venv/bin/python experiments/bench_embed.py --compare --reps 3 --json bench_out/embed.jsonl
+  python experiments/bench_embed.py --compare --reps 3 --json bench_out/embed.jsonl
+
+``--config`` names the model variant (``configs/mae.py``); ``--config.KEY=VALUE`` overrides its fields
+(JAX side only: timings so made are not the peer comparison). The peer script and its venv are found in
+``<repo>/../shared/bench`` (``--bench-dir``, ``--peer-python``); ``bash ../shared/bench/setup_peers.sh``
+makes the venv.
 
 Shared-machine accounting: the 2 cores are also used by other sandboxes (invisible) and by
 other engineers' processes in ours (visible), so per run we record ``others_cores`` = machine-wide
@@ -21,13 +26,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
 import time
 
-PEER = "/work/shared/bench/peer_torch_embed.py"
-PEER_PY = "/work/peers/.venv-peer-torch/bin/python"
+import jax
+import numpy as np
+
+import peers
+from cosmic_jax.configs import mae as mae_configs
+from cosmic_jax.configs.overrides import ConfigError, load_config
+from cosmic_jax.embed import Embedder
+from cosmic_jax.models.mae import abstract_params, model_config
+from cosmic_jax.runtime import HUGEPAGE_TUNABLE, apply_cpu_devices
+
 _HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -37,15 +51,8 @@ def _machine_busy_s() -> float:
     return (sum(v) - v[3] - v[4]) / _HZ  # all but idle + iowait
 
 
-def run_jax(args) -> dict:
-    import jax
-    import numpy as np
-
-    from cosmic_jax.configs.mae import get_model_config
-    from cosmic_jax.embed import Embedder
-    from cosmic_jax.models.mae import abstract_params
-
-    cfg = get_model_config(args.config, dtype="float32")
+def run_jax(args, overrides: list[str]) -> dict:
+    cfg = model_config(load_config(mae_configs, args.config, overrides))
     rng = np.random.default_rng(0)
     # Random weights of the right tree, built in numpy: speed does not depend on their values.
     params = jax.tree.map(lambda s: rng.normal(0, 0.02, s.shape).astype(np.float32), abstract_params(cfg))
@@ -69,7 +76,7 @@ def run_jax(args) -> dict:
     ips = [args.batch / t for t in times]
     return {
         "kind": "embed", "peer": "cosmic_jax-Embedder", "mode": "jit-inference", "config": args.config,
-        "batch": args.batch, "num_devices": emb.num_devices, "micro_batch": emb.micro_batch, "step_s": times, "img_s_median": statistics.median(ips),
+        "overrides": overrides, "dtype": cfg.dtype, "batch": args.batch, "num_devices": emb.num_devices, "micro_batch": emb.micro_batch, "step_s": times, "img_s_median": statistics.median(ips),
         "img_s_min": min(ips), "img_s_max": max(ips), "first_call_s": first,
         "others_cores_per_step": [c["others_cores"] for c in cpu],
         "own_cores_mean": statistics.mean(c["own_cores"] for c in cpu),
@@ -88,17 +95,13 @@ def _child(cmd: list[str], env: dict) -> dict:
     return {"stdout": proc.stdout, "wall_s": wall, "machine_busy_s": _machine_busy_s() - m0}
 
 
-def compare(args) -> list[dict]:
-    import resource
-
-    if not os.path.exists(PEER_PY):
-        raise SystemExit(f"{PEER_PY} missing: create the torch peer venv first (see notes/embed.md)")
+def compare(args, overrides: list[str]) -> list[dict]:
+    peer_py = peers.peer_python(args.bench_dir, ".venv-peer-torch", args.peer_python)
+    peer = os.path.join(peers.bench_dir(args.bench_dir), "peer_torch_embed.py")
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # the child splits the CPU host per --cpu-devices
     env["JAX_PLATFORMS"] = "cpu"
     # what `cosmic embed` runs with (cosmic_jax/runtime.py); the torch peer gets it too, for fairness
-    from cosmic_jax.runtime import HUGEPAGE_TUNABLE
-
     env["GLIBC_TUNABLES"] = HUGEPAGE_TUNABLE
     results = []
     tmp = os.path.join(os.path.dirname(os.path.abspath(args.json)) if args.json else "/tmp", ".peer_embed.jsonl")
@@ -108,11 +111,11 @@ def compare(args) -> list[dict]:
             if who == "jax":
                 cmd = [sys.executable, os.path.abspath(__file__), "--mode", "jax", "--config", args.config,
                        "--batch", str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps),
-                       "--cpu-devices", str(args.cpu_devices)]
+                       "--cpu-devices", str(args.cpu_devices), *overrides]
             else:
                 if os.path.exists(tmp):
                     os.remove(tmp)
-                cmd = [PEER_PY, PEER, "--config", args.config, "--batch", str(args.batch), "--warmup",
+                cmd = [peer_py, peer, "--config", args.config, "--batch", str(args.batch), "--warmup",
                        str(args.warmup), "--steps", str(args.steps), "--json", tmp]
             r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             info = _child(cmd, env)
@@ -120,6 +123,8 @@ def compare(args) -> list[dict]:
             child_cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
             if who == "jax":
                 res = json.loads(info["stdout"].strip().splitlines()[-1])
+            elif not os.path.exists(tmp):
+                raise SystemExit(f"{peer} ({peer_py}) wrote no result to {tmp}; its output: {info['stdout'][-500:]!r}")
             else:
                 with open(tmp) as f:
                     res = json.loads(f.read().strip().splitlines()[-1])
@@ -144,7 +149,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("jax",), default="jax")
     ap.add_argument("--compare", action="store_true", help="alternate jax and the torch peer")
-    ap.add_argument("--config", default="vit_s8_64")
+    ap.add_argument("--config", default="vit_s8_64", choices=mae_configs.VARIANTS,
+                    help="model variant; --config.KEY=VALUE overrides its fields")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
@@ -153,14 +159,17 @@ def main(argv=None) -> None:
     ap.add_argument("--cpu-devices", type=int, default=-1,
                     help="split a CPU host into N XLA devices for the Embedder (-1 = auto, as "
                          "`cosmic embed`; 1 = one device)")
-    args = ap.parse_args(argv)
+    peers.add_arguments(ap, peer_python=True)
+    args, overrides = ap.parse_known_args(argv)
+    try:
+        load_config(mae_configs, args.config, overrides)  # bad keys fail here, before any child runs
+    except ConfigError as err:
+        ap.error(str(err))
     if args.compare:
-        compare(args)
+        compare(args, overrides)
         return
-    from cosmic_jax.runtime import apply_cpu_devices
-
     apply_cpu_devices(args.cpu_devices, args.batch)
-    res = run_jax(args)
+    res = run_jax(args, overrides)
     print(json.dumps(res))
 
 

@@ -1,35 +1,48 @@
 """Search for a labelled crop task on which MAE pretraining measurably beats random init.
 
 Trains with the tests' settings (vit_test 32x32, batch 32; by default 8 forced host devices with
-FSDP and 40 steps, like the reference run; add ``-- mesh.fsdp=1 mesh.num_devices=1`` for one
-device) on a chosen training set, and probes candidate labelled crop sets at step 0 (random init)
-and every ``--every`` steps with the same kNN / logistic probe as ``cosmic pretrain``.
+FSDP and 40 steps, like the reference run; add ``--config.mesh.fsdp=1 --config.mesh.num_devices=1``
+for one device) on a chosen training set, and probes candidate labelled crop sets at step 0 (random
+init) and every ``--every`` steps with the same kNN / logistic probe as ``cosmic pretrain``.
 
 Training sets / tasks: blobs (size), orient, lobes, ell_elong, edge, scramble, stripe_hv,
 stripe_diag (blurred-ellipse variants), profile, texture, grain, nucleoli, elong, types4
 (``data_builders.render`` nuclei); unlabelled training mixes: mix, ellmix, stripes.
 
 usage: python experiments/probe_tasks.py --train mix --seeds 3 4 5 --steps 300 --every 150 \
-           --n-probe 256 --tasks profile ell_elong -- mesh.fsdp=1 mesh.num_devices=1 optim.lr=2e-3
+           --n-probe 256 --tasks profile ell_elong --config.mesh.fsdp=1 --config.mesh.num_devices=1 \
+           --config.optim.lr=2e-3
+smoke: python experiments/probe_tasks.py --steps 4 --every 2 --n-probe 32 --tasks blobs orient
 """
 
 import argparse
 import os
-import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from cosmic_jax.runtime import split_cpu_devices
+
+split_cpu_devices(8)  # before jax starts its backends; an explicit XLA_FLAGS device count wins
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-flags.FLAGS.mark_as_parsed()
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
+from cosmic_jax.configs import pretrain  # noqa: E402
+from cosmic_jax.configs.overrides import ConfigError, load_config  # noqa: E402
+from cosmic_jax.models.mae import MAE, model_config  # noqa: E402
+from cosmic_jax.testing.crops import blob_crops, write_labelled_dataset  # noqa: E402
+from cosmic_jax.testing.runs import enable_compile_cache  # noqa: E402
+from cosmic_jax.train import optim  # noqa: E402
+from cosmic_jax.train.loop import Hook  # noqa: E402
+from cosmic_jax.train.mae import create_train_state  # noqa: E402
+from cosmic_jax.train.metrics import read_metrics  # noqa: E402
+from cosmic_jax.train.pretrain import run_rngs, train_and_evaluate  # noqa: E402
+from cosmic_jax.train.probe import load_probe_set, probe_scores  # noqa: E402
+from data_builders.probe_crops import chromatin_params  # noqa: E402
 from data_builders.render import MORPH_PARAMS, render_batch  # noqa: E402
-from _train_helpers import chromatin_params  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
 
 
 def shifted(images, rng, max_shift):
@@ -140,81 +153,72 @@ def render_task(task, n, seed, size=32):
 
 
 def write(task, out_dir, n, seed):
-    from cosmic_jax.data.records import encode_record, write_shards
-
     if task == "blobs":
-        from _train_helpers import blob_crops
-
         images, lab = blob_crops(n, 32, seed)
     elif task in ("orient", "lobes", "ellmix", "ell_elong", "edge", "scramble", "stripes", "stripe_hv", "stripe_diag"):
         images, lab = ellipses(n, seed, task=task)
     else:
         images, lab = render_task(task, n, seed)
-    recs = (encode_record(images[i], f"{task}{seed}_{i:05d}", {"cell_type": str(lab[i])}) for i in range(n))
-    write_shards(recs, out_dir, records_per_shard=max(8, n // 3))
-    return out_dir
+    return write_labelled_dataset(out_dir, images, lab, [str(k) for k in range(int(lab.max()) + 1)], f"{task}{seed}")
 
 
 TASKS = ["blobs", "orient", "lobes", "profile", "nucleoli", "elong"]
-BASE = [
+BASE = [f"--config.{x}" for x in (
     "log_every=1", "ckpt_every=1000", "keep_ckpts=1", "recon_every=0", "probe_every=0", "progress=false",
-    "mesh.fsdp=8", "mesh.fsdp_min_size=256", "loader.global_batch=32", "loader.read_threads=1",
-    "optim.warmup_steps=5",
-]
+    "mesh.fsdp=8", "loader.global_batch=32", "loader.read_threads=1",
+)]
+
+
+def run_config(steps: int, seed: int, extra: list[str]):
+    # warmup: 5 steps, as the reference run of the tests had when this search was made
+    return load_config(pretrain, "test", BASE + [f"--config.steps={steps}", f"--config.seed={seed}",
+                                                 f"--config.optim.warmup_fraction={min(0.5, 5 / steps)}"] + extra)
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train", default="blobs")
     ap.add_argument("--seeds", type=int, nargs="+", default=[3])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--n-probe", type=int, default=96)
     ap.add_argument("--every", type=int, default=20)
     ap.add_argument("--tasks", nargs="+", default=TASKS)
-    ap.add_argument("extra", nargs="*")
-    args = ap.parse_args()
-
-    import jax
-
-    from _train_helpers import enable_compile_cache
-    from cosmic_jax.configs.pretrain import get_config
-    from cosmic_jax.models.mae import MAE
-    from cosmic_jax.train.loop import Hook
-    from cosmic_jax.train.pretrain import load_probe_set, probe_scores, train_and_evaluate
+    args, extra = ap.parse_known_args()
+    try:
+        run_config(args.steps, 0, extra)
+    except ConfigError as err:
+        ap.error(str(err))
 
     enable_compile_cache()
-    tmp = tempfile.mkdtemp(prefix="probe_tasks_")
-    train = write(args.train, os.path.join(tmp, "train"), 192, seed=1)
-    sets = {t: load_probe_set(write(t, os.path.join(tmp, t), args.n_probe, seed=2), "cell_type", 10_000)
-            for t in args.tasks}
-    for seed in args.seeds:
-        cfg = get_config("test", BASE + [f"steps={args.steps}", f"seed={seed}"] + args.extra)
-        from cosmic_jax.configs.mae import get_model_config
+    with tempfile.TemporaryDirectory(prefix="probe_tasks_") as tmp:
+        train = write(args.train, os.path.join(tmp, "train"), 192, seed=1)
+        sets = {t: load_probe_set(write(t, os.path.join(tmp, t), args.n_probe, seed=2), "cell_type", 10_000)
+                for t in args.tasks}
+        for seed in args.seeds:
+            run_seed(args, seed, run_config(args.steps, seed, extra), train, sets, os.path.join(tmp, f"w{seed}"))
 
-        model_cfg = get_model_config(cfg.model, **cfg.model_overrides)
-        enc = jax.jit(lambda params, x: MAE(model_cfg).apply({"params": params}, x, method=MAE.encode, pool="mean"))
-        rows = {}
 
-        def probe(step, state):
-            for t, (x, y) in sets.items():
-                emb = np.asarray(jax.device_get(enc(state.params, x)), np.float64)
-                s = probe_scores(emb, y, seed=seed)
-                rows.setdefault(t, {})[step] = (s["probe/knn_acc"], s["probe/linear_acc"])
+def run_seed(args, seed, cfg, train, sets, workdir):
+    model_cfg = model_config(cfg.model)
+    enc = jax.jit(lambda params, x: MAE(model_cfg).apply({"params": params}, x, method=MAE.encode, pool="mean"))
+    rows = {}
 
-        # step 0: the same init as train_and_evaluate (run_rngs(seed)[0])
-        from cosmic_jax.train.pretrain import run_rngs
-        from cosmic_jax.train.step import create_train_state
+    def probe(step, state):
+        for t, (x, y) in sets.items():
+            emb = np.asarray(jax.device_get(enc(state.params, x)), np.float64)
+            s = probe_scores(emb, y, seed=seed)
+            rows.setdefault(t, {})[step] = (s["probe/knn_acc"], s["probe/linear_acc"])
 
-        probe(0, create_train_state(model_cfg, cfg.resolved_optim(), run_rngs(seed)[0]))
-        train_and_evaluate(cfg, train, os.path.join(tmp, f"w{seed}"), extra_hooks=(Hook(args.every, probe, "p"),))
-        from cosmic_jax.train.metrics import read_metrics
-
-        loss = [r["loss"] for r in read_metrics(os.path.join(tmp, f"w{seed}")) if "loss" in r]
-        k = max(1, len(loss) // 8)
-        print(f"seed {seed} loss by {k}-step windows:", " ".join(f"{np.mean(loss[i:i + k]):.3f}" for i in range(0, len(loss), k)))
-        for t, r in rows.items():
-            print(f"seed {seed} {t:9s} " + "  ".join(f"{s}: knn {a:.2f} lin {b:.2f}" for s, (a, b) in sorted(r.items())),
-                  flush=True)
+    # step 0: the same init as train_and_evaluate (run_rngs(seed)[0]); the optimizer does not enter it
+    ocfg = optim.resolve(cfg.optim, cfg.steps, cfg.loader.global_batch)
+    probe(0, create_train_state(model_cfg, ocfg, run_rngs(seed)[0]))
+    train_and_evaluate(cfg, train, workdir, extra_hooks=(Hook(args.every, probe, "p"),))
+    loss = [r["loss"] for r in read_metrics(workdir) if "loss" in r]
+    k = max(1, len(loss) // 8)
+    print(f"seed {seed} loss by {k}-step windows:", " ".join(f"{np.mean(loss[i:i + k]):.3f}" for i in range(0, len(loss), k)))
+    for t, r in rows.items():
+        print(f"seed {seed} {t:9s} " + "  ".join(f"{s}: knn {a:.2f} lin {b:.2f}" for s, (a, b) in sorted(r.items())),
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def reference(cfg, params, x, **kw):
 
 def write_crops(out_dir, images, ids, per_shard=4):
     recs = (encode_record(img, cid, {"k": i}) for i, (img, cid) in enumerate(zip(images, ids)))
-    write_shards(recs, str(out_dir), records_per_shard=per_shard)
+    write_shards(recs, str(out_dir), records_per_shard=per_shard, float_storage="float32")  # exact pixels
     return str(out_dir)
 
 

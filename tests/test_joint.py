@@ -194,3 +194,38 @@ def test_data_parallel_fit_resumes_exactly_from_checkpoint(tmp_path):
     other = joint_cfg("quick", steps=30)
     with pytest.raises(ValueError, match="different joint config"):
         fit_joint(m, e, other, workdir=str(work))
+
+
+@pytest.mark.slow
+def test_fit_resumes_bit_exactly_after_sigkill(tmp_path):
+    """A fit killed by SIGKILL mid-run (no final save) and started again ends with the parameters and
+    history of an uninterrupted fit; the run writes TensorBoard events and metrics.jsonl."""
+    import subprocess
+    import sys
+
+    from cosmic_jax.testing.runs import subprocess_env
+
+    m, e, _, _ = _toy(256, seed=5)
+    data = str(tmp_path / "toy.npz")
+    np.savez(data, m=m, e=e)
+    over = [f"--config.{x}" for x in ("steps=40", "batch_size=64", "model.flow_width=32", "model.flow_depth=1",
+                                       "model.enc_width=32", "model.latent_dim=8", "ckpt_every=10",
+                                       "steps_per_call=5", "log_every=5", "progress=false")]
+
+    def worker(workdir, kill_at=0):
+        cmd = [sys.executable, "-m", "cosmic_jax.testing.joint_worker", data, workdir] + over
+        cmd += ["--kill-at", str(kill_at)] if kill_at else []
+        return subprocess.run(cmd, env=subprocess_env(8), capture_output=True, text=True, timeout=600)
+
+    full = worker(str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = worker(str(tmp_path / "w"), kill_at=25)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "w" / "checkpoints")) == ["10", "20"]  # nothing after the kill
+    resumed = worker(str(tmp_path / "w"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = JointModel.load(str(tmp_path / "full" / "model")), JointModel.load(str(tmp_path / "w" / "model"))
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert a.loss_history == b.loss_history and a.loss_history["step"] == list(range(5, 41, 5))
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "w" / "tb"))

@@ -46,7 +46,7 @@ def _reference(data_dir):
     mc = model_config(cfg.model)
     init = functools.partial(create_train_state, mc, optim.resolve(cfg.optim, cfg.steps, 16, 8, "cpu"))
     state, shardings = shd.create_sharded_state(init, mesh, init_rng, param_specs=param_logical_specs(mc))
-    step = shd.jit_step(train_step, mesh, shardings)
+    step = shd.jit_step(functools.partial(train_step, augment=cfg.loader.augment), mesh, shardings)
     its = [make_train_iterator(data_dir, cfg.loader, process_index=i, process_count=2) for i in range(2)]
     losses = {}
     for s in range(1, STEPS + 1):

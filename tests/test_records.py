@@ -45,17 +45,150 @@ def test_encode_decode_exact():
         records.encode_record(np.full((2, 2, 1), np.nan), "bad")
 
 
+def _write(out_dir, images, **kw):
+    recs = (records.encode_record(im, f"c{i}", {"i": i}) for i, im in enumerate(images))
+    return records.write_shards(recs, str(out_dir), **kw)
+
+
 def test_write_shards_round_trip(tmp_path):
     rng = np.random.default_rng(1)
     imgs = rng.random((23, 8, 8, 1)).astype(np.float32)
-    recs = (records.encode_record(im, f"c{i}", {"i": i}) for i, im in enumerate(imgs))
-    m = records.write_shards(recs, str(tmp_path), records_per_shard=10)
+    m = _write(tmp_path, imgs, records_per_shard=10, float_storage="float32")
     assert [s["num_records"] for s in m["shards"]] == [10, 10, 3] and m["num_records"] == 23
+    assert m["version"] == 2 and m["storage"]["pixels"] == "<f4" and not m["storage"]["quantized"]
     src = records.CropSource(str(tmp_path), with_meta=True).verify()
     assert len(src) == 23 and src.image_shape == (8, 8, 1)
     for i in range(23):
         r = src[i]
         assert np.array_equal(r["image"], imgs[i]) and r["cell_id"] == f"c{i}" and r["meta"] == {"i": i}
+    # Batched reads: any order, repeats, across shards; ids from the metadata blocks only.
+    idx = [22, 3, 10, 3, 0, 19]
+    np.testing.assert_array_equal(src.read_images(idx), imgs[idx])
+    assert src.read_meta(idx) == ([f"c{i}" for i in idx], [{"i": i} for i in idx])
+    assert src.cell_ids() == [f"c{i}" for i in range(23)]
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.uint32, np.bool_])
+def test_integer_crops_are_lossless_in_their_own_dtype(tmp_path, dtype):
+    rng = np.random.default_rng(2)
+    if dtype == np.bool_:
+        imgs = rng.random((300, 6, 6, 2)) > 0.5
+    else:
+        info = np.iinfo(dtype)  # the full range: extremes included
+        imgs = rng.integers(info.min, info.max, (300, 6, 6, 2), dtype=dtype, endpoint=True)
+    m = _write(tmp_path, imgs, records_per_shard=128)  # 3 shards, 2 metadata blocks in the first
+    assert m["dtype"] == np.dtype(dtype).name and m["storage"]["pixels"] == np.dtype(dtype).str
+    src = records.CropSource(str(tmp_path))
+    got = src.read_images(np.arange(300), dtype=src.dtype)
+    assert got.dtype == dtype and np.array_equal(got, imgs)
+    assert src.read(257)["image"].dtype == dtype and np.array_equal(src.read(257)["image"], imgs[257])
+    np.testing.assert_array_equal(src[5]["image"], imgs[5].astype(np.float32))  # training view
+    assert src.cell_ids() == [f"c{i}" for i in range(300)]
+
+
+@pytest.mark.parametrize("storage,qmax", [("uint16", 65535), ("uint8", 255)])
+def test_float_crops_quantised_with_bounded_error(tmp_path, storage, qmax):
+    rng = np.random.default_rng(3)
+    imgs = (rng.normal(size=(40, 16, 16, 3)) * rng.uniform(0.1, 50, (40, 1, 1, 3))).astype(np.float32)
+    imgs[:, :4] = 0.0  # a zero background ...
+    imgs[:20] = np.abs(imgs[:20])  # ... that is the minimum of half the crops
+    imgs[30, ..., 1] = 2.5  # a flat channel
+    m = _write(tmp_path, imgs, float_storage=storage)
+    assert m["storage"] == {"pixels": np.dtype(storage).str, "quantized": True, "meta_block": 256}
+    got = records.CropSource(str(tmp_path)).read_images(np.arange(40))
+    rng_c = imgs.max(axis=(1, 2)) - imgs.min(axis=(1, 2))  # (40, 3) per crop and channel
+    bound = rng_c / (2 * qmax) + 4 * np.finfo(np.float32).eps * np.abs(imgs).max(axis=(1, 2))
+    err = np.abs(got - imgs).max(axis=(1, 2))
+    assert np.all(err <= bound), (err / bound).max()
+    assert err.max() > 0.1 * bound.max()  # lossy as documented, not silently exact
+    assert np.all(got[:20, :4] == 0)  # a crop's minimum is stored exactly
+    assert np.all(got[30, ..., 1] == 2.5)
+
+
+def test_bytes_per_crop_reported_and_compact(tmp_path):
+    imgs = np.random.default_rng(5).random((200, 64, 64, 1)).astype(np.float32)  # incompressible
+    sizes = {}
+    for storage in ("float32", "uint16", "uint8"):
+        m = _write(tmp_path / storage, imgs, float_storage=storage)
+        on_disk = sum(os.path.getsize(tmp_path / storage / s["file"]) for s in m["shards"])
+        assert m["bytes_per_crop"] == on_disk / 200 == sum(s["bytes"] for s in m["shards"]) / 200
+        sizes[storage] = m["bytes_per_crop"]
+    # 4, 2 or 1 bytes per pixel (zstd saves a little on float32 exponents) + ~100 bytes of
+    # record/index overhead + ~100 KiB of file framing per shard (a 4096-crop shard: 25 B/crop)
+    pad = 2 * 65536 / 200
+    assert 0.8 * 16384 < sizes["float32"] < 1.05 * 16384 + pad
+    assert 8192 < sizes["uint16"] < 1.05 * 8192 + pad and 4096 < sizes["uint8"] < 1.05 * 4096 + pad
+
+
+def test_jobs_with_different_float_storage_read_together(tmp_path):
+    # Two --shard jobs of one dataset that happened to store floats differently: one batch
+    # spanning both is decoded per job, each within its own error bound.
+    imgs = np.random.default_rng(6).random((50, 8, 8, 1)).astype(np.float32)
+    recs = [records.encode_record(im, f"c{i}") for i, im in enumerate(imgs)]
+    records.write_shards(recs[:20], str(tmp_path), prefix="a", records_per_shard=8, manifest_name="manifest-a.json",
+                         float_storage="uint8")
+    records.write_shards(recs[20:], str(tmp_path), prefix="b", records_per_shard=8, manifest_name="manifest-b.json",
+                         float_storage="float32")
+    src = records.CropSource(str(tmp_path))
+    idx = [45, 3, 21, 19, 0, 30, 3]
+    got = src.read_images(idx)
+    exact = np.array(idx) >= 20
+    np.testing.assert_array_equal(got[exact], imgs[idx][exact])
+    assert 0 < np.abs(got[~exact] - imgs[idx][~exact]).max() <= 1 / 510 + 1e-6
+    assert src.cell_ids() == [f"c{i}" for i in range(50)]
+
+
+def test_mixed_shapes_or_dtypes_refused_naming_the_record(tmp_path):
+    good = records.encode_record(np.zeros((4, 4, 1), np.uint16), "a")
+    with pytest.raises(records.RecordError, match=r"input record 1 \('b'\): crop shape \(5, 4, 1\)"):
+        records.write_shards([good, records.encode_record(np.zeros((5, 4, 1), np.uint16), "b")], str(tmp_path))
+    with pytest.raises(records.RecordError, match=r"input record 1 \('c'\): crop dtype float32 differs"):
+        records.write_shards([good, records.encode_record(np.zeros((4, 4, 1), np.float32), "c")], str(tmp_path))
+    with pytest.raises(records.RecordError, match=r"input record 0: cannot decode"):
+        records.write_shards([b"\x85not a crop"], str(tmp_path))
+
+
+def _write_v1(out_dir, images, per_shard):
+    """A dataset exactly as the earlier release wrote it: one encode_record per ArrayRecord record."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    os.makedirs(out_dir)
+    shards = []
+    for k, s in enumerate(range(0, len(images), per_shard)):
+        name = f"crops-{k:05d}.array_record"
+        w = ArrayRecordWriter(os.path.join(out_dir, name), "group_size:1")
+        for i in range(s, min(s + per_shard, len(images))):
+            w.write(records.encode_record(images[i], f"c{i}", {"i": i}))
+        w.close()
+        shards.append({"file": name, "num_records": min(per_shard, len(images) - s)})
+    m = {"format": "cosmic-crops", "version": 1, "num_records": len(images), "image_shape": list(images.shape[1:]),
+         "dtype": "float32", "shards": shards}
+    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        json.dump(m, f)
+
+
+def test_version1_datasets_stay_readable_and_repack(tmp_path):
+    imgs = np.random.default_rng(4).random((30, 8, 8, 1)).astype(np.float32)
+    old = str(tmp_path / "v1")
+    _write_v1(old, imgs, per_shard=12)
+    src = records.CropSource(old, with_meta=True).verify()
+    np.testing.assert_array_equal(src.read_images([29, 0, 13]), imgs[[29, 0, 13]])
+    assert src[13]["meta"] == {"i": 13} and src.cell_ids() == [f"c{i}" for i in range(30)]
+    new = str(tmp_path / "v2")
+    m = records.repack(old, new, float_storage="float32", records_per_shard=16)
+    assert m["version"] == 2 and m["repacked_from"] == os.path.abspath(old)
+    rep = records.CropSource(new, with_meta=True)
+    np.testing.assert_array_equal(rep.read_images(np.arange(30)), imgs)
+    assert rep.read_meta(np.arange(30)) == src.read_meta(np.arange(30))
+    with pytest.raises(FileExistsError, match="already holds a crop dataset"):
+        records.repack(old, new)
+    with open(os.path.join(old, "manifest.json")) as f:
+        m = json.load(f)
+    m["version"] = 3
+    with open(os.path.join(old, "manifest.json"), "w") as f:
+        json.dump(m, f)
+    with pytest.raises(records.RecordError, match=r"manifest.json: crop dataset format version 3.*upgrade"):
+        records.CropSource(old)
 
 
 def test_builder_output_matches_csv_and_stats(single):

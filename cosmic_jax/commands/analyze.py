@@ -10,7 +10,7 @@ morphology from obsm instead of crops.
 
 from __future__ import annotations
 
-import json
+import os
 
 from cosmic_jax.commands import add_config, setup_logging
 from cosmic_jax.configs import analyze as analyze_configs
@@ -36,7 +36,13 @@ def _run(args) -> int:
     if args.data is None and args.h5ad is None:
         raise ValueError("give --data DIR or --h5ad FILE")
     summary = analyze(args.data, args.workdir, args.cfg, h5ad=args.h5ad, crops_dir=args.crops, mae=args.mae)
-    keys = ("expr_var_explained_by_morph", "morph_var_explained_by_expr", "truth", "retrieval")
-    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=1))
-    print(f"analyze: wrote {args.workdir}/analysis/summary.json")
+    truth = summary.get("truth", {})
+    for key, text in (("expr_var_explained_by_morph", "expression variance reflected in morphology"),
+                      ("morph_var_explained_by_expr", "morphology variance explained by expression")):
+        est = summary.get(key)
+        if est:
+            line = f"{text}: {est['estimate']:.3f} (95% CI {est['ci_low']:.3f}-{est['ci_high']:.3f})"
+            print(line + (f"; truth {truth[key]:.3f}" if key in truth else ""))
+    print(f"analyze: wrote {os.path.join(args.workdir, 'analysis')} (summary.json, CSV tables, cells.h5ad); "
+          f"`cosmic report --workdir {args.workdir}` renders it")
     return 0

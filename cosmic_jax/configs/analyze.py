@@ -31,13 +31,14 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c.estimator = "cov"  # "cov": Cov(held-out conditional mean, target); "var": finite-S-corrected Var
     c.seed = 0
     # inputs
-    c.label_key = "cell_type"  # obs column with cell types; "" = no cell-type analyses
-    c.response_key = "response"  # obs column with untreated / resistant / responder; "" = none
+    # obs columns; "auto" uses cell_type / response when present, a named column must exist, "" = skip
+    c.label_key = "auto"  # cell types
+    c.response_key = "auto"  # untreated / resistant / responder
     c.use_raw = False  # read expression from adata.raw
     c.input_kind = "auto"  # "auto" | "counts" (normalised + log1p here) | "lognorm" (used as is)
     c.morph_key = ""  # obsm key of a morphology representation to use instead of the MAE embedding
     c.features_key = ""  # obsm key of morphology features; "" = measure them from the crops
-    c.pretrain = pretrain.get_config("test")
+    c.pretrain = pretrain.get_config("small")
     c.pretrain.steps = 2000
     c.pretrain.progress = True
     c.joint = joint.get_config("default")

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import ml_collections
 
-VARIANTS = ("default",)
+VARIANTS = ("default", "paired")
 
-_opt_int = ml_collections.config_dict.placeholder(int)
 
 
 def get_config(name: str = "default") -> ml_collections.ConfigDict:
-    del name
+    """``default``: ``cosmic data nuclei``; ``paired``: ``cosmic data paired`` (one brightness scale
+    for the whole dataset, ``crop.norm="dataset"``)."""
     c = ml_collections.ConfigDict()
     s = c.segment = ml_collections.ConfigDict()
     s.nucleus_diameter_px = ml_collections.config_dict.placeholder(float)  # None: estimate d per frame
@@ -46,12 +46,17 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     s.opening_radius = ml_collections.config_dict.placeholder(int)
     k = c.crop = ml_collections.ConfigDict()
     k.size = 64  # crop side (pixels)
-    k.norm = "crop"  # nuclei: "crop" (per nucleus p1..p99 -> [0,1]) | "image"; paired: "crop" | "none"
+    # nuclei: "crop" (per nucleus p1..p99 -> [0,1]) | "image" (one scale per frame);
+    # paired: "dataset" (one scale for all cells) | "crop" | "none" (source pixels)
+    k.norm = "dataset" if name == "paired" else "crop"
     k.downscale_large = False  # nuclei larger than the crop: shrink to fit instead of dropping
     k.skip_empty = False  # frames with no nuclei: count and skip instead of failing
     k.skip_unreadable = False  # unreadable/unusable image files: count and skip instead of failing
     k.channel = ml_collections.config_dict.placeholder(int)  # nucleus channel of RGB(A) inputs
     k.pixel_size = ml_collections.config_dict.placeholder(float)  # microns per input pixel (--pixel-size)
     k.target_pixel_size = ml_collections.config_dict.placeholder(float)  # microns per crop pixel; None: no rescaling
-    c.records_per_shard = 4096
+    c.records_per_shard = 4096  # crops per ArrayRecord shard (readers keep one open file per shard)
+    # float crops on disk: "uint16" (per-crop quantised, error <= range / 131070), "uint8", or exact
+    # "float32"; integer crops keep their dtype exactly whatever this says
+    c.float_storage = "uint16"
     return c

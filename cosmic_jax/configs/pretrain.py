@@ -1,6 +1,7 @@
 """MAE pretraining runs: ``cosmic pretrain --config NAME --data DIR --workdir W --steps N``.
 
-Variants (``get_config(NAME)``): ``test`` (tiny, seconds per 100 steps; also the MAE that
+Variants (``get_config(NAME)``): ``test`` (tiny, 32x32 crops, seconds per 100 steps: unit tests),
+``small`` (a small MAE for 64x64 crops that trains in minutes on a CPU; also the MAE that
 ``cosmic analyze`` pretrains when given none) and one per model of ``configs/mae.py``: ``vit_t8_64``,
 ``vit_s8_64``, ``vit_b16_128``, ``vit_l16_224``. Override any field, e.g.
 
@@ -20,6 +21,7 @@ from cosmic_jax.configs import mae, optim
 # name -> (model variant, peak lr, global batch, steps, warmup fraction)
 _RUNS = {
     "test": ("vit_test", 1e-3, 32, 200, 0.05),
+    "small": ("vit_test", 1e-3, 32, 300, 0.05),
     "vit_t8_64": ("vit_t8_64", 1.5e-4 * 256 / 128, 256, 50_000, 0.04),
     "vit_s8_64": ("vit_s8_64", 1.5e-4 * 256 / 128, 256, 100_000, 0.05),
     "vit_b16_128": ("vit_b16_128", 1.5e-4 * 512 / 256, 512, 100_000, 0.05),
@@ -42,7 +44,7 @@ def augment_config() -> ml_collections.ConfigDict:
 def loader_config(global_batch: int = 128) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.global_batch = global_batch  # examples per step summed over all processes
-    c.seed = 0  # shuffle order and augmentations
+    c.seed = 0  # shuffle order (augmentations are drawn on the device from the run's seed and step)
     c.shuffle = True
     c.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
     c.worker_count = 0  # grain worker processes (0 = in-process)
@@ -99,7 +101,9 @@ def get_config(name: str = "test") -> ml_collections.ConfigDict:
     c.probe_max = 1024
     c.log_batch_indices = False  # W/batch_indices.p<i>.jsonl (data-order checks)
     c.progress = True
-    if name == "test":
+    if name in ("test", "small"):
         c.ckpt_every = 100
         c.recon_every = 100
+    if name == "small":
+        c.model.image_size = 64
     return c

@@ -1,4 +1,4 @@
-"""Per-crop random augmentations for nucleus images (numpy, run inside grain workers).
+"""Random augmentations of nucleus crop batches, in jax, run on the device inside the train step.
 
 Nuclei have no preferred orientation, so the dihedral group (rot90 x flip) is an exact
 symmetry of the data: it only permutes pixels. Intensity jitter models staining/exposure
@@ -6,17 +6,17 @@ variation between wells and plates. There is deliberately no ImageNet-style mean
 normalisation: microscopy intensities are already scaled per crop by the data builders, and
 the statistics of natural images do not apply.
 
-Randomness comes from an explicit ``np.random.Generator`` so the caller decides the seeding;
-the loader derives it from (seed, record index, epoch), making augmentations reproducible
-after an iterator restore and independent of worker/process/device counts.
+Randomness comes from an explicit key; the train step derives it from (seed, step), so a
+resumed run augments exactly as an uninterrupted one. The host pipeline only reads, decodes
+and batches.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
-import numpy as np
+import jax
+import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,61 +40,62 @@ class AugmentConfig:
     per_channel: bool = True
 
     def __post_init__(self):
-        if not 0.0 <= self.intensity_jitter < 1.0:
-            # A factor that can reach 0 or go negative would invert/erase the image.
-            raise ValueError(f"AugmentConfig.intensity_jitter must be in [0, 1), got {self.intensity_jitter}")
-        if self.intensity_shift < 0.0:
-            raise ValueError(f"AugmentConfig.intensity_shift must be >= 0, got {self.intensity_shift}")
+        check_config(self)
 
 
-def augment_image(image: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator) -> np.ndarray:
-    """Apply the configured random augmentations to one crop.
+def check_config(cfg) -> None:
+    """Validate augmentation settings (an ``AugmentConfig`` or a ConfigDict with its fields)."""
+    if not 0.0 <= cfg.intensity_jitter < 1.0:
+        # A factor that can reach 0 or go negative would invert/erase the image.
+        raise ValueError(f"augment.intensity_jitter must be in [0, 1), got {cfg.intensity_jitter}")
+    if cfg.intensity_shift < 0.0:
+        raise ValueError(f"augment.intensity_shift must be >= 0, got {cfg.intensity_shift}")
+
+
+def _where_rows(mask: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.where(mask[:, None, None, None], a, b)
+
+
+def augment_batch(images: jax.Array, key: jax.Array, cfg) -> jax.Array:
+    """Augment every crop of a batch independently (pure; jit- and sharding-friendly).
+
+    Each crop gets ``rot90(x, k)`` with k uniform in 0..3 (if ``rot90``), then a left-right
+    mirror with probability 1/2 (if ``flip``), then per-channel ``x * a + s`` with
+    ``a ~ U(1 - j, 1 + j)``, ``s ~ U(-shift, shift)``. The rotation is done as transpose and
+    axis reversals selected per row, so no gather is needed and the batch axis is untouched.
 
     Args:
-      image: float array (H, W, C). H must equal W when ``cfg.rot90`` is on (odd rotations
-        swap the axes, and batches need one shape).
-      cfg: which augmentations to apply.
-      rng: source of randomness; the same generator state gives the same output.
+      images: (B, H, W, C) float array; H must equal W when ``cfg.rot90`` is on.
+      key: PRNG key; the same key and batch give the same output.
+      cfg: which augmentations to apply: an ``AugmentConfig`` or a ConfigDict with its fields
+        (``configs.pretrain.augment_config``).
 
     Returns:
-      float32 array (H, W, C), C-contiguous (a new array; the input is not modified).
+      (B, H, W, C) array of ``images.dtype``.
     """
-    if image.ndim != 3:
-        raise ValueError(f"augment_image expects (H, W, C), got shape {image.shape}")
+    check_config(cfg)
+    if images.ndim != 4:
+        raise ValueError(f"augment_batch expects (B, H, W, C), got shape {images.shape}")
     if not cfg.enabled:
-        return np.ascontiguousarray(image, dtype=np.float32)
-    out = image
-    # Always draw the same number of values in the same order, so toggling one augmentation
-    # does not change the random stream seen by the others.
-    k = int(rng.integers(4))
-    flip = bool(rng.integers(2))
-    n = image.shape[-1] if cfg.per_channel else 1
-    scale = rng.uniform(1.0 - cfg.intensity_jitter, 1.0 + cfg.intensity_jitter, size=n)
-    shift = rng.uniform(-cfg.intensity_shift, cfg.intensity_shift, size=n)
-    if cfg.rot90 and k:
-        if image.shape[0] != image.shape[1]:
-            raise ValueError(f"rot90 augmentation needs square crops, got shape {image.shape}")
-        out = np.rot90(out, k, axes=(0, 1))
-    if cfg.flip and flip:
-        out = out[:, ::-1]
-    out = np.array(out, dtype=np.float32, order="C")  # copy: never write into the source
+        return images
+    b, h, w, c = images.shape
+    if cfg.rot90 and h != w:
+        raise ValueError(f"rot90 augmentation needs square crops, got shape {images.shape[1:]}")
+    k_rot, k_flip, k_scale, k_shift = jax.random.split(key, 4)
+    k = jax.random.randint(k_rot, (b,), 0, 4) if cfg.rot90 else jnp.zeros((b,), jnp.int32)
+    mirror = jax.random.bernoulli(k_flip, 0.5, (b,)) if cfg.flip else jnp.zeros((b,), bool)
+    # np.rot90(x, k) over (H, W): k=1 is transpose then reverse H, k=2 reverses both axes,
+    # k=3 is transpose then reverse W; the mirror then reverses W.
+    x = images
+    if cfg.rot90:
+        x = _where_rows(k % 2 == 1, jnp.swapaxes(x, 1, 2), x)
+        x = _where_rows((k == 1) | (k == 2), x[:, ::-1], x)
+    x = _where_rows(((k == 2) | (k == 3)) ^ mirror, x[:, :, ::-1], x)
+    n = c if cfg.per_channel else 1
     if cfg.intensity_jitter:
-        out *= scale.astype(np.float32)
+        j = cfg.intensity_jitter
+        x = x * jax.random.uniform(k_scale, (b, 1, 1, n), x.dtype, 1.0 - j, 1.0 + j)
     if cfg.intensity_shift:
-        out += shift.astype(np.float32)
-    return out
-
-
-def element_rng(seed: int, record: int, epoch: int) -> np.random.Generator:
-    """The generator for one (seed, record, epoch): a pure function, so any worker, process
-    or restored iterator reproduces the same augmentation for the same example and epoch."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(record), int(epoch), 0xA0C])
-
-
-def augment_element(element: dict[str, Any], cfg: AugmentConfig, rng: np.random.Generator) -> dict[str, Any]:
-    """Augment ``element["image"]`` of a source element (other keys pass through).
-
-    Matches grain's ``RandomMapTransform.random_map(element, rng)`` signature, so it can also
-    be used in a grain ``random_map``.
-    """
-    return {**element, "image": augment_image(element["image"], cfg, rng)}
+        s = cfg.intensity_shift
+        x = x + jax.random.uniform(k_shift, (b, 1, 1, n), x.dtype, -s, s)
+    return x

@@ -1,19 +1,23 @@
 """Grain input pipelines over crop datasets: a checkpointable training stream and an eval pass.
 
-Training stream (:func:`make_train_iterator`), built from grain ``MapDataset`` index
-transformations so every element is a pure function of its global position ``p``:
+Training stream (:func:`make_train_iterator`): grain ``MapDataset`` over *batch numbers*, so
+every batch is a pure function of its number ``k`` and whole batches are read at once:
 
-    p -> epoch = p // N, record = shuffle_{seed, epoch}(p mod N)     (global, reshuffled per epoch)
-      -> process slice p = process_index (mod process_count)         (strided, see below)
-      -> read + augment with rng(seed, record, epoch)                (deterministic per example)
-      -> batch of global_batch // process_count                      (batches may span epochs)
+    k -> global positions p = k * B + process_index + process_count * j,  j < B / process_count
+      -> epoch = p // N, record = perm_{seed, epoch}[p mod N]   (global per-crop permutation,
+                                                                 a fresh one every epoch)
+      -> CropSource.read_images(records): grouped by shard, decoded together
+      -> {"image": float32 (b, H, W, C), "index": int64 (b,)}
       -> threads / worker processes (order preserved)
 
-Strided slicing means that process i's k-th batch holds global positions
+Strided positions mean that process i's k-th batch holds global positions
 ``[k * B, (k + 1) * B)`` with ``p = i (mod P)``: the union over processes of step k is exactly
 the single-process global batch k, and each process sees a disjoint 1/P of every epoch.
 Nothing depends on the number of local devices, worker processes or threads, so a checkpoint
 written on 8 devices resumes bit-identically on 1 (same seed and global batch).
+
+The host only reads, decodes and batches: augmentation (``LoaderConfig.augment``) and MAE
+masking run on the device inside the jitted train step (``cosmic_jax.train.step``).
 
 The iterator's state is ``{"next_batch": k, ...}`` plus the settings that define the stream
 (checked on restore), via ``get_state``/``set_state`` or ``grain.checkpoint.CheckpointSave``/
@@ -25,11 +29,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import threading
 from typing import Any
 
 import numpy as np
 
-from cosmic_jax.data.augment import AugmentConfig, augment_image, element_rng
+from cosmic_jax.data.augment import AugmentConfig
+
+# Identifies how positions map to records; a state saved by a loader with another mapping
+# (version 1: grain's index shuffle) would resume on a different sequence of examples.
+STREAM_VERSION = 2
 
 
 @dataclasses.dataclass
@@ -38,8 +48,8 @@ class LoaderConfig:
 
     Attributes:
       global_batch: examples per step summed over all processes.
-      seed: drives the shuffle order and the augmentations.
-      shuffle: global shuffle, different every epoch.
+      seed: drives the shuffle order.
+      shuffle: global per-crop shuffle, different every epoch.
       num_epochs: passes over the data; None repeats forever.
       worker_count: grain worker processes (0 = in-process, with ``read_threads`` threads).
       worker_buffer_size: batches each worker process keeps ready.
@@ -47,7 +57,8 @@ class LoaderConfig:
       read_threads: threads assembling batches in each reading process.
       drop_remainder: drop the final partial batch of a finite stream (keep True for training:
         every step must see the same batch shape).
-      augment: random augmentations of training crops.
+      augment: random augmentations of training crops, applied on the device by the train
+        step (the loader itself returns crops as stored).
     """
 
     global_batch: int = 128
@@ -63,22 +74,19 @@ class LoaderConfig:
 
 
 def open_source(data_dir_or_source: Any):
-    """A crop dataset directory path -> ``CropSource``; any other object is used as the source.
-
-    Args:
-      data_dir_or_source: path of a crop dataset, or a random-access source whose items are
-        ``{"image": (H, W, C), "index": int, "cell_id": str}``.
+    """A crop dataset directory path -> ``CropSource``; a ``CropSource`` is used as is.
 
     Returns:
       ``(source, name)`` where ``name`` identifies the dataset in error messages.
     """
-    if isinstance(data_dir_or_source, (str, os.PathLike)):
-        from cosmic_jax.data.records import CropSource
+    from cosmic_jax.data.records import CropSource
 
+    if isinstance(data_dir_or_source, (str, os.PathLike)):
         path = os.fspath(data_dir_or_source)
         return CropSource(path), path
-    source = data_dir_or_source
-    return source, getattr(source, "data_dir", type(source).__name__)
+    if not isinstance(data_dir_or_source, CropSource):
+        raise TypeError(f"expected a crop dataset directory or CropSource, got {type(data_dir_or_source).__name__}")
+    return data_dir_or_source, data_dir_or_source.data_dir
 
 
 def _ensure_absl_flags_parsed() -> None:
@@ -90,50 +98,74 @@ def _ensure_absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _shuffle_seed(seed: int) -> int:
-    # grain reshuffles epoch e with seed + e; hashing the user seed first keeps run seed s,
-    # epoch 1 from replaying run seed s + 1, epoch 0.
-    return int(np.random.SeedSequence(int(seed)).generate_state(1, dtype=np.uint32)[0])
-
-
-class _TagPosition:
-    """(global position p, record) -> (record, epoch). Picklable for worker processes."""
-
-    def __init__(self, num_records: int):
-        self.num_records = num_records
-
-    def __call__(self, position: int, record: int) -> tuple[int, int]:
-        return int(record), int(position) // self.num_records
-
-
-class _ReadAugment:
-    """(record, epoch) -> {"image": float32 (H, W, C), "index": int64}, augmented.
+class _TrainBatches:
+    """Batch number k -> this process's training batch k (see the module docstring).
 
     Lives at module level so grain can send it to spawned worker processes; the source
-    pickles without its open file handles (see ``CropSource.__getstate__``).
+    pickles without its open readers. Each reading process computes an epoch's permutation
+    once (``N`` int32/int64: 84 MB for 21M crops) and keeps the last two (a batch may straddle
+    an epoch boundary).
     """
 
-    def __init__(self, source, augment: AugmentConfig, seed: int):
-        self.source, self.augment, self.seed = source, augment, int(seed)
+    def __init__(self, source, global_batch: int, process_index: int, process_count: int, seed: int,
+                 shuffle: bool, total: int | None):
+        self.source, self.n = source, len(source)
+        self.global_batch, self.pi, self.pc = global_batch, process_index, process_count
+        self.seed, self.shuffle, self.total = int(seed), bool(shuffle), total
+        self._init_cache()
 
-    def __call__(self, tagged: tuple[int, int]) -> dict[str, np.ndarray]:
-        record, epoch = tagged
-        element = self.source[record]
-        image = np.asarray(element["image"], dtype=np.float32)
-        if self.augment.enabled:
-            image = augment_image(image, self.augment, element_rng(self.seed, record, epoch))
-        return {"image": image, "index": np.int64(element.get("index", record))}
+    def _init_cache(self):
+        self._perms: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_perms"], state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._init_cache()
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """The record order of ``epoch``: a pure function of (seed, epoch)."""
+        with self._lock:
+            perm = self._perms.get(epoch)
+            if perm is None:
+                rng = np.random.default_rng([self.seed & 0xFFFFFFFFFFFFFFFF, epoch, 0x5F1E])
+                perm = rng.permutation(self.n).astype(np.int32 if self.n < 2**31 else np.int64)
+                self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}
+                self._perms[epoch] = perm
+        return perm
+
+    def records(self, k: int) -> np.ndarray:
+        b = self.global_batch // self.pc
+        pos = k * self.global_batch + self.pi + self.pc * np.arange(b, dtype=np.int64)
+        if self.total is not None:
+            pos = pos[pos < self.total]
+        epoch, rec = np.divmod(pos, self.n)
+        if self.shuffle:
+            for e in np.unique(epoch):
+                at = epoch == e
+                rec[at] = self.permutation(int(e))[rec[at]]
+        return rec
+
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        rec = self.records(int(k))
+        return {"image": self.source.read_images(rec), "index": rec}
 
 
-class _EvalElement:
-    """Source element -> {"image", "index", "cell_id"} (drops optional extras like meta)."""
+class _EvalBatches:
+    """Batch number k -> crops [k * b, (k + 1) * b) in dataset order, with cell_ids."""
 
-    def __call__(self, element: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "image": np.asarray(element["image"], dtype=np.float32),
-            "index": np.int64(element["index"]),
-            "cell_id": str(element["cell_id"]),
-        }
+    def __init__(self, source, batch_size: int):
+        self.source, self.batch_size = source, int(batch_size)
+
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        k = int(k)
+        rec = np.arange(k * self.batch_size, min((k + 1) * self.batch_size, len(self.source)), dtype=np.int64)
+        cell_ids, _ = self.source.read_meta(rec)
+        return {"image": self.source.read_images(rec), "index": rec, "cell_id": np.asarray(cell_ids, dtype=str)}
 
 
 def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -161,11 +193,11 @@ def _batch_iterator_class():
     import grain
 
     class BatchIterator(grain.DatasetIterator):
-        """Iterator over a batched ``MapDataset`` whose state is just the next batch number.
+        """Iterator over a ``MapDataset`` of whole batches whose state is just the next batch number.
 
-        Batching happens before ``to_iter_dataset`` on purpose: grain hands each worker
-        whole batches (worker w gets batches w, w + W, ...), so the output does not depend on
-        worker_count, and the batch number alone pins the stream position. ``set_state``
+        Elements are batches on purpose: grain hands each worker whole batches (worker w gets
+        batches w, w + W, ...), so the output does not depend on worker_count, and the batch
+        number alone pins the stream position. ``set_state``
         rebuilds the pipeline from ``ds[next_batch:]``, so a state saved with 0 workers
         restores with 4 (grain's own nested worker states would not), and because batch k is
         global step k on every process, also under a different process count.
@@ -199,8 +231,9 @@ def _batch_iterator_class():
             return {"next_batch": self._next_batch, **self._identity}
 
         def set_state(self, state: dict[str, Any]) -> None:
+            saved = {"stream_version": 1, **state}  # states from before STREAM_VERSION had none
             changed = {
-                k: (state.get(k), v) for k, v in self._identity.items() if k in state and state[k] != v
+                k: (saved.get(k), v) for k, v in self._identity.items() if k in saved and saved[k] != v
             }
             if changed:
                 # Same batch number, different stream: resuming would silently train on
@@ -242,10 +275,10 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
 ):
-    """Shuffled, augmented, per-process batches of training crops (see module docstring).
+    """Shuffled per-process batches of training crops (see module docstring).
 
     Args:
-      data_dir_or_source: crop dataset directory, or a random-access source (``open_source``).
+      data_dir_or_source: crop dataset directory, or a ``CropSource``.
       cfg: pipeline settings; defaults to ``LoaderConfig()``.
       process_index, process_count: this process's slot; default ``jax.process_index()`` and
         ``jax.process_count()``. Simulate hosts in tests by passing both.
@@ -280,23 +313,19 @@ def make_train_iterator(
         raise ValueError(f"LoaderConfig.worker_count must be >= 0, got {cfg.worker_count}")
     if cfg.num_epochs is not None and cfg.num_epochs <= 0:
         raise ValueError(f"LoaderConfig.num_epochs must be positive or None, got {cfg.num_epochs}")
-    shape = tuple(getattr(source, "image_shape", ()) or ())
-    if cfg.augment.enabled and cfg.augment.rot90 and len(shape) == 3 and shape[0] != shape[1]:
-        raise ValueError(f"{name}: rot90 augmentation needs square crops, dataset crops are {shape}")
-
-    ds = grain.MapDataset.range(n)
-    if cfg.shuffle:
-        ds = ds.shuffle(seed=_shuffle_seed(cfg.seed))
-    ds = ds.repeat(cfg.num_epochs)  # positions past n fall into later, reshuffled epochs
-    ds = ds.map_with_index(_TagPosition(n))
-    if cfg.num_epochs is not None and cfg.drop_remainder:
-        # Cut at a global-batch boundary before slicing so all processes run the same steps.
-        ds = ds[: len(ds) // B * B]
-    if pc > 1:
-        ds = ds[pi::pc]
-    ds = ds.map(_ReadAugment(source, cfg.augment, cfg.seed))
-    ds = ds.batch(B // pc, drop_remainder=cfg.drop_remainder)
-    identity = {"num_records": n, "global_batch": B, "seed": int(cfg.seed), "shuffle": bool(cfg.shuffle)}
+    if cfg.num_epochs is None:
+        num_batches, total = sys.maxsize, None
+    elif cfg.drop_remainder:
+        # Cut at a global-batch boundary so all processes run the same number of steps.
+        num_batches = cfg.num_epochs * n // B
+        total = num_batches * B
+    else:
+        total = cfg.num_epochs * n
+        num_batches = -(-len(range(pi, total, pc)) // (B // pc))
+    read = _TrainBatches(source, B, pi, pc, cfg.seed, cfg.shuffle, total)
+    ds = grain.MapDataset.range(num_batches).map(read)
+    identity = {"num_records": n, "global_batch": B, "seed": int(cfg.seed), "shuffle": bool(cfg.shuffle),
+                "stream_version": STREAM_VERSION}
     cls = _batch_iterator_class()
     return cls(ds, _read_options(cfg.read_threads, cfg.prefetch), cfg.worker_count, cfg.worker_buffer_size, identity)
 
@@ -308,10 +337,10 @@ def make_eval_iterator(
     read_threads: int = 2,
     prefetch: int = 4,
 ):
-    """One ordered pass over every crop, unaugmented, keeping the last partial batch.
+    """One ordered pass over every crop, keeping the last partial batch.
 
     Args:
-      data_dir_or_source: crop dataset directory or random-access source.
+      data_dir_or_source: crop dataset directory or ``CropSource``.
       batch_size: crops per batch (the last batch holds the ``N mod batch_size`` rest).
       worker_count, read_threads, prefetch: as in :class:`LoaderConfig`.
 
@@ -327,7 +356,7 @@ def make_eval_iterator(
         raise ValueError(f"{name}: crop dataset is empty (0 records); nothing to embed")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    ds = grain.MapDataset.source(source).map(_EvalElement()).batch(int(batch_size), drop_remainder=False)
+    ds = grain.MapDataset.range(-(-len(source) // batch_size)).map(_EvalBatches(source, batch_size))
     identity = {"num_records": len(source), "batch_size": int(batch_size)}
     return _batch_iterator_class()(ds, _read_options(read_threads, prefetch), worker_count, 1, identity)
 

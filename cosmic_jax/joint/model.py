@@ -7,8 +7,8 @@ feature inside (mean/std stored with the model); samples come back in the caller
 
 from __future__ import annotations
 
+import functools
 import json
-import math
 import os
 from typing import Any
 
@@ -27,9 +27,6 @@ MODEL_FILE = "joint_model.json"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 FORMAT_VERSION = 2
-# Jitted encoders / samplers take the params as arguments, so every model of one architecture
-# shares them: the many fold models of a cross-fit (and its re-fits) compile each program once.
-_JIT_CACHE: dict = {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -72,6 +69,48 @@ def standardization(x: np.ndarray) -> dict[str, np.ndarray]:
     return {"mean": mean.astype(np.float32), "std": std.astype(np.float32)}
 
 
+ENCODE_CHUNK = 4096  # rows per jitted encoder call (one shape, the last chunk padded)
+
+
+def _fixed_chunks(fn, x: np.ndarray, rows: int, width: int) -> np.ndarray:
+    """``fn`` over ``x`` in chunks of exactly ``rows`` rows (the last one padded): one compile."""
+    out = [np.asarray(fn(np.pad(x[i:i + rows], ((0, max(0, i + rows - len(x))), (0, 0)))))[: len(x) - i]
+           for i in range(0, len(x), rows)]
+    return np.concatenate(out) if out else np.zeros((0, width), np.float32)
+
+
+@functools.lru_cache(maxsize=32)
+def _encoder_fn(config, dm: int, de: int, which: str):
+    """Jitted encoder apply, shared by every model of one config and shape (e.g. the folds of a cross-fit)."""
+    nets = build_nets(config.model, dm, de)
+    return jax.jit((nets.enc_m if which == "m" else nets.enc_e).apply)
+
+
+@functools.lru_cache(maxsize=32)
+def _sampler_fn(config, dm: int, de: int, target: str, num_samples: int, method: str, steps: int, guidance: float):
+    """Jitted ``(params, cond, cell_ids, key) -> (S, C, D)`` solve, shared by every model of one config
+    and shape; params are an argument, so the folds of a cross-fit reuse one compile."""
+    nets = build_nets(config.model, dm, de)
+    flow = nets.flow_e if target == "e" else nets.flow_m
+    d_out = de if target == "e" else dm
+    src_enc = nets.enc_m if target == "e" else nets.enc_e
+    latent_cond = config.model.condition_on == "latent"
+    power = config.sampling.time_power
+
+    def run(params, cond_src, cell_ids, base_key):
+        # Per-cell noise from fold_in(key, cell id): a cell's samples do not depend on chunking.
+        noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base_key, i), (num_samples, d_out)))(
+            cell_ids)  # (C, S, D)
+        cond = src_enc.apply(params["enc"], cond_src) if latent_cond else cond_src
+        c = cond.shape[0]
+        x0 = jnp.swapaxes(noise, 0, 1).reshape(num_samples * c, d_out)
+        x1 = solve_flow(flow, params["flow"], cond, x0, method=method, steps=steps, time_power=power,
+                        guidance=guidance, repeats=num_samples)
+        return x1.reshape(num_samples, c, d_out)
+
+    return jax.jit(run)
+
+
 # ----------------------------------------------------------------------------------------------
 # the fitted model
 
@@ -92,7 +131,6 @@ class JointModel:
         self.loss_history = loss_history or {}
         self.info = info or {}
         self.nets = build_nets(self.config.model, self.dim_morph, self.dim_expr)
-        self._arch = (self.config.model, self.config.sampling.time_power, self.dim_morph, self.dim_expr)
 
     # -- standardisation ---------------------------------------------------------------------
     def _std(self, x, which: str, name: str) -> np.ndarray:
@@ -106,14 +144,10 @@ class JointModel:
         return x * self.stats[which]["std"] + self.stats[which]["mean"]
 
     # -- encoders ------------------------------------------------------------------------------
-    def _encode(self, which: str, x_std: np.ndarray, batch: int = 65536) -> np.ndarray:
-        net = self.nets.enc_m if which == "m" else self.nets.enc_e
-        key = (self._arch, "enc", which)
-        if key not in _JIT_CACHE:
-            _JIT_CACHE[key] = jax.jit(net.apply)
-        fn, p = _JIT_CACHE[key], self.params["enc_" + which]
-        return np.concatenate([np.asarray(fn(p, x_std[i:i + batch])) for i in range(0, len(x_std), batch)]
-                              or [np.zeros((0, self.config.model.latent_dim), np.float32)])
+    def _encode(self, which: str, x_std: np.ndarray) -> np.ndarray:
+        fn = _encoder_fn(self.config, self.dim_morph, self.dim_expr, which)
+        return _fixed_chunks(lambda x: fn(self.params["enc_" + which], x), x_std, ENCODE_CHUNK,
+                             self.config.model.latent_dim)
 
     def encode_morph(self, m) -> np.ndarray:
         """(N, Dm) morphology embeddings -> (N, Dz) unit-norm joint-latent codes."""
@@ -136,30 +170,6 @@ class JointModel:
         return float(np.mean((topk == np.arange(len(zm))[:, None]).any(axis=1)))
 
     # -- conditional sampling ------------------------------------------------------------------
-    def _sampler(self, target: str, num_samples: int, method: str, steps: int, guidance: float):
-        key = (self._arch, "sample", target, num_samples, method, steps, guidance)
-        power = self.config.sampling.time_power
-        if key in _JIT_CACHE:
-            return _JIT_CACHE[key]
-        flow = self.nets.flow_e if target == "e" else self.nets.flow_m
-        d_out = self.dim_expr if target == "e" else self.dim_morph
-        src_enc = self.nets.enc_m if target == "e" else self.nets.enc_e
-        latent_cond = self.config.model.condition_on == "latent"
-
-        def run(params, cond_src, cell_ids, base_key):
-            # Per-cell noise from fold_in(key, cell id): a cell's samples do not depend on chunking.
-            noise = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(base_key, i), (num_samples, d_out)))(
-                cell_ids)  # (C, S, D)
-            cond = src_enc.apply(params["enc"], cond_src) if latent_cond else cond_src
-            c = cond.shape[0]
-            x0 = jnp.swapaxes(noise, 0, 1).reshape(num_samples * c, d_out)
-            x1 = solve_flow(flow, params["flow"], cond, x0, method=method, steps=steps, time_power=power,
-                            guidance=guidance, repeats=num_samples)
-            return x1.reshape(num_samples, c, d_out)
-
-        _JIT_CACHE[key] = jax.jit(run)
-        return _JIT_CACHE[key]
-
     def _sample(self, target: str, cond_std: np.ndarray, num_samples: int, seed: int, method, steps, guidance,
                 chunk_rows) -> np.ndarray:
         cfg = self.config.sampling
@@ -175,12 +185,12 @@ class JointModel:
         out = np.empty((num_samples, n, d_out), np.float32)
         if n == 0:
             return out
-        fn = self._sampler(target, num_samples, method, steps, guidance)
+        fn = _sampler_fn(self.config, self.dim_morph, self.dim_expr, target, num_samples, method, steps, guidance)
         params = {"flow": self.params["flow_" + target], "enc": self.params["enc_" + ("m" if target == "e" else "e")]}
-        # Equal chunks (cells), rounded up to 64 so few shapes are compiled and padding is small.
-        rows = max(num_samples, int(chunk_rows or cfg.chunk_rows))
-        n_chunks = math.ceil(n * num_samples / rows)
-        per = max(1, min(-(-math.ceil(n / n_chunks) // 64) * 64, rows // num_samples, n))
+        # One chunk shape (cells) for every call, the last chunk padded: each model, fold and
+        # held-out set reuses one compile of the solve.
+        per = max(1, int(chunk_rows or cfg.chunk_rows) // num_samples)
+        per = per // 64 * 64 or per
         base = jax.random.key(seed)
         pending = []  # dispatch every chunk first (async), then copy back: the host never idles the CPU
         for start in range(0, n, per):

@@ -8,6 +8,14 @@ at 6-8 steps; steps that shrink towards t = 1 give the accuracy of 8 uniform ste
 (notes/joint.md has the measured error vs NFE of each scheme and grid against a tight Dopri8 solve). All cells share the time grid, so the time embedding is computed once per stage for
 the whole batch and the condition embedding once per solve: an NFE costs only the trunk.
 
+Why the fixed-step loop is hand-written and not diffrax's Euler/Midpoint/Heun with
+``StepTo(ts=grid)`` (the same numbers: tests/test_flow.py): measured side by side on the
+sampler's 1,024-row chunks, diffrax took 1-9 % more CPU (one chunk: +6 %) with the
+``analysis``-size flow (within noise with the ``bench``-size one) and about twice the compile time,
+which every fitted model pays (experiments/bench_sampling.py, notes/experiments.md). diffrax runs
+the RK stages of each step in an inner while loop with stage buffers; this loop is straight-line
+code per step.
+
 diffrax (Tsit5 / Dopri5 / Dopri8 with a PID controller) integrates the whole batch as one ODE state
 with a max-norm error, i.e. every cell is held to the tolerance; it is the reference, not the default
 (~100-1500 NFE).

@@ -6,10 +6,15 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import jax
 
 from cosmic_jax.train.metrics import read_metrics
+
+# Shared by the in-process runs and their subprocesses (same programs, compiled once).
+COMPILE_CACHE = os.path.join(tempfile.gettempdir(), "cosmic_jax_test_xla_cache")
+
 
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:

@@ -26,18 +26,22 @@ from cosmic_jax.models.joint import build_nets, check_config, init_params, joint
 from cosmic_jax.train import optim
 from cosmic_jax.train import sharding as shd
 from cosmic_jax.train.checkpoint import CONFIG_FILE, Checkpointer, checkpoint_steps
-from cosmic_jax.train.loop import train_loop
+from cosmic_jax.train.loop import Hook, train_loop
 from cosmic_jax.train.metrics import MetricWriter, read_metrics
 from cosmic_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled(cfg: ml_collections.FrozenConfigDict, n: int, dm: int, de: int, batch: int, devices: tuple):
-    """(init, multi-step fn, state shardings, replicated sharding) for one problem shape.
+ROWS_BUCKET = 256  # the data are zero-padded to a multiple of this many rows
 
-    Cached so that the folds of a cross-fit (same shapes) reuse one compile.
+
+@functools.lru_cache(maxsize=8)
+def _compiled(cfg: ml_collections.FrozenConfigDict, n_pad: int, dm: int, de: int, batch: int, devices: tuple):
+    """(init fn, mesh, multi-step fn, state shardings, replicated sharding) for one padded problem shape.
+
+    The number of real rows is an argument, not a shape: the folds of a cross-fit (a cell or two
+    apart) share one compile.
     """
     mesh = shd.make_mesh(devices=list(devices))
     rep, bsh = shd.replicated(mesh), shd.batch_sharding(mesh)
@@ -49,19 +53,18 @@ def _compiled(cfg: ml_collections.FrozenConfigDict, n: int, dm: int, de: int, ba
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=None, optim_cfg=optim_cfg)
         return state.replace(opt_state=state.tx.init(params))
 
-    abstract = jax.eval_shape(init_state, jax.random.key(0))
-    state_sh = shd.state_shardings(abstract, mesh)  # no logical names: replicated (data parallel)
-    init_fn = jax.jit(init_state, out_shardings=state_sh)
+    state_sh = shd.state_shardings(jax.eval_shape(init_state, jax.random.key(0)), mesh)  # no names: replicated
 
     def multi_step(state, data, root, num):
-        m_all, e_all = data
+        m_all, e_all, n = data
 
         def one(st, _):
             kidx, kloss = jax.random.split(jax.random.fold_in(jax.random.fold_in(root, 1), st.step))
             # Without replacement (no duplicate partners = no false InfoNCE negatives) while the
             # permutation is cheap; uniform with replacement for large N (duplicates ~B^2/2N, rare).
-            if n <= 16 * batch:
-                idx = jax.random.choice(kidx, n, (batch,), replace=False)
+            if n_pad <= 16 * batch:
+                keys = jax.random.uniform(kidx, (n_pad,))
+                idx = jnp.argsort(jnp.where(jnp.arange(n_pad) < n, keys, 2.0))[:batch]  # padding never drawn
             else:
                 idx = jax.random.randint(kidx, (batch,), 0, n)
             mb = jax.lax.with_sharding_constraint(m_all[idx], bsh)
@@ -74,11 +77,12 @@ def _compiled(cfg: ml_collections.FrozenConfigDict, n: int, dm: int, de: int, ba
 
     step_fn = jax.jit(multi_step, static_argnums=(3,), in_shardings=(state_sh, rep, rep),
                       out_shardings=(state_sh, rep), donate_argnums=(0,))
-    return init_fn, step_fn, state_sh, rep
+    return init_state, mesh, step_fn, state_sh, rep
 
 
 def train_joint(ms: np.ndarray, es: np.ndarray, cfg: ml_collections.ConfigDict, seed: int,
-                workdir: str | None = None, desc: str = "joint fit") -> tuple[dict, dict[str, list[float]], dict]:
+                workdir: str | None = None, desc: str = "joint fit",
+                hooks: tuple[Hook, ...] = ()) -> tuple[dict, dict[str, list[float]], dict]:
     """Train the joint networks on standardised paired embeddings with the shared loop.
 
     Args:
@@ -88,6 +92,7 @@ def train_joint(ms: np.ndarray, es: np.ndarray, cfg: ml_collections.ConfigDict, 
       workdir: if given, checkpoints (resume: a rerun continues from the newest), the config,
         TensorBoard events and metrics.jsonl go there.
       desc: progress-bar label.
+      hooks: periodic callbacks of the loop (e.g. evaluations, fault injection in tests).
 
     Returns:
       (params on the host, history {"step": [...], "loss": [...], ...} of the logged windows,
@@ -103,9 +108,12 @@ def train_joint(ms: np.ndarray, es: np.ndarray, cfg: ml_collections.ConfigDict, 
     devices = tuple(jax.devices()[: cfg.num_devices or None])
     ndev = len(devices)
     batch = max(ndev, min(cfg.batch_size, n) // ndev * ndev)  # no duplicate cells within a batch if N is small
-    init_fn, step_fn, state_sh, rep = _compiled(frozen, n, dm, de, batch, devices)
+    n_pad = -(-n // ROWS_BUCKET) * ROWS_BUCKET
+    init_fn, mesh, step_fn, state_sh, rep = _compiled(frozen, n_pad, dm, de, batch, devices)
     root = jax.random.key(seed)
-    data = (jax.device_put(np.asarray(ms, np.float32), rep), jax.device_put(np.asarray(es, np.float32), rep))
+    pad = ((0, n_pad - n), (0, 0))
+    data = (jax.device_put(np.pad(np.asarray(ms, np.float32), pad), rep),
+            jax.device_put(np.pad(np.asarray(es, np.float32), pad), rep), jax.device_put(np.int32(n), rep))
 
     ckpt = None
     if workdir:
@@ -117,7 +125,7 @@ def train_joint(ms: np.ndarray, es: np.ndarray, cfg: ml_collections.ConfigDict, 
                 raise ValueError(f"{workdir}: holds checkpoints of a different joint config ({', '.join(changed)}); "
                                  "use a fresh workdir")
         ckpt = Checkpointer(workdir, save_every=cfg.ckpt_every, keep=2, async_save=False)
-    state = init_fn(jax.random.fold_in(root, 0))
+    state, _ = shd.create_sharded_state(init_fn, mesh, jax.random.fold_in(root, 0))
     if ckpt is not None and ckpt.latest_step() is not None:
         state, _ = ckpt.restore(shd.abstract_with_shardings(jax.eval_shape(lambda: state), state_sh))
     if workdir:
@@ -126,7 +134,7 @@ def train_joint(ms: np.ndarray, es: np.ndarray, cfg: ml_collections.ConfigDict, 
     try:
         state = train_loop(state, step_fn, itertools.repeat(data), num_steps=cfg.steps, rng=root,
                            steps_per_call=cfg.steps_per_call, checkpointer=ckpt, writer=writer,
-                           log_every=cfg.log_every, progress=cfg.progress, desc=desc)
+                           log_every=cfg.log_every, progress=cfg.progress, desc=desc, hooks=hooks)
     finally:
         writer.close()
         if ckpt is not None:

@@ -4,7 +4,9 @@
 pretraining run jits it with explicit shardings (``sharding.jit_step``). The model and optimizer
 configs live in the state as static fields, so the step needs nothing else. ``rng`` is a fixed
 base key: the step folds in ``state.step``, so the mask of step t is the same whether or not
-training was resumed in between.
+training was resumed in between. Data augmentation runs here too, on the device
+(``functools.partial(train_step, augment=config.loader.augment)``), keyed the same way, so the
+host pipeline only reads and batches.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from cosmic_jax.data.augment import augment_batch
 from cosmic_jax.models.mae import MAE, MAEConfig
 from cosmic_jax.train.optim import make_schedule
 from cosmic_jax.train.sharding import strided_chunks
@@ -93,13 +96,25 @@ def _loss_and_grads(params, model_cfg: MAEConfig, images: jax.Array, rng: jax.Ar
     return loss_sum / n, jax.tree_util.tree_map(lambda g: g / n, grad_sum)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
+_AUGMENT_STREAM = 0x0A06  # fold_in constant separating augmentation keys from mask keys
+
+
+def augment_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+    """The augmentation key of a step: a function of the run's base key and the step only."""
+    return jax.random.fold_in(jax.random.fold_in(rng, _AUGMENT_STREAM), step)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, augment=None):
     """One optimizer (micro-)step.
 
     Args:
       state: TrainState.
       batch: {"image": (B, H, W, C) float32}; other keys are ignored.
       rng: base PRNG key (the step number is folded in here).
+      augment: augmentation settings (``configs.pretrain.augment_config`` or
+        ``data.augment.AugmentConfig``): the batch is augmented on the device first, with
+        ``augment_key(rng, state.step)``; None trains on the images as given. Bind it with
+        ``functools.partial`` before jit.
 
     Returns:
       (new_state, metrics) with metrics {"loss", "grad_norm", "lr"} float32 scalars; lr is the
@@ -108,7 +123,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     if "image" not in batch:
         raise KeyError(f"batch has no 'image' key (keys: {sorted(batch)})")
     step_rng = jax.random.fold_in(rng, state.step)
-    loss, grads = _loss_and_grads(state.params, state.model_cfg, batch["image"], step_rng,
+    images = batch["image"]
+    if augment is not None:
+        images = augment_batch(images, augment_key(rng, state.step), augment)
+    loss, grads = _loss_and_grads(state.params, state.model_cfg, images, step_rng,
                                   state.optim_cfg.microbatch)
     update_idx = state.step // max(1, state.optim_cfg.accum_steps)
     metrics = {

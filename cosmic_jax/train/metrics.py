@@ -115,7 +115,7 @@ def save_recon_grid(
     title: str = "",
     max_images: int = 8,
 ) -> str:
-    """PNG with one column per crop and rows original / masked input / reconstruction.
+    """PNG with one column per crop and rows original / visible patches (the masked input) / reconstruction.
 
     Args:
       path: output .png path (parent dirs are created).
@@ -132,7 +132,7 @@ def save_recon_grid(
     import matplotlib.pyplot as plt
 
     n = min(max_images, len(original))
-    rows = (("original", original), ("masked", masked), ("reconstruction", recon))
+    rows = (("original", original), ("visible patches", masked), ("reconstruction", recon))
     fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5), squeeze=False)
     for r, (name, imgs) in enumerate(rows):
         for c in range(n):

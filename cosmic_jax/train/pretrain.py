@@ -238,7 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, data_dir: str, workdir
         hooks.append(probe)
     hooks.extend(extra_hooks)
     index_log = _BatchIndexLog(workdir, start, mesh, config.log_batch_indices)
-    step_fn = shd.jit_step(train_step, mesh, shardings)
+    step_fn = shd.jit_step(functools.partial(train_step, augment=cfg_io.frozen(config.loader.augment)), mesh,
+                           shardings)
     if jax.process_count() > 1:
         step_fn = _compile_in_lockstep(step_fn, state, mesh, gb, want, train_rng)
     try:

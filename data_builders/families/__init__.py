@@ -1,0 +1,1 @@
+"""Independent synthetic paired-data generator families (each module: ``generate(out_dir, ...)``)."""
