@@ -37,8 +37,9 @@ MEANING = (
     "what the morphology *representation* (MAE embedding and measured features) captures, so it is a "
     "lower bound of the share carried by the image itself: a better representation can only raise it. "
     "The second row is the same question the other way round, averaged over the measured morphology "
-    "features. Intervals are bootstrap 95% CIs over cells; the truth column (synthetic data only) is "
-    "the generator's value.")
+    "features. The 95% CIs pool a bootstrap over cells with the spread over re-fits of the whole "
+    "cross-fit (how they are made is stated under the table); the truth column (synthetic data only) "
+    "is the generator's value.")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -138,6 +139,8 @@ def headline_section(summary: dict) -> list[str]:
         return ["## How much of each modality shows in the other", "",
                 "No morphology in this analysis: only the expression-side analyses ran.", ""]
     lines = ["## How much of each modality shows in the other", ""] + md_table(header, rows) + [MEANING, ""]
+    if summary.get("ci_method"):
+        lines += [f"**Intervals.** {summary['ci_method']}", ""]
     extra = [(name, truth[k]) for k, name in (("per_gene_spearman", "per-gene Spearman correlation, estimate vs truth"),
                                               ("genes_within_0.05", "fraction of genes within 0.05 of the truth"))
              if k in truth]
@@ -160,7 +163,8 @@ def by_representation_section(summary: dict) -> list[str]:
     rows = [[_label(rep)] + [_est_ci(table[rep][p]) if p in table[rep] else "–" for p in cols] for rep in by_rep]
     return (["## By morphology representation", "",
              "The same decomposition with each morphology representation alone (estimate [95% CI]): which "
-             "representation carries the shared signal.", ""] + md_table(header, rows))
+             "representation carries the shared signal. " + summary.get("decomposition_note", ""), ""]
+            + md_table(header, rows))
 
 
 def baselines_section(summary: dict) -> list[str]:
