@@ -205,6 +205,11 @@ def make_world(config: TextureConfig, seed: int) -> World:
     )  # fmt: skip
 
 
+def calibrate_world(config: TextureConfig, seed: int, shared_fraction: float) -> World:
+    """The world of ``seed`` with its shared/private angle set so the expression truth is ``shared_fraction``."""
+    return st.calibrate(make_world(config, seed), float(shared_fraction), gen=sys.modules[__name__])
+
+
 # ----------------------------------------------------------------------------- sampling
 def sample_state(world: World, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """S for n cells: ``cell_type`` (n,) int, ``shared`` (n, n_shared)."""
@@ -360,7 +365,7 @@ def generate(out_dir: str, n_cells: int, seed: int, shared_fraction: float, conf
     mod = sys.modules[__name__]
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    world = st.calibrate(make_world(cfg, seed), float(shared_fraction), gen=mod)
+    world = calibrate_world(cfg, seed, shared_fraction)
     timings["calibrate"] = time.perf_counter() - t
     t = time.perf_counter()
     et = st.expression_truth(world, _rng(seed, _EXPR_MC), gen=mod)
