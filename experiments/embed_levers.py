@@ -18,16 +18,18 @@ and the same for the 8 hand features alone and for both, so every row can be com
 
 Train variant ``name:key=value,...`` = `cosmic_jax.configs.pretrain` overrides on the "test" config
 (the one `cosmic analyze --quick` pretrains). Read-out ``L<layers>.<pool>[.tta]``: blocks joined by
-"+" or "all" (-1 = last, after the final LayerNorm), pool in mean | cls | std | meanstd | meancls, ``.tta``
+"+" or "all" (-1 = last, after the final LayerNorm), pool in mean | cls | std | meanstd | meancls | meanstdmax, ``.tta``
 averages the pooled vector over the 8 dihedral transforms. Morphology input: ``pca<k>[w]`` (k PCs,
 whitened with w), ``full`` (the standardised representation), ``+f`` appends the hand features.
 CPU seconds (process time, all threads) are recorded for pretraining and for embedding.
 Rows go to OUT/results.jsonl; OUT/models/<dataset>/<variant> caches the MAEs.
+``python experiments/embed_levers.py --table OUT/results.jsonl`` prints them as a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -72,9 +74,30 @@ class Dataset:
         self.expr = embed_expression(adata, n_comps=expr_comps, seed=seed)
         with open(os.path.join(path, "truth.json")) as f:
             self.truth = json.load(f)
+        # Diagnostic only (generator internals, never seen by the analysis): the shared state.
+        state = [np.asarray(adata.obsm["true_shared"], np.float64)] if "true_shared" in adata.obsm else []
+        if "response" in adata.obs:
+            state.append((np.asarray(adata.obs["response"]).astype(str) == "responder")[:, None].astype(float))
+        self.state = np.concatenate(state, axis=1) if state else None
 
 
 # ----------------------------------------------------------------------------- pretraining
+def allow_prototype_fields() -> None:
+    """Let ``model.patch_stats_loss=W`` through (a MAEConfig field to come; mae.py reads it with
+    getattr) by swapping in a subclass of MAEConfig that has it."""
+    import cosmic_jax.configs.mae as cm
+
+    if "patch_stats_loss" in cm._FIELDS:
+        return
+
+    @dataclasses.dataclass(frozen=True)
+    class MAEConfigProto(cm.MAEConfig):
+        patch_stats_loss: float = 0.0
+
+    cm.MAEConfig = MAEConfigProto
+    cm._FIELDS = {f.name: f for f in dataclasses.fields(MAEConfigProto)}
+
+
 def parse_train(spec: str) -> tuple[str, list[str]]:
     name, _, rest = spec.partition(":")
     return name, [kv for kv in rest.split(",") if kv]
@@ -126,35 +149,34 @@ class TokenReader:
         self.params, self.images, self.batch = params, images, batch
         self.model = MAE(self.cfg)
         self.cls = 1 if self.cfg.cls_token else 0
-        self._fns = {l: jax.jit(lambda p, x, l=l: self.model.apply({"params": p}, x, method=MAE.encode,
-                                                                     layer=l, pool="none"))
-                     for l in range(self.cfg.depth)}
+        layers = tuple(range(self.cfg.depth))
+        # One forward per transform: the tokens of every block, pooled here in numpy.
+        self._fn = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method=MAE.encode, layer=layers,
+                                                          pool="none"))
         self.cache: dict = {}
         self.cpu_s = 0.0
 
     def stats(self, layer: int, t: int) -> dict[str, np.ndarray]:
-        """{"mean","std","cls"} (N, D) of block ``layer`` under dihedral transform ``t``."""
-        layer = layer % self.cfg.depth
-        key = (layer, t)
-        if key not in self.cache:
+        """{"mean","std","max","cls"} (N, D) of block ``layer`` under dihedral transform ``t``."""
+        if t not in self.cache:
             k, flip = DIHEDRAL[t]
             t0 = time.process_time()
-            out = {"mean": [], "std": [], "cls": []}
+            out: dict[str, list] = {"mean": [], "std": [], "max": [], "cls": []}
             for s in range(0, len(self.images), self.batch):
-                x = dihedral(self.images[s:s + self.batch], k, flip)
-                h = np.asarray(self._fns[layer](self.params, x), np.float64)
-                tok = h[:, self.cls:]
-                out["mean"].append(tok.mean(1))
-                out["std"].append(tok.std(1))
-                out["cls"].append(h[:, 0] if self.cls else tok.mean(1))
-            self.cache[key] = {k_: np.concatenate(v) for k_, v in out.items()}
+                h = np.asarray(self._fn(self.params, dihedral(self.images[s:s + self.batch], k, flip)))
+                tok = h[:, :, self.cls:]  # (L, B, T, D)
+                out["mean"].append(tok.mean(2))
+                out["std"].append(tok.std(2))
+                out["max"].append(tok.max(2))
+                out["cls"].append(h[:, :, 0] if self.cls else tok.mean(2))
+            self.cache[t] = {k_: np.concatenate(v, axis=1).astype(np.float64) for k_, v in out.items()}
             self.cpu_s += time.process_time() - t0
-        return self.cache[key]
+        return {k_: v[layer % self.cfg.depth] for k_, v in self.cache[t].items()}
 
     def read(self, spec: str) -> np.ndarray:
         layers, pool, tta = parse_read(spec, self.cfg.depth)
         names = {"mean": ["mean"], "cls": ["cls"], "std": ["std"], "meanstd": ["mean", "std"],
-                 "meancls": ["mean", "cls"]}[pool]
+                 "meancls": ["mean", "cls"], "meanstdmax": ["mean", "std", "max"]}[pool]
         ts = range(8) if tta else [0]
         blocks = []
         for layer in layers:
@@ -264,10 +286,17 @@ def evaluate(ds: Dataset, x: np.ndarray | None, inputs: list[str], evals: set[st
         p = celltype.probe(rep, ds.labels, seed=seed)
         row["ct_linear"], row["ct_knn"] = p["linear"]["accuracy"], p["knn"]["accuracy"]
     if "feat" in evals and x is not None:
-        for kind in ("ridge", "krr"):
+        for kind in ("ridge", "krr") if "featkrr" in evals else ("ridge",):
             r2 = feature_r2(rep, ds.feats.values, seed, kind)
             row[f"feat_r2_{kind}"] = dict(zip(ds.feats.names, np.round(r2, 3).tolist()))
             row[f"feat_r2_{kind}_mean"] = float(np.mean(r2))
+    if "state" in evals and ds.state is not None:
+        # What of the true shared state S the representation carries (RBF kernel ridge R^2).
+        row["state_r2_krr"] = np.round(feature_r2(rep, ds.state, seed, "krr"), 3).tolist()
+    if "probein" in evals and x is not None:
+        for spec in inputs:
+            p = celltype.probe(morph_input(x, spec, ds.feats.values, seed), ds.labels, seed=seed)
+            row[f"ct_in[{spec}]"] = [p["linear"]["accuracy"], p["knn"]["accuracy"]]
     for kind in ("krr", "flow"):
         if kind not in evals:
             continue
@@ -279,18 +308,40 @@ def evaluate(ds: Dataset, x: np.ndarray | None, inputs: list[str], evals: set[st
     return row
 
 
+def table(path: str) -> str:
+    """Markdown table of a results.jsonl (one row per dataset x model x read-out)."""
+    rows = [json.loads(line) for line in open(path)]
+    keys = sorted({k for r in rows for k in r if k.startswith("expr_")})
+    head = ["data", "model", "read", "pretrain CPU s", "ct linear", "ct kNN", "feat R2 ridge", "feat R2 krr"] + keys
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["data"], r["model"], r["read"], f"{r.get('pretrain_cpu_s', 0):.0f}"]
+        cells += [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "" for k in
+                  ("ct_linear", "ct_knn", "feat_r2_ridge_mean", "feat_r2_krr_mean")]
+        cells += [f"{r[k]['estimate']:.3f}" if k in r else "" for k in keys]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--table":
+        print(table(sys.argv[2]))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", action="append", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--train", action="append", default=[], help="name:key=value,... (pretrain overrides)")
     p.add_argument("--read", nargs="+", default=["L-1.mean"])
     p.add_argument("--inputs", nargs="+", default=["pca8w"])
-    p.add_argument("--evals", default="probe,feat,krr")
+    p.add_argument("--evals", default="probe,feat,krr",
+                   help="probe, feat (ridge R^2 of the hand features; featkrr adds kernel ridge), state "
+                        "(R^2 of the true shared state, diagnostic), probein (probe of each morphology "
+                        "input), krr / flow (decomposition)")
     p.add_argument("--baseline", action="store_true", help="also evaluate the 8 hand features alone")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     evals = set(a.evals.split(","))
+    allow_prototype_fields()
     os.makedirs(a.out, exist_ok=True)
     res_path = os.path.join(a.out, "results.jsonl")
 

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from cosmic_jax.embed.embedder import POOLS
+
 
 def register(subparsers) -> None:
     """Add ``embed`` and ``export`` to the ``cosmic`` parser."""
@@ -24,9 +26,10 @@ def register(subparsers) -> None:
     p.add_argument("--input", required=True, metavar="CROPS", help="crop dataset directory")
     p.add_argument("--output", required=True, metavar="FILE", help="FILE.npy or FILE.h5ad")
     p.add_argument("--layer", type=int, default=None,
-                   help="encoder block to pool (default: -1 = last; for --export the exported one)")
-    p.add_argument("--pool", choices=("mean", "cls"), default=None,
-                   help="mean of patch tokens (default) or CLS token")
+                   help="encoder block to pool (default: a middle and the last block; for --export the "
+                        "exported read-out)")
+    p.add_argument("--pool", choices=POOLS, default=None,
+                   help="mean and std of the patch tokens (default), their mean, or the CLS token")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--cpu-devices", type=int, default=-1,
                    help="CPU hosts: split into N XLA devices, each batch spread over them (-1 = auto: "
@@ -45,8 +48,9 @@ def register(subparsers) -> None:
     e.add_argument("--out", required=True, metavar="DIR", help="export directory to create")
     e.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     e.add_argument("--with-decoder", action="store_true", help="also store the full MAE weights")
-    e.add_argument("--layer", type=int, default=-1, help="encoder block baked into the StableHLO")
-    e.add_argument("--pool", choices=("mean", "cls"), default="mean")
+    e.add_argument("--layer", type=int, default=None,
+                   help="encoder block baked into the StableHLO (default: a middle and the last block)")
+    e.add_argument("--pool", choices=POOLS, default=None, help="token pooling (default: mean_std)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing DIR")
     e.set_defaults(func=run_export)
 
@@ -59,8 +63,7 @@ def _make_embedder(args):
             raise SystemExit("--step applies to --checkpoint only; an export holds one step")
         return Embedder.from_export(args.export, layer=args.layer, pool=args.pool,
                                     batch_size=args.batch_size, progress=None)
-    return Embedder.from_checkpoint(args.checkpoint, step=args.step,
-                                    layer=-1 if args.layer is None else args.layer,
+    return Embedder.from_checkpoint(args.checkpoint, step=args.step, layer=args.layer,
                                     pool=args.pool or DEFAULT_POOL, batch_size=args.batch_size)
 
 
@@ -110,9 +113,10 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from cosmic_jax.embed.embedder import DEFAULT_POOL
     from cosmic_jax.embed.export import export_checkpoint
 
     manifest = export_checkpoint(args.checkpoint, args.out, step=args.step, with_decoder=args.with_decoder,
-                                 layer=args.layer, pool=args.pool, overwrite=args.overwrite)
+                                 layer=args.layer, pool=args.pool or DEFAULT_POOL, overwrite=args.overwrite)
     print(json.dumps({"export": args.out, "files": sorted(manifest["files"])}))
     return 0
