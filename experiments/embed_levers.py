@@ -18,7 +18,8 @@ and the same for the 8 hand features alone and for both, so every row can be com
 
 Train variant ``name:key=value,...`` = `cosmic_jax.configs.pretrain` overrides on the "test" config
 (the one `cosmic analyze --quick` pretrains). Read-out ``L<layers>.<pool>[.tta]``: blocks joined by
-"+" or "all" (-1 = last, after the final LayerNorm), pool in mean | cls | std | meanstd | meancls | meanstdmax, ``.tta``
+"+" or "all" (-1 = last, after the final LayerNorm), pool in mean | cls | std | meanstd | meancls | meanstdmax | mom | meanstdmom (mom = rotation-invariant
+spatial second moments of each token channel, see spatial_moments), ``.tta``
 averages the pooled vector over the 8 dihedral transforms. Morphology input: ``pca<k>[w]`` (k PCs,
 whitened with w), ``full`` (the standardised representation), ``+f`` appends the hand features.
 CPU seconds (process time, all threads) are recorded for pretraining and for embedding.
@@ -136,6 +137,25 @@ def parse_read(spec: str, depth: int) -> tuple[tuple[int, ...], str, bool]:
     return layers, parts[1], "tta" in parts[2:]
 
 
+def spatial_moments(tok: np.ndarray, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rotation-invariant second spatial moments of each token channel over the patch grid.
+
+    tok: (..., T, D) patch tokens in patchify (row-major) order. With w_t = tok_t - mean_t tok and
+    grid positions p_t centred on the crop centre, M = sum_t w_t p_t p_t^T / T per channel;
+    returns (trace M, |anisotropy of M|) = (m_xx + m_yy, sqrt((m_xx - m_yy)^2 + 4 m_xy^2)), each
+    (..., D): how a channel's response spreads over the nucleus (size, radial profile) and how
+    elongated that spread is, whatever the orientation.
+    """
+    g = np.arange(grid) - (grid - 1) / 2
+    y, x = np.repeat(g, grid), np.tile(g, grid)
+    w = tok - tok.mean(axis=-2, keepdims=True)
+    t = tok.shape[-2]
+    mxx = np.einsum("...td,t->...d", w, x * x) / t
+    myy = np.einsum("...td,t->...d", w, y * y) / t
+    mxy = np.einsum("...td,t->...d", w, x * y) / t
+    return mxx + myy, np.sqrt((mxx - myy) ** 2 + 4 * mxy**2)
+
+
 class TokenReader:
     """Pooled statistics of every encoder block's tokens, per dihedral transform (cached)."""
 
@@ -161,13 +181,15 @@ class TokenReader:
         if t not in self.cache:
             k, flip = DIHEDRAL[t]
             t0 = time.process_time()
-            out: dict[str, list] = {"mean": [], "std": [], "max": [], "cls": []}
+            out: dict[str, list] = {"mean": [], "std": [], "max": [], "cls": [], "mom": []}
             for s in range(0, len(self.images), self.batch):
                 h = np.asarray(self._fn(self.params, dihedral(self.images[s:s + self.batch], k, flip)))
                 tok = h[:, :, self.cls:]  # (L, B, T, D)
                 out["mean"].append(tok.mean(2))
                 out["std"].append(tok.std(2))
                 out["max"].append(tok.max(2))
+                r1, r2 = spatial_moments(tok, self.cfg.grid)
+                out["mom"].append(np.concatenate([r1, r2], axis=-1))
                 out["cls"].append(h[:, :, 0] if self.cls else tok.mean(2))
             self.cache[t] = {k_: np.concatenate(v, axis=1).astype(np.float64) for k_, v in out.items()}
             self.cpu_s += time.process_time() - t0
@@ -176,7 +198,8 @@ class TokenReader:
     def read(self, spec: str) -> np.ndarray:
         layers, pool, tta = parse_read(spec, self.cfg.depth)
         names = {"mean": ["mean"], "cls": ["cls"], "std": ["std"], "meanstd": ["mean", "std"],
-                 "meancls": ["mean", "cls"], "meanstdmax": ["mean", "std", "max"]}[pool]
+                 "meancls": ["mean", "cls"], "meanstdmax": ["mean", "std", "max"],
+                 "meanstdmom": ["mean", "std", "mom"], "mom": ["mom"]}[pool]
         ts = range(8) if tta else [0]
         blocks = []
         for layer in layers:

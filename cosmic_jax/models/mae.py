@@ -41,7 +41,25 @@ from cosmic_jax.models.patches import patchify, sincos_pos_embed_2d, unpatchify
 from cosmic_jax.models.vit import Transformer, _part, dense, layer_norm
 
 _token_init = nn.initializers.normal(stddev=0.02)
-POOLS = ("mean", "cls", "mean_std")  # pooled read-outs of the encoder tokens (see MAE.encode)
+POOLS = ("mean", "cls", "mean_std", "mean_std_moments")  # pooled read-outs of the tokens (MAE.encode)
+
+
+def spatial_moments(tokens: jnp.ndarray, grid: int) -> jnp.ndarray:
+    """Rotation-invariant second spatial moments of each token channel: (B, T, D) -> (B, 2D).
+
+    With w_t = token_t - mean_t token (per channel) and p_t the patch's grid position relative to
+    the crop centre, M = sum_t w_t p_t p_t^T / T (2 x 2 per channel). Returned: trace(M) (how the
+    channel's response spreads radially: size, radial profile) and the anisotropy
+    sqrt((M_xx - M_yy)^2 + 4 M_xy^2) (how elongated that spread is), both unchanged by rotating
+    the crop. The mean and std of the tokens cannot see elongation at all: they ignore where
+    each token sits.
+    """
+    g = np.arange(grid, dtype=np.float32) - (grid - 1) / 2
+    y, x = np.repeat(g, grid), np.tile(g, grid)  # patchify order is row-major
+    w = tokens - tokens.mean(axis=1, keepdims=True)
+    t = tokens.shape[1]
+    mxx, myy, mxy = (jnp.einsum("btd,t->bd", w, jnp.asarray(c)) / t for c in (x * x, y * y, x * y))
+    return jnp.concatenate([mxx + myy, jnp.sqrt((mxx - myy) ** 2 + 4 * mxy**2 + 1e-12)], axis=-1)
 
 
 def dihedral_views(images: jnp.ndarray) -> list[jnp.ndarray]:
@@ -264,7 +282,9 @@ class MAE(nn.Module):
           pool: "mean" (average of patch tokens, CLS excluded) -> (B, D); "cls" -> (B, D) CLS
             token (needs cfg.cls_token); "mean_std" -> (B, 2D) mean and standard deviation of the
             patch tokens (the spread over the nucleus carries texture and shape that the mean
-            averages away); "none" -> (B, [1+]T, D) all tokens (CLS first), stacked to
+            averages away); "mean_std_moments" -> (B, 4D): mean, std and the rotation-invariant
+            spatial moments of the patch tokens (:func:`spatial_moments`: shape, elongation);
+            "none" -> (B, [1+]T, D) all tokens (CLS first), stacked to
             (L, B, [1+]T, D) for a sequence of L layers.
           mask: if True, apply the pretraining random mask (needs ``rng``) and encode only the
             visible patches.
@@ -289,6 +309,8 @@ class MAE(nn.Module):
             raise ValueError(f"pool='cls' but config {cfg.name!r} has cls_token=False")
         if pool == "none" and dihedral:
             raise ValueError("pool='none' returns the tokens, without dihedral averaging")
+        if pool == "mean_std_moments" and mask:
+            raise ValueError("pool='mean_std_moments' needs every patch (mask=False)")
         if dihedral:
             if mask:
                 raise ValueError("dihedral=True averages whole-image embeddings; it cannot be combined with mask=True")
@@ -317,6 +339,8 @@ class MAE(nn.Module):
                 pooled.append(h[:, 0])
             else:
                 pooled += [tok.mean(axis=1), tok.std(axis=1)]
+                if pool == "mean_std_moments":
+                    pooled.append(spatial_moments(tok, cfg.grid))
         return jnp.concatenate(pooled, axis=-1) if len(pooled) > 1 else pooled[0]
 
     def reconstruct(self, images: jnp.ndarray, rng: jax.Array) -> dict[str, jnp.ndarray]:

@@ -78,23 +78,24 @@ DEFINITIONS = st.DEFINITIONS.replace(
 
 @dataclasses.dataclass
 class TextureConfig:
-    n_genes: int = 200
+    n_genes: int = 300
     n_cell_types: int = 4  # <= len(PATTERNS)
     n_shared: int = 3  # <= len(SHARED_PARAMS)
     n_morph_private: int = 3
     n_expr_private: int = 4
-    expr_signal_sd: float = 3.0
+    gene_log_base_sd: float = 0.8  # spread of the genes' baseline log expression
+    expr_signal_sd: float = 2.0
     cell_type_weight: float = 0.5  # share of the S part of each gene's signal from its type markers
     program_density: float = 0.12  # probability that a gene belongs to a given program
     morph_celltype_offset: float = 0.4  # sd of per-type latent offsets of SHARED_PARAMS
     morph_param_noise: float = 0.08  # per-cell render nuisance on the S-driven latents
-    library_size_mean: float = 6000.0
+    library_size_mean: float = 10000.0
     library_size_log_sd: float = 0.45
     library_celltype_log_sd: float = 0.15  # per-type shift of log library size
-    dispersion_median: float = 6.0  # theta_g ~ LogNormal(log median, dispersion_log_sd)
+    dispersion_median: float = 8.0  # theta_g ~ LogNormal(log median, dispersion_log_sd)
     dispersion_log_sd: float = 0.8
     zero_inflation_a: float = 1.0  # pi_g ~ Beta(a, b)
-    zero_inflation_b: float = 16.0
+    zero_inflation_b: float = 25.0
     image_size: int = 48
     records_per_shard: int = 4096
     chunk_cells: int = 512
@@ -173,7 +174,7 @@ def make_world(config: TextureConfig, seed: int) -> World:
     cfg = config.validate()
     rng = _rng(seed, _WORLD)
     g, k, ns, npr = cfg.n_genes, cfg.n_cell_types, cfg.n_shared, cfg.n_expr_private
-    log_base = rng.normal(0.0, 1.2, g)
+    log_base = rng.normal(0.0, cfg.gene_log_base_sd, g)
     log_base -= np.log(np.exp(log_base).sum())
     # Programs: K cell-type marker sets, n_shared shared and npr private programs, all sparse.
     member = _sparse_programs(rng, g, k + ns + npr, cfg.program_density)
