@@ -335,13 +335,18 @@ def table(path: str) -> str:
     """Markdown table of a results.jsonl (one row per dataset x model x read-out)."""
     rows = [json.loads(line) for line in open(path)]
     keys = sorted({k for r in rows for k in r if k.startswith("expr_")})
-    head = ["data", "model", "read", "pretrain CPU s", "ct linear", "ct kNN", "feat R2 ridge", "feat R2 krr"] + keys
+    probes = sorted({k for r in rows for k in r if k.startswith("ct_in[")})
+    head = (["data", "model", "read", "pretrain CPU s", "ct linear", "ct kNN", "feat R2 ridge", "feat R2 krr",
+             "state R2 (diag.)"] + [f"{k} lin/kNN" for k in probes] + keys)
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["data"], r["model"], r["read"], f"{r.get('pretrain_cpu_s', 0):.0f}"]
         cells += [f"{r[k]:.3f}" if isinstance(r.get(k), float) else "" for k in
                   ("ct_linear", "ct_knn", "feat_r2_ridge_mean", "feat_r2_krr_mean")]
-        cells += [f"{r[k]['estimate']:.3f}" if k in r else "" for k in keys]
+        cells.append(" ".join(f"{v:.2f}" for v in r["state_r2_krr"]) if "state_r2_krr" in r else "")
+        cells += [f"{r[k][0]:.3f}/{r[k][1]:.3f}" if k in r else "" for k in probes]
+        cells += [f"{r[k]['estimate']:.3f}" + (f" ({r[k]['spearman']:.2f})" if "spearman" in r[k] else "")
+                  if k in r else "" for k in keys]
         out.append("| " + " | ".join(cells) + " |")
     return "\n".join(out)
 
