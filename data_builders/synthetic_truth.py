@@ -8,7 +8,14 @@ from what the data show (held-out R^2 of one modality predicted from S, the rend
 parameters, measured features, raw pixels, or the other modality).
 
 The model functions (sampling, rendering) live in :mod:`data_builders.synthetic`, which
-re-exports everything here; that module is imported lazily to avoid an import cycle.
+re-exports everything here; that module is imported lazily to avoid an import cycle. The MC,
+calibration and the generic part of ``truth.json`` also serve other generator families
+(``data_builders/families``): pass their module as ``gen``. A generator module provides
+``sample_state(world, n, rng)`` (dict of per-cell arrays), ``sample_counts(world, state, rng)``
+(dict with ``counts``), ``sample_images(world, state, rng)`` (images first), ``log_normalize``,
+``_rng(seed, *stream)`` and the stream ``_CALIB``; its ``world`` has ``config`` (with the MC sizes
+``*_mc_outer`` / ``*_mc_inner``, ``calib_*``, ``mc_groups``, ``chunk_cells``, ``n_genes``),
+``angle``, ``seed``, ``gene_names``, ``cell_types``, ``shared_scale`` and ``private_scale``.
 """
 
 from __future__ import annotations
@@ -101,33 +108,37 @@ def _jackknife(stat: Callable[[np.ndarray, np.ndarray], np.ndarray], nested: _Ne
 
 def _run_nested(
     world, rng: np.random.Generator, n_outer: int, n_inner: int, n_groups: int, dim: int,
-    inner_fn: Callable[[dict[str, np.ndarray], np.random.Generator], np.ndarray], chunk: int,
+    inner_fn: Callable[[dict[str, np.ndarray], np.random.Generator], np.ndarray], chunk: int, gen=None,
 ) -> _Nested:  # fmt: skip
-    syn = _syn()
+    gen = gen or _syn()
     nested = _Nested(n_groups, n_inner, dim)
     for start in range(0, n_outer, chunk):
         m = min(chunk, n_outer - start)
-        state = syn.sample_state(world, m, rng)
-        rep = syn._take(state, np.repeat(np.arange(m), n_inner))
+        state = gen.sample_state(world, m, rng)
+        inner = np.repeat(np.arange(m), n_inner)
+        rep = {k: v[inner] for k, v in state.items()}
         y = inner_fn(rep, rng).reshape(m, n_inner, dim)
         nested.add(y, (start + np.arange(m)) % n_groups)
     return nested
 
 
 def expression_truth(
-    world, rng: np.random.Generator, n_outer: int | None = None, n_inner: int | None = None
+    world, rng: np.random.Generator, n_outer: int | None = None, n_inner: int | None = None, gen=None
 ) -> dict[str, Any]:
     """Nested-MC truth of Var(E[x_g | S]) / Var(x_g) (see :data:`DEFINITIONS`).
+
+    Args:
+      gen: the generator module of ``world`` (default :mod:`data_builders.synthetic`).
 
     Returns:
       dict: ``per_gene`` (G,), ``per_gene_se`` (G,), ``overall`` float, ``overall_se`` float.
     """
-    syn, cfg = _syn(), world.config
+    syn, cfg = gen or _syn(), world.config
     n_outer = n_outer or cfg.expr_mc_outer
     n_inner = n_inner or cfg.expr_mc_inner
     nested = _run_nested(
         world, rng, n_outer, n_inner, cfg.mc_groups, cfg.n_genes,
-        lambda st, r: syn.log_normalize(syn.sample_counts(world, st, r)["counts"]), chunk=1000,
+        lambda st, r: syn.log_normalize(syn.sample_counts(world, st, r)["counts"]), chunk=1000, gen=syn,
     )  # fmt: skip
     per_gene, per_gene_se = _jackknife(lambda b, w: b / (b + w), nested)
     overall, overall_se = _jackknife(lambda b, w: np.array(b.sum() / (b + w).sum()), nested)
@@ -138,21 +149,24 @@ def expression_truth(
 
 
 def morphology_truth(
-    world, rng: np.random.Generator, n_outer: int | None = None, n_inner: int | None = None
+    world, rng: np.random.Generator, n_outer: int | None = None, n_inner: int | None = None, gen=None
 ) -> dict[str, Any]:
     """Nested-MC truth of Var(E[f_k | S]) / Var(f_k) on measured features (images rendered).
+
+    Args:
+      gen: the generator module of ``world`` (default :mod:`data_builders.synthetic`).
 
     Returns:
       dict: ``per_feature`` (F,), ``per_feature_se``, ``overall`` (mean over features),
       ``overall_se``, and the population ``feature_mean`` / ``feature_std`` (F,) of raw features.
     """
-    syn, cfg = _syn(), world.config
+    syn, cfg = gen or _syn(), world.config
     n_outer = n_outer or cfg.morph_mc_outer
     n_inner = n_inner or cfg.morph_mc_inner
     nested = _run_nested(
         world, rng, n_outer, n_inner, cfg.mc_groups, len(morph_features.FEATURE_NAMES),
         lambda st, r: morph_features.measure_batch(syn.sample_images(world, st, r)[0]),
-        chunk=max(1, cfg.chunk_cells // n_inner),
+        chunk=max(1, cfg.chunk_cells // n_inner), gen=syn,
     )  # fmt: skip
     per_f, per_f_se = _jackknife(lambda b, w: b / (b + w), nested)
     overall, overall_se = _jackknife(lambda b, w: np.array(np.mean(b / (b + w))), nested)
@@ -163,22 +177,22 @@ def morphology_truth(
     }  # fmt: skip
 
 
-def calibrate(world, shared_fraction: float, rng_seed: int | None = None, xtol: float = 2e-3):
+def calibrate(world, shared_fraction: float, rng_seed: int | None = None, xtol: float = 2e-3, gen=None):
     """Set the shared/private angle so the overall expression truth equals ``shared_fraction``.
 
     Uses a fixed-seed (common random numbers) MC estimate inside Brent's method, so the
-    objective is a smooth function of the angle.
+    objective is a smooth function of the angle. ``gen``: the generator module of ``world``.
     """
     from scipy.optimize import brentq
 
-    syn = _syn()
+    syn = gen or _syn()
 
     cfg = world.config
     seed = world.seed if rng_seed is None else rng_seed
 
     def frac(angle: float) -> float:
         w = dataclasses.replace(world, angle=float(angle))
-        return expression_truth(w, syn._rng(seed, syn._CALIB), cfg.calib_outer, cfg.calib_inner)["overall"]
+        return expression_truth(w, syn._rng(seed, syn._CALIB), cfg.calib_outer, cfg.calib_inner, gen=syn)["overall"]
 
     hi, lo = frac(0.0), frac(np.pi / 2)
     if not lo + 0.005 < shared_fraction < hi - 0.005:
@@ -193,9 +207,23 @@ def calibrate(world, shared_fraction: float, rng_seed: int | None = None, xtol: 
 
 def truth_dict(world, shared_fraction: float, n_cells: int, et: dict, mt: dict) -> dict[str, Any]:
     """The ``truth.json`` content from :func:`expression_truth` (et) / :func:`morphology_truth` (mt)."""
+    resp_features = sorted({f for p in _syn().RESPONDER_PARAMS for f in morph_features.PARAM_TO_FEATURES[p]})
+    truth = truth_core(world, shared_fraction, n_cells, et, mt, DEFINITIONS)
+    truth.update({
+        "responder_genes": world.responder_genes,
+        "responder_log_fold_change": {world.gene_names[g]: float(world.responder_lfc[g])
+                                      for g in np.flatnonzero(world.responder_lfc)},  # fmt: skip
+        "responder_features": resp_features,
+        "responder_morph_params": list(_syn().RESPONDER_PARAMS),
+        "response_levels": list(_syn().RESPONSE_LEVELS),
+    })
+    return truth
+
+
+def truth_core(world, shared_fraction: float, n_cells: int, et: dict, mt: dict, definitions: str) -> dict[str, Any]:
+    """The ``truth.json`` keys every generator family writes (truths, MC record, definitions)."""
     cfg = world.config
     fn = list(morph_features.FEATURE_NAMES)
-    resp_features = sorted({f for p in _syn().RESPONDER_PARAMS for f in morph_features.PARAM_TO_FEATURES[p]})
     return {
         "expr_var_explained_by_morph": et["overall"],
         "expr_var_explained_by_morph_se": et["overall_se"],
@@ -205,13 +233,7 @@ def truth_dict(world, shared_fraction: float, n_cells: int, et: dict, mt: dict) 
         "expr_var_explained_by_morph_per_gene_se": dict(zip(world.gene_names, map(float, et["per_gene_se"]))),
         "morph_var_explained_by_expr_per_feature": dict(zip(fn, map(float, mt["per_feature"]))),
         "morph_var_explained_by_expr_per_feature_se": dict(zip(fn, map(float, mt["per_feature_se"]))),
-        "responder_genes": world.responder_genes,
-        "responder_log_fold_change": {world.gene_names[g]: float(world.responder_lfc[g])
-                                      for g in np.flatnonzero(world.responder_lfc)},  # fmt: skip
-        "responder_features": resp_features,
-        "responder_morph_params": list(_syn().RESPONDER_PARAMS),
         "cell_types": world.cell_types,
-        "response_levels": list(_syn().RESPONSE_LEVELS),
         "feature_names": fn,
         "feature_standardization": {"mean": mt["feature_mean"].tolist(), "std": mt["feature_std"].tolist()},
         "shared_fraction_target": float(shared_fraction),
@@ -226,7 +248,7 @@ def truth_dict(world, shared_fraction: float, n_cells: int, et: dict, mt: dict) 
             "calibration": {"n_outer": cfg.calib_outer, "n_inner": cfg.calib_inner},
             "jackknife_groups": cfg.mc_groups,
         },
-        "definitions": DEFINITIONS,
+        "definitions": definitions,
     }
 
 

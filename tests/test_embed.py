@@ -11,6 +11,7 @@ from cosmic_jax.configs import overrides as cfg_io  # noqa: E402
 from cosmic_jax.configs import pretrain as pretrain_configs  # noqa: E402
 from cosmic_jax.data.records import encode_record, write_shards  # noqa: E402
 from cosmic_jax.embed import Embedder, EmbedInputError  # noqa: E402
+from cosmic_jax.embed.embedder import DEFAULT_DIHEDRAL, DEFAULT_POOL, default_layers  # noqa: E402
 from cosmic_jax.models.mae import MAE, abstract_params, model_config  # noqa: E402
 
 ATOL = 2e-5
@@ -51,7 +52,9 @@ def emb4(cfg, params):
 
 
 def reference(cfg, params, x, **kw):
-    """Straight model.apply on the whole input at once, no Embedder involved."""
+    """Straight model.apply on the whole input at once, no Embedder involved (the Embedder's
+    default read-out unless ``kw`` says otherwise)."""
+    kw = {"layer": default_layers(cfg.depth), "pool": DEFAULT_POOL, "dihedral": DEFAULT_DIHEDRAL, **kw}
     return np.asarray(MAE(cfg).apply({"params": params}, x, method=MAE.encode, **kw))
 
 
@@ -76,7 +79,7 @@ def test_batch_size_independent_and_one_compile(cfg, params, images, emb4):
     a = emb4.embed(images)  # 11 = 2 full batches of 4 + 3 padded
     b = Embedder(cfg, params, batch_size=16).embed(images)  # one padded batch
     chunks = np.concatenate([emb4.embed(images[i:i + 3]) for i in range(0, 11, 3)])
-    assert a.shape == (11, cfg.hidden) and a.dtype == np.float32
+    assert a.shape == (11, emb4.dim) and a.dtype == np.float32
     np.testing.assert_allclose(a, ref, atol=ATOL)
     np.testing.assert_allclose(b, ref, atol=ATOL)
     np.testing.assert_allclose(chunks, ref, atol=ATOL)
@@ -109,7 +112,7 @@ def test_batches_split_over_devices_with_micro_batches(cfg, params, images):
 
 
 def test_n0_n1_dtypes_and_channel_axis(cfg, params, images, emb4):
-    assert emb4.embed(images[:0]).shape == (0, cfg.hidden)
+    assert emb4.embed(images[:0]).shape == (0, emb4.dim)
     one = emb4.embed(images[:1])
     np.testing.assert_allclose(one, reference(cfg, params, images[:1]), atol=ATOL)
     np.testing.assert_allclose(emb4.embed(images[..., 0]), emb4.embed(images), atol=0)  # (N,H,W)
@@ -146,19 +149,48 @@ def test_nan_names_the_image(emb4, images):
 
 
 def test_layer_and_pool(cfg, params, images):
-    last = Embedder(cfg, params, batch_size=8, layer=-1).embed(images)
-    explicit = Embedder(cfg, params, batch_size=8, layer=cfg.depth - 1).embed(images)
-    first = Embedder(cfg, params, batch_size=8, layer=0).embed(images)
-    cls = Embedder(cfg, params, batch_size=8, pool="cls").embed(images)
+    def emb(**kw):
+        return Embedder(cfg, params, batch_size=8, dihedral=False, **kw).embed(images)
+
+    last = emb(layer=-1, pool="mean")
+    explicit = emb(layer=cfg.depth - 1, pool="mean")
+    first = emb(layer=0, pool="mean")
+    cls = emb(layer=-1, pool="cls")
     np.testing.assert_array_equal(last, explicit)
-    np.testing.assert_allclose(first, reference(cfg, params, images, layer=0), atol=ATOL)
-    np.testing.assert_allclose(cls, reference(cfg, params, images, pool="cls"), atol=ATOL)
+    np.testing.assert_allclose(first, reference(cfg, params, images, layer=0, pool="mean", dihedral=False), atol=ATOL)
+    np.testing.assert_allclose(cls, reference(cfg, params, images, layer=-1, pool="cls", dihedral=False), atol=ATOL)
     assert np.abs(first - last).max() > 0.1
     assert np.abs(cls - last).max() > 0.1
+    # mean_std: [mean, std] of the patch tokens; several blocks: their pooled outputs side by side.
+    tokens = reference(cfg, params, images, layer=0, pool="none", dihedral=False)[:, 1:]
+    both = emb(layer=(0, -1), pool="mean_std")
+    d = cfg.hidden
+    assert both.shape == (len(images), 4 * d)
+    np.testing.assert_allclose(both[:, :d], first, atol=ATOL)
+    np.testing.assert_allclose(both[:, d:2 * d], tokens.std(axis=1), atol=ATOL)
+    np.testing.assert_allclose(both[:, 2 * d:3 * d], last, atol=ATOL)
     with pytest.raises(ValueError, match=r"layer=2 out of range for a 2-block encoder"):
         Embedder(cfg, params, layer=2)
     with pytest.raises(ValueError, match=r"pool must be one of"):
         Embedder(cfg, params, pool="max")
+    with pytest.raises(ValueError, match=r"layer must be an int or a non-empty sequence"):
+        Embedder(cfg, params, layer=())
+
+
+def test_dihedral_average_is_orientation_invariant(cfg, params, images):
+    emb = Embedder(cfg, params, batch_size=8, dihedral=True, pool="mean", layer=-1)
+    plain = Embedder(cfg, params, batch_size=8, dihedral=False, pool="mean", layer=-1).embed(images)
+    a = emb.embed(images)
+    views = [np.rot90(images, 1, axes=(1, 2)), images[:, :, ::-1], np.rot90(images[:, ::-1], 3, axes=(1, 2))]
+    for v in views:
+        np.testing.assert_allclose(emb.embed(np.ascontiguousarray(v)), a, atol=ATOL)
+    # = the mean of the plain embeddings of the 8 views
+    eight = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+    eight += [np.rot90(images[:, :, ::-1], k, axes=(1, 2)) for k in range(4)]
+    mean = np.mean([Embedder(cfg, params, batch_size=8, dihedral=False, pool="mean", layer=-1)
+                    .embed(np.ascontiguousarray(v)) for v in eight], axis=0)
+    np.testing.assert_allclose(a, mean, atol=ATOL)
+    assert np.abs(a - plain).max() > 1e-3
 
 
 def test_crop_dataset_in_dataset_order(tmp_path, images, emb4):
@@ -191,7 +223,8 @@ def test_embed_anndata_matches_shuffled_crops(tmp_path, images, emb4):
     np.testing.assert_allclose(adata.obsm["X_test"], want, atol=ATOL)
     np.testing.assert_array_equal(out, adata.obsm["X_test"])
     meta = adata.uns["X_test_meta"]
-    assert (meta["model"], meta["layer"], meta["pool"], meta["dim"]) == ("vit_test", -1, "mean", 64)
+    assert (meta["model"], list(meta["layer"]), meta["pool"], meta["dihedral"], meta["dim"]) == (
+        "vit_test", [0, 1], "mean_std", True, 256)
     # an array with ids, via obs["cell_id"] (obs_names are something else here)
     adata2 = ad.AnnData(obs=pd.DataFrame({"cell_id": [ids[i] for i in obs_order]},
                                          index=[f"r{i}" for i in range(len(images))]))

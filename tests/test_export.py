@@ -94,13 +94,13 @@ def test_fresh_process_consumer_matches(tmp_path, export_dir, embedder, images):
     assert info["in_shapes"] == ["(b, 32, 32, 1)"] and "cuda" in info["platforms"]
     got = np.load(tmp_path / "y.npy")
     want = embedder.embed(images)
-    assert got.shape == want.shape == (7, 64)
+    assert got.shape == want.shape == (7, 128)  # mean and std of block 0's tokens
     np.testing.assert_allclose(got, want, atol=ATOL)
 
 
 def test_from_export_matches_in_memory(export_dir, embedder, images):
     e = Embedder.from_export(export_dir, batch_size=3)
-    assert (e.layer, e.pool, e.step) == (0, "mean", 5)
+    assert (e.layer, e.pool, e.dihedral, e.step) == (0, "mean_std", True, 5)
     np.testing.assert_allclose(e.embed(images), embedder.embed(images), atol=ATOL)
     last = Embedder.from_export(export_dir, layer=-1, batch_size=3).embed(images)
     assert np.abs(last - e.embed(images)).max() > 0.1  # the layer can still be overridden

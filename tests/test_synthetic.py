@@ -204,8 +204,9 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         synthetic.make_config(overrides=["n_shared=5"])
     with pytest.raises(ValueError, match="not reachable"):
         synthetic.calibrate(synthetic.make_world(_cfg(expr_signal_sd=0.3), 0), 0.9)
+    blob = np.pad(np.ones((6, 6)), 5)
     with pytest.raises(ValueError, match="crop 1: no nucleus"):
-        morph_features.measure_batch(np.stack([np.ones((8, 8)), np.zeros((8, 8))]))
+        morph_features.measure_batch(np.stack([blob, np.zeros_like(blob)]))
     with pytest.raises(ValueError, match="cellA: crop has NaN"):
         morph_features.measure(np.full((8, 8), np.nan), where="cellA")
 

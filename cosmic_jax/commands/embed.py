@@ -51,18 +51,20 @@ def register(subparsers) -> None:
 
 
 def _make_embedder(args):
-    from cosmic_jax.embed.embedder import Embedder
+    from cosmic_jax.embed.embedder import Embedder, parse_layers
 
     cfg = args.cfg
     if args.export:
         if args.step is not None:
             raise ValueError("--step applies to --checkpoint only; an export holds one step")
-        baked = [o for o in args.config_overrides if o.lstrip("-").startswith(("config.layer", "config.pool"))]
+        baked = [o for o in args.config_overrides
+                 if o.lstrip("-").startswith(("config.layer", "config.pool", "config.dihedral"))]
         if baked:
-            raise ValueError(f"{args.export}: an export has its layer and pool baked in; drop {' '.join(baked)}")
+            raise ValueError(f"{args.export}: an export has its read-out (layer, pool, dihedral) baked in; "
+                             f"drop {' '.join(baked)}")
         return Embedder.from_export(args.export, batch_size=cfg.batch_size)
-    return Embedder.from_checkpoint(args.checkpoint, step=args.step, layer=cfg.layer, pool=cfg.pool,
-                                    batch_size=cfg.batch_size)
+    return Embedder.from_checkpoint(args.checkpoint, step=args.step, layer=parse_layers(cfg.layer), pool=cfg.pool,
+                                    dihedral=cfg.dihedral, batch_size=cfg.batch_size)
 
 
 def run_embed(args: argparse.Namespace) -> int:
@@ -99,10 +101,12 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     setup_logging()
+    from cosmic_jax.embed.embedder import parse_layers
     from cosmic_jax.embed.export import export_checkpoint
 
     cfg = args.cfg
     manifest = export_checkpoint(args.checkpoint, args.out, step=args.step, with_decoder=args.with_decoder,
-                                 layer=cfg.layer, pool=cfg.pool, overwrite=args.overwrite)
+                                 layer=parse_layers(cfg.layer), pool=cfg.pool, dihedral=cfg.dihedral,
+                                 overwrite=args.overwrite)
     print(json.dumps({"export": args.out, "files": sorted(manifest["files"])}))
     return 0

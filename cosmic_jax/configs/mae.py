@@ -51,6 +51,9 @@ def get_config(name: str = "vit_test") -> ml_collections.ConfigDict:
     c.norm_pix_loss = True
     c.norm_pix_eps = 1e-6  # added to the patch variance: a flat patch must not give 0/0
     c.cls_token = True
+    # weight of an extra loss on each masked patch's (mean, std), which norm_pix_loss removes from the
+    # target: brightness and contrast are biological signals (notes/science.md); 0 = off
+    c.patch_stats_loss = 0.0
     # numerics
     c.dtype = "float32"  # compute dtype: "float32" | "bfloat16"; params are always float32
     c.layer_norm_eps = 1e-12  # HF ViTMAE default

@@ -2,8 +2,17 @@
 
 These are the quantities on which the synthetic morphology ground truth is defined
 (``truth.json: morph_var_explained_by_expr_per_feature``), so any analysis can recompute
-them from the crops alone. All features are rotation invariant; the nucleus is the set of
-pixels > 0 (crops have an exactly-zero background).
+them from the crops alone. All features are rotation invariant.
+
+The nucleus is segmented inside the crop, so the features do not depend on whether the crop's
+background was masked to exactly zero or still holds the camera background and noise: smooth
+(Gaussian, sigma 1 px); Otsu threshold per crop; edge threshold = 30 % of the nucleus level
+(median of the smoothed pixels above the Otsu threshold), or 30 % of the way up from the
+background level (median below it) if that is higher. A fraction of the nucleus level alone does
+not depend on the background, so a masked crop and its unmasked original segment alike, and 30 %
+keeps the dim periphery of dome-shaped nuclei and the dim centre of ring-shaped ones inside. Then
+keep the connected component nearest the crop centre and fill its holes. Intensity features read
+the pixels as they are (a masked crop carries no background level to subtract).
 
 Features (:data:`FEATURE_NAMES`):
   area: nucleus pixel count.
@@ -57,6 +66,10 @@ PARAM_TO_FEATURES = {
 _TOPHAT_RADIUS = 1  # opening by a 3 px cross keeps ~1 px nucleoli, flattens smooth chromatin blobs
 _ERODE_RADIUS = 2
 _SPOT_THRESHOLD = 0.05
+_SEG_SIGMA = 1.0  # smoothing before thresholding: pixel noise must not fray the edge
+_SEG_LEVEL = 0.3  # edge at this fraction of the nucleus level ...
+_SEG_CONTRAST = 0.3  # ... but at least this fraction of the way up from a bright background
+_OTSU_BINS = 256
 
 
 def _as_batch(crops: np.ndarray, where: str) -> np.ndarray:
@@ -77,11 +90,86 @@ def _footprint(radius: int) -> np.ndarray:
     return morphology.disk(radius)[None].astype(bool)
 
 
+def _plane_structure(connectivity: int = 1) -> np.ndarray:
+    from scipy import ndimage
+
+    # (3, 3, 3) with only the middle plane set: labelling / hole filling never crosses the batch axis.
+    st = np.zeros((3, 3, 3), bool)
+    st[1] = ndimage.generate_binary_structure(2, connectivity)
+    return st
+
+
+def _otsu_batch(x: np.ndarray) -> np.ndarray:
+    """Per-image Otsu threshold of (N, H, W) images (histograms of 256 bins between min and max)."""
+    n = len(x)
+    lo, hi = x.min(axis=(1, 2)), x.max(axis=(1, 2))
+    span = np.maximum(hi - lo, 1e-300)
+    q = np.clip(((x - lo[:, None, None]) / span[:, None, None] * (_OTSU_BINS - 1)).round().astype(np.int64),
+                0, _OTSU_BINS - 1)
+    hist = np.bincount((q + _OTSU_BINS * np.arange(n)[:, None, None]).ravel(),
+                       minlength=n * _OTSU_BINS).reshape(n, _OTSU_BINS).astype(np.float64)
+    centres = lo[:, None] + span[:, None] * np.arange(_OTSU_BINS)[None] / (_OTSU_BINS - 1)
+    w0 = np.cumsum(hist, axis=1)
+    s0 = np.cumsum(hist * centres, axis=1)
+    w1, s1 = w0[:, -1:] - w0, s0[:, -1:] - s0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = w0 * w1 * (s0 / w0 - s1 / w1) ** 2
+    between = np.where((w0 > 0) & (w1 > 0), between, -1.0)
+    return np.take_along_axis(centres, np.argmax(between, axis=1)[:, None], axis=1)[:, 0]
+
+
+def _masked_median(x: np.ndarray, where: np.ndarray) -> np.ndarray:
+    """Per-image median of x over ``where`` (N, H, W); NaN where an image has no such pixel."""
+    return np.nanmedian(np.where(where, x, np.nan).reshape(len(x), -1), axis=1)
+
+
+def segment_batch(crops: np.ndarray, label_of=None) -> np.ndarray:
+    """Segment the nucleus of each crop (see the module docstring).
+
+    Args:
+      crops: (N, H, W) float images; background masked to 0 or not.
+      label_of: ``i -> name`` of crop i for error messages.
+
+    Returns:
+      (N, H, W) bool nucleus masks (one filled component per crop).
+    """
+    from scipy import ndimage
+    from skimage import filters
+
+    imgs = np.asarray(crops, np.float64)
+    n, h, w = imgs.shape
+    label_of = label_of or (lambda i: f"crop {i}")
+    smooth = filters.gaussian(imgs, sigma=(0, _SEG_SIGMA, _SEG_SIGMA), preserve_range=True)
+    flat = np.ptp(smooth.reshape(n, -1), axis=1) <= 1e-9 * np.maximum(np.abs(smooth).max(axis=(1, 2)), 1.0)
+    if flat.any():
+        raise ValueError(f"{label_of(int(np.argmax(flat)))}: no nucleus (the crop is constant)")
+    otsu = _otsu_batch(smooth)[:, None, None]
+    fg_level = _masked_median(smooth, smooth > otsu)
+    bg_level = _masked_median(smooth, smooth <= otsu)
+    thr = np.maximum(_SEG_LEVEL * fg_level, bg_level + _SEG_CONTRAST * (fg_level - bg_level))
+    fg = smooth > thr[:, None, None]
+
+    # Keep the component nearest the crop centre (ties: the larger one). ndimage.label numbers
+    # components in C order, so each image's labels follow the previous image's.
+    labels, n_lab = ndimage.label(fg, structure=_plane_structure())
+    idx = np.arange(1, n_lab + 1)
+    yy, xx = np.mgrid[0:h, 0:w]
+    dist = np.broadcast_to(np.hypot(yy - (h - 1) / 2, xx - (w - 1) / 2), imgs.shape)
+    near = ndimage.minimum(dist, labels, idx)
+    size = np.bincount(labels.ravel(), minlength=n_lab + 1)[1:]
+    owner = ndimage.minimum(np.broadcast_to(np.arange(n)[:, None, None], imgs.shape), labels, idx).astype(np.int64)
+    order = np.lexsort((-size, near, owner))
+    first = np.unique(owner[order], return_index=True)[1]
+    best = np.zeros(n, np.int64)
+    best[owner[order[first]]] = idx[order[first]]
+    return ndimage.binary_fill_holes(labels == best[:, None, None], structure=_plane_structure())
+
+
 def measure_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarray:
     """Measure :data:`FEATURE_NAMES` on a batch of crops (vectorised over the batch).
 
     Args:
-      crops: (N, H, W) or (N, H, W, 1) images with an exactly-zero background.
+      crops: (N, H, W) or (N, H, W, 1) images, background masked to zero or not.
       names: optional per-crop names (cell_ids) used in error messages.
 
     Returns:
@@ -97,25 +185,7 @@ def measure_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     bad = ~np.isfinite(imgs).all(axis=(1, 2))
     if bad.any():
         raise ValueError(f"{label_of(int(np.argmax(bad)))}: crop has NaN or Inf values")
-    fg = imgs > 0
-    empty = ~fg.any(axis=(1, 2))
-    if empty.any():
-        raise ValueError(f"{label_of(int(np.argmax(empty)))}: no nucleus pixels (image is all zero)")
-
-    # Largest connected component per crop; the structure does not connect across the batch.
-    structure = np.zeros((3, 3, 3), bool)
-    structure[1] = ndimage.generate_binary_structure(2, 1)
-    labels, n_lab = ndimage.label(fg, structure=structure)
-    sizes = np.bincount(labels.ravel(), minlength=n_lab + 1)
-    sizes[0] = 0
-    owner = np.zeros(n_lab + 1, np.int64)
-    owner[labels[fg]] = np.nonzero(fg)[0]
-    best = np.zeros(n, np.int64)
-    best_size = np.full(n, -1)
-    for lab in np.argsort(sizes)[1:]:  # ascending, so the largest per image wins
-        best[owner[lab]] = lab
-        best_size[owner[lab]] = sizes[lab]
-    mask = labels == best[:, None, None]
+    mask = segment_batch(imgs, label_of)
 
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     m = mask.astype(np.float64)
@@ -192,7 +262,7 @@ def measure(crop: np.ndarray, where: str = "crop") -> np.ndarray:
     """Measure :data:`FEATURE_NAMES` on one crop.
 
     Args:
-      crop: (H, W) or (H, W, 1) image, background exactly 0.
+      crop: (H, W) or (H, W, 1) image, background masked to zero or not.
       where: names the crop in error messages (e.g. its cell_id).
 
     Returns:

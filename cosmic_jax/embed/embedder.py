@@ -20,8 +20,13 @@ import numpy as np
 from cosmic_jax.data.cells import cell_ids as cell_ids_of
 from cosmic_jax.data.cells import match_ids
 
-POOLS = ("mean", "cls")
-DEFAULT_POOL = "mean"  # mean of patch tokens: does not depend on the (weakly trained) CLS token
+POOLS = ("mean", "cls", "mean_std")
+# Read-out defaults (notes/science.md, "Embedding levers"): mean and std of the patch tokens of a
+# middle and the last block, averaged over the 8 rotations / reflections of the crop. On both
+# generator families this carried the morphology far better than the last block's mean token
+# (cell type, hand-measured features, expression variance explained).
+DEFAULT_POOL = "mean_std"
+DEFAULT_DIHEDRAL = True
 DEFAULT_BATCH = 256
 # Images per encoder pass inside one compiled call. Why: at 256 images the (16640, 1536) MLP
 # activations (102 MB) spill the 32 MB L3; 32-image chunks stay in cache. vit_s8_64 on 2 cores,
@@ -49,9 +54,14 @@ class Embedder:
       model_cfg: a :class:`cosmic_jax.configs.mae.MAEConfig`.
       params: the MAE ``params`` pytree (encoder weights are enough; decoder weights are ignored).
       layer: encoder block whose output is pooled; -1 = the last block (after the final
-        LayerNorm), ``0..depth-1`` or negative indices like Python lists. Intermediate blocks
-        often embed microscopy better than the last one.
-      pool: ``"mean"`` (mean of patch tokens, default) or ``"cls"`` (the CLS token).
+        LayerNorm), ``0..depth-1`` or negative indices like Python lists; or a sequence of blocks
+        (their pooled outputs are concatenated); None (default) = :func:`default_layers`, a
+        middle block and the last. Intermediate blocks often embed microscopy better than the
+        last one.
+      pool: ``"mean_std"`` (mean and std of the patch tokens, default), ``"mean"`` or ``"cls"``
+        (the CLS token).
+      dihedral: average each embedding over the 8 rotations / reflections of the crop
+        (orientation invariant; 8x the encoder compute).
       batch_size: images per compiled call; the last batch is zero-padded.
       micro_batch: images per encoder pass on each device inside a call (a ``lax.map`` over
         chunks, for cache locality); used when it divides the per-device batch, else that whole
@@ -69,8 +79,9 @@ class Embedder:
         model_cfg: Any,
         params: Any,
         *,
-        layer: int = -1,
+        layer: int | Sequence[int] | None = None,
         pool: str = DEFAULT_POOL,
+        dihedral: bool = DEFAULT_DIHEDRAL,
         batch_size: int = DEFAULT_BATCH,
         micro_batch: int = DEFAULT_MICRO_BATCH,
         devices: int | None = None,
@@ -90,12 +101,15 @@ class Embedder:
         # init_variables() boxes params with logical-axis metadata; inference wants plain arrays.
         params = nn.meta.unbox(params)
         self.depth = int(model_cfg.depth)
-        self.layer = self._check_layer(layer)
+        if layer == "all":
+            layer = tuple(range(self.depth))
+        self.layer = self._check_layer(default_layers(self.depth) if layer is None else layer)
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
         if pool == "cls" and not getattr(model_cfg, "cls_token", True):
             raise ValueError(f"pool='cls' but model {model_cfg.name!r} has no CLS token (cls_token=False)")
         self.pool = pool
+        self.dihedral = bool(dihedral)
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -114,10 +128,11 @@ class Embedder:
         self.progress = progress
         self.input_shape = (int(model_cfg.image_size), int(model_cfg.image_size), int(model_cfg.channels))
 
-        model, layer_, pool_ = self.model, self.layer, self.pool
+        model, layer_, pool_, dihedral_ = self.model, self.layer, self.pool, self.dihedral
 
         def encode(params, images):
-            return model.apply({"params": params}, images, method=MAE.encode, layer=layer_, pool=pool_)
+            return model.apply({"params": params}, images, method=MAE.encode, layer=layer_, pool=pool_,
+                               dihedral=dihedral_)
 
         per_device = self.batch_size // d
         micro = int(micro_batch) if int(micro_batch) > 0 and per_device % int(micro_batch) == 0 else per_device
@@ -143,20 +158,23 @@ class Embedder:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_checkpoint(
-        cls, path: str, step: int | None = None, layer: int = -1, pool: str = DEFAULT_POOL, **kw
+        cls, path: str, step: int | None = None, layer: int | Sequence[int] | None = None,
+        pool: str = DEFAULT_POOL, dihedral: bool = DEFAULT_DIHEDRAL, **kw
     ) -> "Embedder":
         """Load a ``cosmic pretrain`` workdir (latest step unless ``step``); see class Args."""
         from cosmic_jax.train.pretrain import load_for_inference
 
         model_cfg, params, got_step, _info = load_for_inference(path, step=step)
-        return cls(model_cfg, params, layer=layer, pool=pool, step=int(got_step),
+        return cls(model_cfg, params, layer=layer, pool=pool, dihedral=dihedral, step=int(got_step),
                    source=f"checkpoint:{os.path.abspath(path)}", **kw)
 
     @classmethod
     def from_export(
-        cls, path: str, layer: int | None = None, pool: str | None = None, **kw
+        cls, path: str, layer: int | Sequence[int] | None = None, pool: str | None = None,
+        dihedral: bool | None = None, **kw
     ) -> "Embedder":
-        """Load an export directory (hashes verified); layer/pool default to the exported ones."""
+        """Load an export directory (hashes verified); layer/pool/dihedral default to the exported ones
+        (exports older than the dihedral option were not averaged)."""
         from cosmic_jax.embed.export import load_export
 
         bundle = load_export(path)
@@ -166,6 +184,7 @@ class Embedder:
             bundle.params,
             layer=emb["layer"] if layer is None else layer,
             pool=emb["pool"] if pool is None else pool,
+            dihedral=emb.get("dihedral", False) if dihedral is None else dihedral,
             step=bundle.config.get("training_step"),
             source=f"export:{os.path.abspath(path)}",
             **kw,
@@ -183,29 +202,43 @@ class Embedder:
         return {
             "model": self.model_name,
             "step": -1 if self.step is None else int(self.step),
-            "layer": int(self.layer),
-            "layer_index": int(self.layer % self.depth),
-            "pool": self.pool,
+            **self.readout(),
             "dim": int(self.dim),
             "input_shape": list(self.input_shape),
             "source": self.source or "in-memory",
             "cosmic_jax_version": cosmic_jax.__version__,
         }
 
+    def readout(self) -> dict[str, Any]:
+        """How the embedding is read from the encoder: layer(s) as given and as block indices, pool,
+        dihedral averaging (h5ad- and JSON-safe)."""
+        multi = isinstance(self.layer, tuple)
+        return {
+            "layer": list(self.layer) if multi else int(self.layer),
+            "layer_index": [li % self.depth for li in self.layer] if multi else int(self.layer % self.depth),
+            "pool": self.pool,
+            "dihedral": self.dihedral,
+        }
+
     def __repr__(self) -> str:
         return (f"Embedder(model={self.model_name!r}, step={self.step}, layer={self.layer}, "
-                f"pool={self.pool!r}, dim={self.dim}, batch_size={self.batch_size}, devices={self.num_devices})")
+                f"pool={self.pool!r}, dihedral={self.dihedral}, dim={self.dim}, batch_size={self.batch_size}, "
+                f"devices={self.num_devices})")
 
     # ------------------------------------------------------------------ validation
-    def _check_layer(self, layer: int) -> int:
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise ValueError(f"layer must be an int, got {layer!r}")
-        if not -self.depth <= int(layer) < self.depth:
-            raise ValueError(
-                f"layer={layer} out of range for a {self.depth}-block encoder "
-                f"(use 0..{self.depth - 1} or -{self.depth}..-1; -1 = last block)"
-            )
-        return int(layer)
+    def _check_layer(self, layer: int | Sequence[int]) -> int | tuple[int, ...]:
+        layers = [layer] if isinstance(layer, (int, np.integer)) else layer
+        if isinstance(layer, (bool, str)) or not isinstance(layers, (list, tuple)) or not layers:
+            raise ValueError(f"layer must be an int or a non-empty sequence of ints, got {layer!r}")
+        for li in layers:
+            if isinstance(li, bool) or not isinstance(li, (int, np.integer)):
+                raise ValueError(f"layer must be an int or a non-empty sequence of ints, got {layer!r}")
+            if not -self.depth <= int(li) < self.depth:
+                raise ValueError(
+                    f"layer={li} out of range for a {self.depth}-block encoder "
+                    f"(use 0..{self.depth - 1} or -{self.depth}..-1; -1 = last block)"
+                )
+        return int(layer) if isinstance(layer, (int, np.integer)) else tuple(int(li) for li in layers)
 
     def check_images(self, images: Any, offset: int = 0, where: str = "images") -> np.ndarray:
         """Validate a batch and return it as float32 (N, H, W, C); never resizes.
@@ -410,3 +443,29 @@ class Embedder:
         adata.obsm[key] = out
         adata.uns[key + "_meta"] = self.metadata()
         return out
+
+
+def default_layers(depth: int) -> tuple[int, ...]:
+    """The blocks read by default: a middle one and the last (both blocks of a 2-block encoder)."""
+    return tuple(sorted({(depth - 1) // 2, depth - 1}))
+
+
+def parse_layers(spec: str | int | None) -> int | tuple[int, ...] | str | None:
+    """A config's ``layer`` field -> Embedder ``layer``: "default" / "" -> None (default_layers),
+    "all" -> "all", "-1" -> -1, "0,3" -> (0, 3).
+
+    Raises:
+      ValueError naming the bad value.
+    """
+    if spec is None or isinstance(spec, int):
+        return spec
+    spec = str(spec).strip()
+    if spec in ("", "default"):
+        return None
+    if spec == "all":
+        return "all"
+    try:
+        parts = [int(p) for p in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"layer={spec!r}: use 'default', 'all', an int or comma-separated ints") from None
+    return parts[0] if len(parts) == 1 and "," not in spec else tuple(parts)

@@ -210,8 +210,7 @@ def export_embedder(
         "output": {"shape": ["b", embedder.dim], "dtype": "float32"},
         # matmul dtype inside the forward (params and I/O are float32 either way)
         "compute_dtype": str(getattr(cfg, "dtype", "float32")),
-        "embedding": {"layer": embedder.layer, "layer_index": embedder.layer % embedder.depth,
-                      "pool": embedder.pool, "depth": embedder.depth},
+        "embedding": {**embedder.readout(), "depth": embedder.depth},
         "training_step": None if embedder.step is None else int(embedder.step),
         "source": embedder.source or "in-memory",
         "stablehlo": {
@@ -264,14 +263,17 @@ def export_checkpoint(
     *,
     step: int | None = None,
     with_decoder: bool = False,
-    layer: int = -1,
-    pool: str = "mean",
+    layer: int | tuple[int, ...] | str | None = None,
+    pool: str | None = None,
+    dihedral: bool | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Export a ``cosmic pretrain`` workdir (latest step unless ``step``); see export_embedder."""
-    from cosmic_jax.embed.embedder import Embedder
+    """Export a ``cosmic pretrain`` workdir (latest step unless ``step``); see export_embedder.
+    ``layer`` / ``pool`` / ``dihedral``: the read-out baked in (default: the Embedder's)."""
+    from cosmic_jax.embed.embedder import DEFAULT_DIHEDRAL, DEFAULT_POOL, Embedder
 
-    emb = Embedder.from_checkpoint(workdir, step=step, layer=layer, pool=pool)
+    emb = Embedder.from_checkpoint(workdir, step=step, layer=layer, pool=pool or DEFAULT_POOL,
+                                   dihedral=DEFAULT_DIHEDRAL if dihedral is None else dihedral)
     return export_embedder(emb, out_dir, full_params=emb.params if with_decoder else None,
                            overwrite=overwrite)
 

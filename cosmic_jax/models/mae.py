@@ -29,7 +29,7 @@ Param paths (see also cosmic_jax/models/vit.py for the blocks):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import jax
@@ -42,6 +42,32 @@ from cosmic_jax.models.patches import patchify, sincos_pos_embed_2d, unpatchify
 from cosmic_jax.models.vit import Transformer, _part, dense, layer_norm
 
 _token_init = nn.initializers.normal(stddev=0.02)
+POOLS = ("mean", "cls", "mean_std", "mean_std_moments")  # pooled read-outs of the tokens (MAE.encode)
+
+
+def spatial_moments(tokens: jnp.ndarray, grid: int) -> jnp.ndarray:
+    """Rotation-invariant second spatial moments of each token channel: (B, T, D) -> (B, 2D).
+
+    With w_t = token_t - mean_t token (per channel) and p_t the patch's grid position relative to
+    the crop centre, M = sum_t w_t p_t p_t^T / T (2 x 2 per channel). Returned: trace(M) (how the
+    channel's response spreads radially: size, radial profile) and the anisotropy
+    sqrt((M_xx - M_yy)^2 + 4 M_xy^2) (how elongated that spread is), both unchanged by rotating
+    the crop. The mean and std of the tokens cannot see elongation at all: they ignore where
+    each token sits.
+    """
+    g = np.arange(grid, dtype=np.float32) - (grid - 1) / 2
+    y, x = np.repeat(g, grid), np.tile(g, grid)  # patchify order is row-major
+    w = tokens - tokens.mean(axis=1, keepdims=True)
+    t = tokens.shape[1]
+    mxx, myy, mxy = (jnp.einsum("btd,t->bd", w, jnp.asarray(c)) / t for c in (x * x, y * y, x * y))
+    return jnp.concatenate([mxx + myy, jnp.sqrt((mxx - myy) ** 2 + 4 * mxy**2 + 1e-12)], axis=-1)
+
+
+def dihedral_views(images: jnp.ndarray) -> list[jnp.ndarray]:
+    """(B, H, W, C) square crops -> the 8 views (B, H, W, C): the 4 rotations, then the 4 rotations
+    of the mirror image (the dihedral group of the square: pixel permutations only)."""
+    flipped = images[:, :, ::-1]
+    return [jnp.rot90(x, k, axes=(1, 2)) for x in (images, flipped) for k in range(4)]
 
 MAEConfig = ml_collections.FrozenConfigDict  # the ``model`` group of configs/pretrain.py, frozen
 
@@ -64,6 +90,8 @@ def model_config(cfg: Any) -> MAEConfig:
             raise ValueError(f"{name}: {what}={h} must be a multiple of 4 (sin-cos pos-emb)")
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise ValueError(f"{name}: mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+    if cfg.get("patch_stats_loss", 0.0) < 0:
+        raise ValueError(f"{name}: patch_stats_loss must be >= 0, got {cfg.patch_stats_loss}")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise ValueError(f"{name}: dtype must be float32 or bfloat16, got {cfg.dtype!r}")
     for key in ("pixel_mean", "pixel_std"):
@@ -155,6 +183,27 @@ def masked_mse(pred: jnp.ndarray, patches: jnp.ndarray, masked: jnp.ndarray,
     return jnp.sum(per_patch * masked) / jnp.maximum(jnp.sum(masked), 1.0)
 
 
+def patch_stats_weight(cfg) -> float:
+    """Weight of the patch-statistics loss (0 = off); configs from before the field read 0."""
+    return float(cfg.get("patch_stats_loss", 0.0))
+
+
+def patch_stats_loss(pred: jnp.ndarray, patches: jnp.ndarray) -> jnp.ndarray:
+    """MSE of predicted (mean, std) of each masked patch against the true ones.
+
+    With ``norm_pix_loss`` the pixel target of a patch is standardised, so nothing asks the model
+    for the patch's brightness or contrast: biological signals (chromatin intensity, texture
+    strength). This target restores them. Each statistic is z-scored over the batch (constants
+    under the gradient), so the loss is scale free.
+
+    Args:
+      pred: (B, M, 2) predicted statistics; patches: (B, M, P) the masked patches.
+    """
+    t = jnp.stack([patches.mean(axis=-1), patches.std(axis=-1)], axis=-1)
+    t = jax.lax.stop_gradient((t - t.mean(axis=(0, 1))) / (t.std(axis=(0, 1)) + 1e-6))
+    return jnp.mean(jnp.square(pred - t))
+
+
 def _patch_mse(pred, patches, norm_pix_loss: bool, eps: float) -> jnp.ndarray:
     target = norm_pix_target(patches, eps) if norm_pix_loss else patches
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1)
@@ -183,6 +232,8 @@ class MAE(nn.Module):
                                    name="decoder")
         self.decoder_norm = layer_norm(cfg.layer_norm_eps, "decoder_norm")
         self.decoder_pred = dense(patch_dim(cfg), ("dec_embed", "patch"), dt, "decoder_pred")
+        if patch_stats_weight(cfg):
+            self.decoder_stats = dense(2, ("dec_embed", None), dt, "decoder_stats")
         self.pos = jnp.asarray(sincos_pos_embed_2d(cfg.hidden, grid(cfg)))  # (N, D) constant
         self.dec_pos = jnp.asarray(sincos_pos_embed_2d(cfg.dec_hidden, grid(cfg)))
 
@@ -209,10 +260,12 @@ class MAE(nn.Module):
         cls = jnp.broadcast_to(self.cls, (x.shape[0], 1, x.shape[-1])).astype(x.dtype)
         return jnp.concatenate([cls, x], axis=1)  # CLS pos-emb is zero (MAE convention)
 
-    def _encode_tokens(self, patches: jnp.ndarray, pos: jnp.ndarray, upto: int | None = None):
-        """(B, T, P) patches + (B|1, T, D) pos-emb -> (B, [1+]T, D) block outputs (float32)."""
+    def _encode_tokens(self, patches: jnp.ndarray, pos: jnp.ndarray, upto: int | None = None,
+                       collect: tuple[int, ...] | None = None):
+        """(B, T, P) patches + (B|1, T, D) pos-emb -> (B, [1+]T, D) block output (float32), or the
+        list of the ``collect`` blocks' outputs."""
         x = self.patch_embed(patches).astype(jnp.float32) + pos
-        return self.encoder(self._with_cls(x), upto=upto)
+        return self.encoder(self._with_cls(x), upto=upto, collect=collect)
 
     # ----------------------------------------------------------------------------- training
     def __call__(self, images: jnp.ndarray, rng: jax.Array, decode_visible: bool = False):
@@ -240,9 +293,14 @@ class MAE(nn.Module):
         vis = jnp.take_along_axis(patches, ids_keep[:, :, None], axis=1)  # input data: no grad
         h = self._encode_tokens(vis, self.pos[ids_keep])
         h = self.encoder_norm(h)
-        pred = self._decode(h, ids_keep, ids_mask, decode_visible)  # (B, [K+]N-K, P), ids order
+        y = self._decode(h, ids_keep, ids_mask, decode_visible)  # (B, [K+]N-K, Dd), ids order
+        pred = self.decoder_pred(y).astype(jnp.float32)
         target = jnp.take_along_axis(patches, ids_mask[:, :, None], axis=1)
         loss = jnp.mean(_patch_mse(pred[:, -(n - k):], target, cfg.norm_pix_loss, cfg.norm_pix_eps))
+        w_stats = patch_stats_weight(cfg)
+        if w_stats:
+            stats = self.decoder_stats(y[:, -(n - k):]).astype(jnp.float32)
+            loss = loss + w_stats * patch_stats_loss(stats, target)
         # Back to patch order for the caller (dead code under a training step's jit).
         rows = jnp.arange(b)[:, None]
         full = jnp.zeros((b, n, pred.shape[-1]), pred.dtype).at[rows, ids[:, n - pred.shape[1]:]].set(pred)
@@ -250,8 +308,9 @@ class MAE(nn.Module):
 
     def _decode(self, h: jnp.ndarray, ids_keep: jnp.ndarray, ids_mask: jnp.ndarray,
                 decode_visible: bool) -> jnp.ndarray:
-        """Encoder output (B, [1+]K, D) -> float32 predictions, rows in ``ids_keep ++ ids_mask``
-        order: (B, N, P) with ``decode_visible``, else the masked rows only (B, N-K, P).
+        """Encoder output (B, [1+]K, D) -> normalised decoder features for the prediction heads,
+        rows in ``ids_keep ++ ids_mask`` order: (B, N, Dd) with ``decode_visible``, else the masked
+        rows only (B, N-K, Dd).
 
         Decoder tokens are ordered [CLS, visible, masked] instead of by patch: attention does not
         care about order (each token carries its position embedding), so no unshuffle is needed,
@@ -264,38 +323,60 @@ class MAE(nn.Module):
         msk = self.mask_token.astype(h.dtype) + self.dec_pos[ids_mask]
         y = self.decoder(jnp.concatenate([h[:, :c], vis, msk], axis=1),
                          last_rows_from=c if decode_visible else c + ids_keep.shape[1])
-        y = self.decoder_norm(y)
-        return self.decoder_pred(y).astype(jnp.float32)
+        return self.decoder_norm(y)
 
     # ----------------------------------------------------------------------------- inference
-    def encode(self, images: jnp.ndarray, layer: int = -1, pool: str = "mean", mask: bool = False,
-               rng: jax.Array | None = None) -> jnp.ndarray:
+    def encode(self, images: jnp.ndarray, layer: int | Sequence[int] = -1, pool: str = "mean",
+               mask: bool = False, rng: jax.Array | None = None, dihedral: bool = False) -> jnp.ndarray:
         """Encoder embeddings of whole images (no masking by default).
 
         Use as ``model.apply(variables, images, method=MAE.encode, layer=k, pool="mean")``.
 
         Args:
           images: (B, H, W, C).
-          layer: encoder block whose output is returned (0-based; negative counts from the end).
-            The last block (-1 / depth-1) returns the final ``encoder_norm`` output, as used in
-            pretraining; earlier blocks return the raw residual stream. Later blocks are not run.
+          layer: encoder block whose output is returned (0-based; negative counts from the end), or
+            a sequence of blocks whose pooled outputs are concatenated in that order (the blocks
+            run once). The last block (-1 / depth-1) returns the final ``encoder_norm`` output, as
+            used in pretraining; earlier blocks return the raw residual stream. Later blocks are not
+            run.
           pool: "mean" (average of patch tokens, CLS excluded) -> (B, D); "cls" -> (B, D) CLS
-            token (needs cfg.cls_token); "none" -> (B, [1+]T, D) all tokens (CLS first).
+            token (needs cfg.cls_token); "mean_std" -> (B, 2D) mean and standard deviation of the
+            patch tokens (the spread over the nucleus carries texture and shape that the mean
+            averages away); "mean_std_moments" -> (B, 4D): mean, std and the rotation-invariant
+            spatial moments of the patch tokens (:func:`spatial_moments`: shape, elongation);
+            "none" -> (B, [1+]T, D) all tokens (CLS first), stacked to
+            (L, B, [1+]T, D) for a sequence of L layers.
           mask: if True, apply the pretraining random mask (needs ``rng``) and encode only the
             visible patches.
           rng: PRNG key, only for ``mask=True``.
+          dihedral: average the pooled embedding over the 8 rotations / reflections of each crop
+            (orientation invariant: a nucleus has no preferred orientation; 8x the compute).
 
         Returns:
-          float32 embeddings, shape per ``pool``.
+          float32 embeddings, shape per ``pool`` (times the number of layers).
         """
         cfg = self.config
-        if not -cfg.depth <= layer < cfg.depth:
-            raise ValueError(f"layer={layer} out of range for an encoder of depth {cfg.depth}")
-        layer = layer % cfg.depth
-        if pool not in ("mean", "cls", "none"):
-            raise ValueError(f"pool must be 'mean', 'cls' or 'none', got {pool!r}")
+        layers = (layer,) if isinstance(layer, (int, np.integer)) else tuple(layer)
+        if not layers:
+            raise ValueError("layer: empty sequence of encoder blocks")
+        for li in layers:
+            if not -cfg.depth <= li < cfg.depth:
+                raise ValueError(f"layer={li} out of range for an encoder of depth {cfg.depth}")
+        layers = tuple(int(li) % cfg.depth for li in layers)
+        if pool not in POOLS + ("none",):
+            raise ValueError(f"pool must be one of {POOLS + ('none',)}, got {pool!r}")
         if pool == "cls" and not cfg.cls_token:
             raise ValueError(f"pool='cls' but config {cfg.name!r} has cls_token=False")
+        if pool == "none" and dihedral:
+            raise ValueError("pool='none' returns the tokens, without dihedral averaging")
+        if pool == "mean_std_moments" and mask:
+            raise ValueError("pool='mean_std_moments' needs every patch (mask=False)")
+        if dihedral:
+            if mask:
+                raise ValueError("dihedral=True averages whole-image embeddings; it cannot be combined with mask=True")
+            # One encoder pass per view, not one pass over the views stacked on the batch axis: that
+            # keeps a batch-sharded input's layout (stacking would move rows between devices).
+            return sum(self.encode(v, layers, pool) for v in dihedral_views(images)) / 8.0
         patches = patchify(self._prep(images), cfg.patch_size)
         pos = self.pos[None]
         if mask:
@@ -304,15 +385,23 @@ class MAE(nn.Module):
             ids_keep = random_shuffle(rng, patches.shape[0], num_patches(cfg))[:, :num_visible(cfg)]
             patches = jnp.take_along_axis(patches, ids_keep[:, :, None], axis=1)
             pos = self.pos[ids_keep]
-        h = self._encode_tokens(patches, pos, upto=layer)
-        if layer == cfg.depth - 1:
-            h = self.encoder_norm(h)
+        hs = self._encode_tokens(patches, pos, collect=layers)
         c = 1 if cfg.cls_token else 0
-        if pool == "mean":
-            return h[:, c:].mean(axis=1)
-        if pool == "cls":
-            return h[:, 0]
-        return h
+        hs = [self.encoder_norm(h) if li == cfg.depth - 1 else h for li, h in zip(layers, hs)]
+        if pool == "none":
+            return hs[0] if isinstance(layer, (int, np.integer)) else jnp.stack(hs)
+        pooled = []
+        for h in hs:
+            tok = h[:, c:]
+            if pool == "mean":
+                pooled.append(tok.mean(axis=1))
+            elif pool == "cls":
+                pooled.append(h[:, 0])
+            else:
+                pooled += [tok.mean(axis=1), tok.std(axis=1)]
+                if pool == "mean_std_moments":
+                    pooled.append(spatial_moments(tok, grid(cfg)))
+        return jnp.concatenate(pooled, axis=-1) if len(pooled) > 1 else pooled[0]
 
     def reconstruct(self, images: jnp.ndarray, rng: jax.Array) -> dict[str, jnp.ndarray]:
         """Masked reconstruction for visualisation.

@@ -150,12 +150,21 @@ class Transformer(nn.Module):
             for i in range(self.depth)
         ]
 
-    def __call__(self, x: jnp.ndarray, upto: int | None = None, last_rows_from: int = 0) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, upto: int | None = None, last_rows_from: int = 0,
+                 collect: tuple[int, ...] | None = None):
         """Run blocks 0..upto (inclusive; all when None). (B, T, D) -> (B, T - last_rows_from, D).
 
         ``last_rows_from``: the last block computes only rows from there on (they attend to all T
         tokens); the MAE decoder uses it to skip the visible tokens, which the loss ignores.
+        ``collect``: block indices whose outputs to return instead, as a list in that order (the
+        blocks run once, up to the deepest collected one; ``upto`` and ``last_rows_from`` unused).
         """
+        if collect is not None:
+            outs = {}
+            for i in range(max(collect) + 1):
+                x = self.blocks[i](x)
+                outs[i] = x
+            return [outs[i] for i in collect]
         last = self.depth - 1 if upto is None else upto
         for i in range(last + 1):
             x = self.blocks[i](x, last_rows_from if i == last else 0)
