@@ -20,17 +20,22 @@ calibration live in :mod:`data_builders.synthetic_truth` (re-exported here).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import time
 from typing import Any, Iterator, Sequence
 
+import ml_collections
 import numpy as np
 
+from cosmic_jax.commands import add_config
+from cosmic_jax.configs import synthetic as synthetic_configs
+from cosmic_jax.configs.overrides import frozen, load_config
 from cosmic_jax.data import morph_features
-from data_builders import render
+from cosmic_jax.data.records import encode_record, write_shards
+from data_builders import outdir, render
 from data_builders.synthetic_truth import (  # noqa: F401  (re-exported public API)
     DEFINITIONS,
     attainability,
@@ -51,133 +56,54 @@ RESPONDER_PARAMS = ("nucleoli_brightness",)
 SHARED_PARAMS = ("radius", "elongation", "intensity", "texture_amplitude")
 CELLTYPE_PARAM = "profile"
 PRIVATE_PARAMS = ("texture_scale", "nucleoli_rate")
+OUT_NAMES = ("cells.h5ad", "truth.json", "crops")  # what a dataset folder holds
 # Seed-sequence streams: each purpose gets its own independent generator.
 _WORLD, _CALIB, _STATE, _COUNTS, _RENDER, _EXPR_MC, _MORPH_MC, _CHECK = range(8)
 
-@dataclasses.dataclass
-class SyntheticConfig:
-    """Generator settings; ``shared_fraction`` and ``seed`` are arguments of :func:`generate`."""
-
-    n_genes: int = 300
-    n_cell_types: int = 4
-    n_shared: int = 4  # shared continuous programs
-    n_morph_private: int = 3
-    n_expr_private: int = 4
-    treated_fraction: float = 0.5
-    responder_fraction: float = 0.5  # among treated cells
-    n_responder_genes: int = 20
-    responder_gene_effect: float = 1.0  # |log fold change| of planted genes, responders vs rest
-    responder_morph_effect: float = 3.0  # latent shift of RESPONDER_PARAMS for responders
-    expr_signal_sd: float = 1.5  # sigma: sd of the log-mean signal, split by the calibrated angle
-    cell_type_weight: float = 0.5  # share of the shared expression signal from cell type
-    morph_celltype_offset: float = 0.5  # sd of cell-type offsets of the SHARED_PARAMS latents
-    morph_profile_span: float = 0.75  # cell-type radial profiles: linspace(-span, span, K), in (0, 1)
-    morph_param_noise: float = 0.08  # sd of per-cell render nuisance on the S-driven latents
-    library_size_mean: float = 5000.0
-    library_size_log_sd: float = 0.25
-    nb_inverse_dispersion: float = 20.0
-    image_size: int = 64
-    pixel_noise: float = 0.02
-    records_per_shard: int = 4096
-    chunk_cells: int = 512  # cells per render / count chunk (bounds memory; fixes the RNG layout)
-    measure_features: bool = True  # also store measured features of every cell in obsm
-    # n_inner = 4 suits fractions ~0.2-0.5 (the ANOVA estimator's variance is smallest near
-    # n_inner = E[Var(x|S)] / Var(E[x|S])); at F = 0.7 the MC error is far below 0.01 anyway.
-    calib_outer: int = 1500
-    calib_inner: int = 4
-    expr_mc_outer: int = 3000
-    expr_mc_inner: int = 4
-    morph_mc_outer: int = 2500
-    morph_mc_inner: int = 2
-    mc_groups: int = 20
-
-    def validate(self) -> "SyntheticConfig":
-        positive = [
-            "n_genes", "n_cell_types", "n_shared", "n_morph_private", "n_expr_private",
-            "library_size_mean", "nb_inverse_dispersion", "image_size", "records_per_shard",
-            "chunk_cells", "calib_outer", "expr_mc_outer", "morph_mc_outer", "expr_signal_sd",
-        ]  # fmt: skip
-        for k in positive:
-            if not getattr(self, k) > 0:
-                raise ValueError(f"SyntheticConfig.{k} must be > 0, got {getattr(self, k)!r}")
-        if not 0.0 < self.morph_profile_span < 1.0:
-            raise ValueError(f"SyntheticConfig.morph_profile_span must be in (0, 1), got {self.morph_profile_span!r}")
-        for k in ("morph_celltype_offset", "morph_param_noise", "responder_morph_effect"):
-            if not getattr(self, k) >= 0:
-                raise ValueError(f"SyntheticConfig.{k} must be >= 0, got {getattr(self, k)!r}")
-        if self.n_shared > len(SHARED_PARAMS):
-            raise ValueError(
-                f"SyntheticConfig.n_shared={self.n_shared} exceeds the {len(SHARED_PARAMS)} S-driven render "
-                f"parameters {SHARED_PARAMS}: the shared programs would not be recoverable from the image"
-            )
-        for k in ("treated_fraction", "responder_fraction", "cell_type_weight"):
-            if not 0.0 <= getattr(self, k) <= 1.0:
-                raise ValueError(f"SyntheticConfig.{k} must be in [0, 1], got {getattr(self, k)!r}")
-        for k in ("calib_inner", "expr_mc_inner", "morph_mc_inner", "mc_groups"):
-            if getattr(self, k) < 2:
-                raise ValueError(f"SyntheticConfig.{k} must be >= 2, got {getattr(self, k)!r}")
-        if not 0 <= self.n_responder_genes <= self.n_genes:
-            raise ValueError(f"SyntheticConfig.n_responder_genes must be in [0, n_genes], got {self.n_responder_genes}")
-        if self.image_size < 32:
-            raise ValueError(f"SyntheticConfig.image_size must be >= 32, got {self.image_size}")
-        return self
+SyntheticConfig = ml_collections.FrozenConfigDict  # ``configs/synthetic.py``, checked and frozen
 
 
-# Named variants: overrides applied on top of the defaults.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "no_treatment": {"treated_fraction": 0.0},
-    # Fewer genes and a smaller MC, for tests and quick demos (morph MC error ~0.02).
-    "quick": {"n_genes": 100, "expr_mc_outer": 2000, "morph_mc_outer": 300},  # fmt: skip
-}
+def check_config(cfg: Any) -> SyntheticConfig:
+    """Validate generator settings and freeze them (hashable, stored with the dataset).
 
-
-def _parse_value(key: str, text: str, default: Any) -> Any:
-    if isinstance(default, bool):
-        low = text.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"config key {key!r}: expected a boolean, got {text!r}")
-    try:
-        return type(default)(text)
-    except ValueError as e:
-        raise ValueError(f"config key {key!r}: cannot parse {text!r} as {type(default).__name__}") from e
-
-
-def make_config(
-    variant: str = "default", json_file: str | None = None, overrides: Sequence[str] = ()
-) -> SyntheticConfig:
-    """Build a config: named variant, then a JSON file of fields, then ``key=value`` strings.
-
-    Unknown keys and unparsable values raise ValueError naming the key (and file).
+    Raises:
+      ValueError naming the field at fault.
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown synthetic config variant {variant!r}; choose from {sorted(VARIANTS)}")
-    cfg = SyntheticConfig(**VARIANTS[variant])
-    fields = {f.name for f in dataclasses.fields(SyntheticConfig)}
-    if json_file:
-        try:
-            with open(json_file) as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{json_file}: cannot read synthetic config JSON ({e})") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"{json_file}: synthetic config JSON must be an object of fields")
-        unknown = sorted(set(data) - fields)
-        if unknown:
-            raise ValueError(f"{json_file}: unknown synthetic config keys {unknown}")
-        cfg = dataclasses.replace(cfg, **{k: _parse_value(k, str(v), getattr(cfg, k)) for k, v in data.items()})
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"config override {item!r} is not key=value")
-        key, text = item.split("=", 1)
-        key = key.strip()
-        if key not in fields:
-            raise ValueError(f"unknown synthetic config key {key!r} in override {item!r}")
-        cfg = dataclasses.replace(cfg, **{key: _parse_value(key, text, getattr(cfg, key))})
-    return cfg.validate()
+    cfg = frozen(cfg)
+    positive = [
+        "n_genes", "n_cell_types", "n_shared", "n_morph_private", "n_expr_private",
+        "library_size_mean", "nb_inverse_dispersion", "image_size", "records_per_shard",
+        "chunk_cells", "calib_outer", "expr_mc_outer", "morph_mc_outer", "expr_signal_sd",
+    ]  # fmt: skip
+    for k in positive:
+        if not cfg[k] > 0:
+            raise ValueError(f"synthetic config {k} must be > 0, got {cfg[k]!r}")
+    if not 0.0 < cfg.morph_profile_span < 1.0:
+        raise ValueError(f"synthetic config morph_profile_span must be in (0, 1), got {cfg.morph_profile_span!r}")
+    for k in ("morph_celltype_offset", "morph_param_noise", "responder_morph_effect"):
+        if not cfg[k] >= 0:
+            raise ValueError(f"synthetic config {k} must be >= 0, got {cfg[k]!r}")
+    if cfg.n_shared > len(SHARED_PARAMS):
+        raise ValueError(
+            f"synthetic config n_shared={cfg.n_shared} exceeds the {len(SHARED_PARAMS)} S-driven render "
+            f"parameters {SHARED_PARAMS}: the shared programs would not be recoverable from the image"
+        )
+    for k in ("treated_fraction", "responder_fraction", "cell_type_weight"):
+        if not 0.0 <= cfg[k] <= 1.0:
+            raise ValueError(f"synthetic config {k} must be in [0, 1], got {cfg[k]!r}")
+    for k in ("calib_inner", "expr_mc_inner", "morph_mc_inner", "mc_groups"):
+        if cfg[k] < 2:
+            raise ValueError(f"synthetic config {k} must be >= 2, got {cfg[k]!r}")
+    if not 0 <= cfg.n_responder_genes <= cfg.n_genes:
+        raise ValueError(f"synthetic config n_responder_genes must be in [0, n_genes], got {cfg.n_responder_genes}")
+    if cfg.image_size < 32:
+        raise ValueError(f"synthetic config image_size must be >= 32, got {cfg.image_size}")
+    return cfg
+
+
+def make_config(name: str = "default", overrides: Sequence[str] = ()) -> SyntheticConfig:
+    """A checked config: variant ``name`` of ``configs/synthetic.py`` with ``--config.key=value`` items."""
+    return check_config(load_config(synthetic_configs, name, overrides))
 
 
 @dataclasses.dataclass
@@ -217,9 +143,9 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), *stream]))
 
 
-def make_world(config: SyntheticConfig, seed: int) -> World:
+def make_world(config: Any, seed: int) -> World:
     """Draw the fixed loadings / effects of a world (uncalibrated: angle pi/4)."""
-    cfg = config.validate()
+    cfg = check_config(config)
     rng = _rng(seed, _WORLD)
     g, k, p = cfg.n_genes, cfg.n_cell_types, len(render.MORPH_PARAMS)
     cw = cfg.cell_type_weight
@@ -349,15 +275,16 @@ def _check_inputs(out_dir: str, n_cells: int, shared_fraction: float) -> None:
         raise NotADirectoryError(f"output path {out_dir!r} exists and is not a directory")
 
 
-def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
-    ours = ("cells.h5ad", "truth.json", "crops")
-    present = [n for n in ours if os.path.exists(os.path.join(out_dir, n))]
+@contextlib.contextmanager
+def staged_output(out_dir: str, overwrite: bool, what: str = "synthetic dataset") -> Iterator[str]:
+    """A staging folder that becomes ``out_dir`` once the block finishes (an earlier dataset there is
+    replaced only with ``overwrite``, and only after the new one is complete)."""
+    present = [n for n in OUT_NAMES if os.path.exists(os.path.join(out_dir, n))]
     if present and not overwrite:
-        raise FileExistsError(f"{out_dir}: already holds {present}; pass overwrite=True (--overwrite) to replace")
-    for n in present:
-        path = os.path.join(out_dir, n)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    os.makedirs(out_dir, exist_ok=True)
+        raise outdir.OutputExistsError(
+            f"{out_dir}: already holds {present}; pass --overwrite to replace it (nothing was changed)")
+    with outdir.staged_dir(out_dir, OUT_NAMES, what) as tmp:
+        yield tmp
 
 
 def _chunks(n: int, size: int) -> Iterator[tuple[int, int, int]]:
@@ -370,7 +297,7 @@ def generate(
     n_cells: int,
     seed: int,
     shared_fraction: float,
-    config: SyntheticConfig | None = None,
+    config: Any = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write a synthetic paired dataset: ``cells.h5ad``, ``crops/`` and ``truth.json``.
@@ -380,19 +307,25 @@ def generate(
       n_cells: number of cells (> 0).
       seed: fixes the world, the cells and the Monte Carlo; same seed -> identical files.
       shared_fraction: target overall true expression fraction explained by S, in (0, 1).
-      config: generator settings (default :class:`SyntheticConfig`).
-      overwrite: replace an earlier dataset in ``out_dir``.
+      config: generator settings (``make_config(...)``; default: the ``default`` variant).
+      overwrite: replace an earlier dataset in ``out_dir`` (only once the new one is complete).
 
     Returns:
       summary dict: paths, calibrated scales, overall truths with MC errors, timings (s).
     """
     _check_inputs(out_dir, n_cells, shared_fraction)
-    cfg = (config or SyntheticConfig()).validate()
-    _prepare_out_dir(out_dir, overwrite)
-    n_cells, seed = int(n_cells), int(seed)
+    cfg = make_config() if config is None else check_config(config)
+    with staged_output(out_dir, overwrite) as work:
+        summary = _write_dataset(work, int(n_cells), int(seed), float(shared_fraction), cfg)
+    return {**summary, "out_dir": out_dir, "h5ad": os.path.join(out_dir, "cells.h5ad"),
+            "crops": os.path.join(out_dir, "crops"), "truth": os.path.join(out_dir, "truth.json")}
+
+
+def _write_dataset(out_dir: str, n_cells: int, seed: int, shared_fraction: float, cfg: SyntheticConfig) -> dict:
+    """The body of :func:`generate`, writing into the staging folder ``out_dir``."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    world = calibrate(make_world(cfg, seed), float(shared_fraction))
+    world = calibrate(make_world(cfg, seed), shared_fraction)
     timings["calibrate"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -411,8 +344,6 @@ def generate(
     feats_all = np.full((n_cells, n_f), np.nan)
 
     def records() -> Iterator[bytes]:
-        from cosmic_jax.data.records import encode_record
-
         for ci, lo, hi in _chunks(n_cells, cfg.chunk_cells):
             st = _take(state, np.arange(lo, hi))
             images, z_m, params, nuis = sample_images(world, st, _rng(seed, _RENDER, ci))
@@ -430,8 +361,6 @@ def generate(
                     "response": RESPONSE_LEVELS[state["response"][i]],
                 }
                 yield encode_record(images[j][..., None], cell_ids[i], meta)
-
-    from cosmic_jax.data.records import write_shards
 
     crops_dir = os.path.join(out_dir, "crops")
     write_shards(
@@ -464,10 +393,6 @@ def generate(
     timings["write"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     return {
-        "out_dir": out_dir,
-        "h5ad": os.path.join(out_dir, "cells.h5ad"),
-        "crops": crops_dir,
-        "truth": os.path.join(out_dir, "truth.json"),
         "n_cells": n_cells,
         "expr_shared_scale": world.shared_scale,
         "expr_private_scale": world.private_scale,
@@ -487,7 +412,7 @@ def load_world(out_dir: str) -> World:
     uns = ad.read_h5ad(path, backed="r").uns
     try:
         info = uns["synthetic"]
-        cfg = SyntheticConfig(**json.loads(info["config_json"]))
+        cfg = check_config(ml_collections.ConfigDict(json.loads(info["config_json"])))
         angle = float(np.arctan2(info["expr_private_scale"], info["expr_shared_scale"]))
         seed = int(info["seed"])
     except (KeyError, TypeError, ValueError) as e:
@@ -505,15 +430,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shared-fraction", type=float, default=0.5,
                         help="true overall fraction of expression variance explained by S, in (0, 1)")  # fmt: skip
-    parser.add_argument("--variant", default="default", choices=sorted(VARIANTS), help="named config variant")
-    parser.add_argument("--config-json", default=None, help="JSON object of SyntheticConfig fields")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="SyntheticConfig overrides")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing dataset in --out (only once the new one is complete)")
+    add_config(parser, synthetic_configs, "default")
 
 
 def run(args) -> int:
     """Run ``cosmic data synthetic`` from parsed :func:`add_arguments` args; prints a JSON summary."""
-    cfg = make_config(args.variant, args.config_json, args.overrides)
+    cfg = check_config(args.cfg)
     summary = generate(args.out, args.cells, args.seed, args.shared_fraction, cfg, overwrite=args.overwrite)
     print(json.dumps(summary, indent=1))
     return 0

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cosmic_jax.configs.overrides import to_dict
 from cosmic_jax.data import morph_features
 
 
@@ -300,7 +301,7 @@ def build_anndata(world, shared_fraction, state, cell_ids, counts, lib_factor, z
     }
     uns = {
         "synthetic": {
-            "config_json": json.dumps(dataclasses.asdict(cfg), sort_keys=True),
+            "config_json": json.dumps(to_dict(cfg), sort_keys=True),
             "seed": world.seed,
             "shared_fraction": float(shared_fraction),
             "expr_shared_scale": world.shared_scale,

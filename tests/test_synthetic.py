@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import glob
 import json
 import os
@@ -11,6 +9,7 @@ import os
 import numpy as np
 import pytest
 
+from cosmic_jax import cli
 from cosmic_jax.data import morph_features
 from data_builders import render, synthetic
 
@@ -21,23 +20,20 @@ F = 0.5
 
 def _cfg(**kw) -> synthetic.SyntheticConfig:
     # Several chunks and shards so the streaming paths are exercised.
-    return synthetic.make_config("quick", overrides=["chunk_cells=128", "records_per_shard=150"] +
-                                 [f"{k}={v}" for k, v in kw.items()])  # fmt: skip
+    return synthetic.make_config("quick", overrides=["--config.chunk_cells=128", "--config.records_per_shard=150"] +
+                                 [f"--config.{k}={v}" for k, v in kw.items()])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
-    """One dataset built through the CLI entry points (add_arguments + run)."""
+    """One dataset built through the command line (``cosmic data synthetic``)."""
     import anndata as ad
 
     out = str(tmp_path_factory.mktemp("syn") / "ds")
-    parser = argparse.ArgumentParser()
-    synthetic.add_arguments(parser)
-    args = parser.parse_args(
-        ["--out", out, "--cells", str(N_CELLS), "--seed", str(SEED), "--shared-fraction", str(F),
-         "--variant", "quick", "chunk_cells=128", "records_per_shard=150"]
-    )  # fmt: skip
-    assert synthetic.run(args) == 0
+    assert cli.main(
+        ["data", "synthetic", "--out", out, "--cells", str(N_CELLS), "--seed", str(SEED), "--shared-fraction",
+         str(F), "--config", "quick", "--config.chunk_cells=128", "--config.records_per_shard=150"]
+    ) == 0  # fmt: skip
     with open(os.path.join(out, "truth.json")) as f:
         truth = json.load(f)
     return {"dir": out, "adata": ad.read_h5ad(os.path.join(out, "cells.h5ad")), "truth": truth}
@@ -197,11 +193,11 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     with pytest.raises(NotADirectoryError, match="file.txt"):
         synthetic.generate(str(a_file), 10, 0, 0.5, _cfg())
     with pytest.raises(ValueError, match="not_a_key"):
-        synthetic.make_config(overrides=["not_a_key=3"])
+        synthetic.make_config(overrides=["--config.not_a_key=3"])
     with pytest.raises(ValueError, match="n_genes"):
-        synthetic.make_config(overrides=["n_genes=abc"])
+        synthetic.make_config(overrides=["--config.n_genes=abc"])
     with pytest.raises(ValueError, match="n_shared=5 exceeds"):
-        synthetic.make_config(overrides=["n_shared=5"])
+        synthetic.make_config(overrides=["--config.n_shared=5"])
     with pytest.raises(ValueError, match="not reachable"):
         synthetic.calibrate(synthetic.make_world(_cfg(expr_signal_sd=0.3), 0), 0.9)
     blob = np.pad(np.ones((6, 6)), 5)
@@ -212,9 +208,30 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 
 
 def test_existing_dataset_not_silently_overwritten(dataset):
+    before = sorted(os.listdir(dataset["dir"]))
     with pytest.raises(FileExistsError, match="overwrite"):
         synthetic.generate(dataset["dir"], 10, 0, 0.5, _cfg())
-    assert dataclasses.asdict(synthetic.load_world(dataset["dir"]).config) == dataclasses.asdict(_cfg())
+    assert sorted(os.listdir(dataset["dir"])) == before
+    assert synthetic.load_world(dataset["dir"]).config == _cfg()
+
+
+def test_failed_overwrite_keeps_the_old_dataset(dataset, tmp_path, monkeypatch):
+    """--overwrite replaces a dataset only once the new one is complete: a build that dies midway
+    leaves the old files untouched and no staging folder behind."""
+    import shutil
+
+    out = str(tmp_path / "ds")
+    shutil.copytree(dataset["dir"], out)
+    before = {n: os.path.getsize(os.path.join(out, n)) for n in ("cells.h5ad", "truth.json")}
+
+    def boom(*a, **k):
+        raise RuntimeError("killed mid-build")
+
+    monkeypatch.setattr(synthetic, "build_anndata", boom)
+    with pytest.raises(RuntimeError, match="killed"):
+        synthetic.generate(out, 50, 1, 0.5, _cfg(), overwrite=True)
+    assert {n: os.path.getsize(os.path.join(out, n)) for n in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["ds"]
 
 
 def test_state_recoverable_from_image_and_expression():

@@ -41,8 +41,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from cosmic_jax.data import morph_features
+from cosmic_jax.data.records import encode_record, write_shards
 from data_builders import synthetic_truth as st
-from data_builders.synthetic import _check_inputs, _chunks, _prepare_out_dir, log_normalize  # noqa: F401
+from data_builders.synthetic import _check_inputs, _chunks, log_normalize, staged_output  # noqa: F401
 
 PATTERNS = ("fine", "coarse", "peripheral", "foci")
 # Render parameters; S drives the first three, the private programs the last three.
@@ -357,12 +358,15 @@ def generate(out_dir: str, n_cells: int, seed: int, shared_fraction: float, conf
 
     Args / returns as :func:`data_builders.synthetic.generate`.
     """
-    from cosmic_jax.data.records import encode_record, write_shards
-
     _check_inputs(out_dir, n_cells, shared_fraction)
     cfg = (config or TextureConfig()).validate()
-    _prepare_out_dir(out_dir, overwrite)
-    n_cells, seed = int(n_cells), int(seed)
+    with staged_output(out_dir, overwrite, "texture-family dataset") as work:
+        summary = _write_dataset(work, int(n_cells), int(seed), shared_fraction, cfg)
+    return {"out_dir": out_dir, **summary}
+
+
+def _write_dataset(out_dir: str, n_cells: int, seed: int, shared_fraction: float, cfg: TextureConfig) -> dict:
+    """The body of :func:`generate`, writing into the staging folder ``out_dir``."""
     mod = sys.modules[__name__]
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -407,7 +411,7 @@ def generate(out_dir: str, n_cells: int, seed: int, shared_fraction: float, conf
     with open(os.path.join(out_dir, "truth.json"), "w") as f:
         json.dump(truth, f, indent=1)
     timings["counts_write"] = time.perf_counter() - t
-    return {"out_dir": out_dir, "n_cells": n_cells,
+    return {"n_cells": n_cells,
             **{k: truth[k] for k in ("expr_var_explained_by_morph", "expr_var_explained_by_morph_se",
                                      "morph_var_explained_by_expr", "morph_var_explained_by_expr_se")},
             "timings_s": {k: round(v, 2) for k, v in timings.items()}}
