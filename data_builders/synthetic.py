@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
+import sys
 import time
 from typing import Any, Iterator, Sequence
 
@@ -35,16 +37,8 @@ from cosmic_jax.configs import synthetic as synthetic_configs
 from cosmic_jax.configs.overrides import frozen, load_config
 from cosmic_jax.data import morph_features
 from cosmic_jax.data.records import encode_record, write_shards
-from data_builders import outdir, render
-from data_builders.synthetic_truth import (  # noqa: F401  (re-exported public API)
-    DEFINITIONS,
-    attainability,
-    build_anndata,
-    calibrate,
-    expression_truth,
-    morphology_truth,
-    truth_dict,
-)
+from data_builders import outdir, render, synthetic_truth
+from data_builders.synthetic_truth import DEFINITIONS  # noqa: F401  (re-exported public API)
 
 RESPONSE_LEVELS = ("untreated", "resistant", "responder")
 RESPONDER = 2
@@ -56,6 +50,14 @@ RESPONDER_PARAMS = ("nucleoli_brightness",)
 SHARED_PARAMS = ("radius", "elongation", "intensity", "texture_amplitude")
 CELLTYPE_PARAM = "profile"
 PRIVATE_PARAMS = ("texture_scale", "nucleoli_rate")
+# The truth machinery is generic over generator modules (the families use it too); bound to this one.
+_THIS = sys.modules[__name__]
+calibrate = functools.partial(synthetic_truth.calibrate, gen=_THIS)
+expression_truth = functools.partial(synthetic_truth.expression_truth, gen=_THIS)
+morphology_truth = functools.partial(synthetic_truth.morphology_truth, gen=_THIS)
+attainability = functools.partial(synthetic_truth.attainability, gen=_THIS)
+truth_dict = functools.partial(synthetic_truth.truth_dict, gen=_THIS)
+build_anndata = functools.partial(synthetic_truth.build_anndata, gen=_THIS)
 OUT_NAMES = ("cells.h5ad", "truth.json", "crops")  # what a dataset folder holds
 # Seed-sequence streams: each purpose gets its own independent generator.
 _WORLD, _CALIB, _STATE, _COUNTS, _RENDER, _EXPR_MC, _MORPH_MC, _CHECK = range(8)

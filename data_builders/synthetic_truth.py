@@ -30,12 +30,6 @@ from cosmic_jax.configs.overrides import to_dict
 from cosmic_jax.data import morph_features
 
 
-def _syn():
-    from data_builders import synthetic
-
-    return synthetic
-
-
 DEFINITIONS = """\
 S = everything that drives morphology AND expression jointly: cell type, response status
 (untreated / resistant / responder) and the shared continuous programs (obsm['true_shared']).
@@ -109,9 +103,8 @@ def _jackknife(stat: Callable[[np.ndarray, np.ndarray], np.ndarray], nested: _Ne
 
 def _run_nested(
     world, rng: np.random.Generator, n_outer: int, n_inner: int, n_groups: int, dim: int,
-    inner_fn: Callable[[dict[str, np.ndarray], np.random.Generator], np.ndarray], chunk: int, gen=None,
+    inner_fn: Callable[[dict[str, np.ndarray], np.random.Generator], np.ndarray], chunk: int, gen,
 ) -> _Nested:  # fmt: skip
-    gen = gen or _syn()
     nested = _Nested(n_groups, n_inner, dim)
     for start in range(0, n_outer, chunk):
         m = min(chunk, n_outer - start)
@@ -124,17 +117,17 @@ def _run_nested(
 
 
 def expression_truth(
-    world, rng: np.random.Generator, n_outer: int | None = None, n_inner: int | None = None, gen=None
+    world, rng: np.random.Generator, n_outer: int | None = None, n_inner: int | None = None, *, gen
 ) -> dict[str, Any]:
     """Nested-MC truth of Var(E[x_g | S]) / Var(x_g) (see :data:`DEFINITIONS`).
 
     Args:
-      gen: the generator module of ``world`` (default :mod:`data_builders.synthetic`).
+      gen: the generator module of ``world`` (:mod:`data_builders.synthetic` or a family's).
 
     Returns:
       dict: ``per_gene`` (G,), ``per_gene_se`` (G,), ``overall`` float, ``overall_se`` float.
     """
-    syn, cfg = gen or _syn(), world.config
+    syn, cfg = gen, world.config
     n_outer = n_outer or cfg.expr_mc_outer
     n_inner = n_inner or cfg.expr_mc_inner
     nested = _run_nested(
@@ -150,18 +143,18 @@ def expression_truth(
 
 
 def morphology_truth(
-    world, rng: np.random.Generator, n_outer: int | None = None, n_inner: int | None = None, gen=None
+    world, rng: np.random.Generator, n_outer: int | None = None, n_inner: int | None = None, *, gen
 ) -> dict[str, Any]:
     """Nested-MC truth of Var(E[f_k | S]) / Var(f_k) on measured features (images rendered).
 
     Args:
-      gen: the generator module of ``world`` (default :mod:`data_builders.synthetic`).
+      gen: the generator module of ``world`` (:mod:`data_builders.synthetic` or a family's).
 
     Returns:
       dict: ``per_feature`` (F,), ``per_feature_se``, ``overall`` (mean over features),
       ``overall_se``, and the population ``feature_mean`` / ``feature_std`` (F,) of raw features.
     """
-    syn, cfg = gen or _syn(), world.config
+    syn, cfg = gen, world.config
     n_outer = n_outer or cfg.morph_mc_outer
     n_inner = n_inner or cfg.morph_mc_inner
     nested = _run_nested(
@@ -178,7 +171,7 @@ def morphology_truth(
     }  # fmt: skip
 
 
-def calibrate(world, shared_fraction: float, rng_seed: int | None = None, xtol: float = 2e-3, gen=None):
+def calibrate(world, shared_fraction: float, rng_seed: int | None = None, xtol: float = 2e-3, *, gen):
     """Set the shared/private angle so the overall expression truth equals ``shared_fraction``.
 
     Uses a fixed-seed (common random numbers) MC estimate inside Brent's method, so the
@@ -186,9 +179,7 @@ def calibrate(world, shared_fraction: float, rng_seed: int | None = None, xtol: 
     """
     from scipy.optimize import brentq
 
-    syn = gen or _syn()
-
-    cfg = world.config
+    syn, cfg = gen, world.config
     seed = world.seed if rng_seed is None else rng_seed
 
     def frac(angle: float) -> float:
@@ -206,17 +197,17 @@ def calibrate(world, shared_fraction: float, rng_seed: int | None = None, xtol: 
     return dataclasses.replace(world, angle=float(angle))
 
 
-def truth_dict(world, shared_fraction: float, n_cells: int, et: dict, mt: dict) -> dict[str, Any]:
+def truth_dict(world, shared_fraction: float, n_cells: int, et: dict, mt: dict, *, gen) -> dict[str, Any]:
     """The ``truth.json`` content from :func:`expression_truth` (et) / :func:`morphology_truth` (mt)."""
-    resp_features = sorted({f for p in _syn().RESPONDER_PARAMS for f in morph_features.PARAM_TO_FEATURES[p]})
+    resp_features = sorted({f for p in gen.RESPONDER_PARAMS for f in morph_features.PARAM_TO_FEATURES[p]})
     truth = truth_core(world, shared_fraction, n_cells, et, mt, DEFINITIONS)
     truth.update({
         "responder_genes": world.responder_genes,
         "responder_log_fold_change": {world.gene_names[g]: float(world.responder_lfc[g])
                                       for g in np.flatnonzero(world.responder_lfc)},  # fmt: skip
         "responder_features": resp_features,
-        "responder_morph_params": list(_syn().RESPONDER_PARAMS),
-        "response_levels": list(_syn().RESPONSE_LEVELS),
+        "responder_morph_params": list(gen.RESPONDER_PARAMS),
+        "response_levels": list(gen.RESPONSE_LEVELS),
     })
     return truth
 
@@ -253,12 +244,13 @@ def truth_core(world, shared_fraction: float, n_cells: int, et: dict, mt: dict, 
     }
 
 
-def build_anndata(world, shared_fraction, state, cell_ids, counts, lib_factor, z_m, z_e, params, feats, et, mt):
+def build_anndata(world, shared_fraction, state, cell_ids, counts, lib_factor, z_m, z_e, params, feats, et, mt, *,
+                  gen):
     """The ``cells.h5ad`` AnnData: counts, obs labels, per-gene truth in var, latents in obsm."""
     import anndata as ad
     import pandas as pd
 
-    syn, cfg = _syn(), world.config
+    syn, cfg = gen, world.config
     response = np.asarray(syn.RESPONSE_LEVELS, dtype=object)[state["response"]]
     obs = pd.DataFrame(
         {
@@ -346,7 +338,7 @@ def _heldout_r2(inputs: np.ndarray, target: np.ndarray, n_train: int, seed: int)
     return float(1 - resid.sum() / total.sum()), 1 - resid / total
 
 
-def attainability(world, n_cells: int = 6000, seed: int = 0, test_fraction: float = 0.2) -> dict[str, Any]:
+def attainability(world, n_cells: int = 6000, seed: int = 0, test_fraction: float = 0.2, *, gen) -> dict[str, Any]:
     """Check that the truth is reachable from what the data show (held-out R^2, MLP regressors).
 
     Expression side (sum-of-variance weighted R^2 of x over all genes) predicted from (a) the
@@ -357,6 +349,7 @@ def attainability(world, n_cells: int = 6000, seed: int = 0, test_fraction: floa
 
     Args:
       world: a (calibrated) :class:`data_builders.synthetic.World`.
+      gen: its generator module (:mod:`data_builders.synthetic`).
       n_cells: cells simulated; the last ``test_fraction`` are held out.
 
     Returns:
@@ -368,7 +361,7 @@ def attainability(world, n_cells: int = 6000, seed: int = 0, test_fraction: floa
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    syn = _syn()
+    syn = gen
     rng = syn._rng(seed, syn._CHECK)
     state = syn.sample_state(world, n_cells, rng)
     images, _, params, nuis = syn.sample_images(world, state, rng)
