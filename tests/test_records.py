@@ -7,20 +7,9 @@ import os
 
 import numpy as np
 import pytest
-import tifffile
 
 from cosmic_jax.data import records
-from data_builders import images, nuclei
-
-
-@pytest.fixture(scope="module")
-def tiles(tmp_path_factory):
-    """Four real 256x256 source images: the quadrants of stardist's img2d."""
-    img = tifffile.imread(images.stardist_sample()[0])
-    d = tmp_path_factory.mktemp("tiles")
-    for k, (y, x) in enumerate([(0, 0), (0, 256), (256, 0), (256, 256)]):
-        tifffile.imwrite(d / f"tile{k}.tif", img[y : y + 256, x : x + 256])
-    return images.find_images(str(d))
+from data_builders import nuclei
 
 
 @pytest.fixture(scope="module")
