@@ -105,6 +105,13 @@ def test_from_export_matches_in_memory(export_dir, embedder, images):
     x = jax.ShapeDtypeStruct((3, 32, 32, 1), np.float32)
     assert "call_exported" in str(jax.make_jaxpr(e.forward)(e.params, x))
     np.testing.assert_allclose(e.embed(images), embedder.embed(images), atol=ATOL)
+    # the 1-device program split over the 8 host devices, 2 passes each: same rows, no collectives
+    e8 = Embedder.from_export(export_dir, batch_size=16, micro_batch=1)
+    assert (e8.num_devices, e8.micro_batch) == (8, 1)
+    np.testing.assert_allclose(e8.embed(images), embedder.embed(images), atol=ATOL)
+    hlo = e8._encode.lower(e8.params, jax.device_put(np.zeros((16, 32, 32, 1), np.float32),
+                                                     e8._batch_sharding)).compile().as_text()
+    assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce"))
     last = Embedder.from_export(export_dir, layer=-1, batch_size=3).embed(images)
     assert np.abs(last - e.embed(images)).max() > 0.1  # the layer can still be overridden
 

@@ -181,7 +181,7 @@ class Embedder:
     ) -> "Embedder":
         """Load a ``cosmic pretrain`` workdir (latest step unless ``step``); see class Args."""
         # Local: train.pretrain pulls orbax, grain and sklearn, which export users never need:
-        # `import cosmic_jax.embed` takes 2.1 s with it at the top, 0.7 s without (measured).
+        # `import cosmic_jax.embed` takes 2.1 s with it at the top, 0.9 s without (CPU s, 3 runs).
         from cosmic_jax.train.pretrain import load_for_inference
 
         model_cfg, params, got_step, _info = load_for_inference(path, step=step)
