@@ -4,7 +4,7 @@ An export directory holds::
 
     manifest.json        format name + version, what each file is, sha256 + size of every file
     config.json          model name, full MAEConfig, input shape (H, W, C) + dtype + normalisation
-                         rule, embedding layer/pool, training step, calling convention
+                         rule, embedding read-out (layer/pool/dihedral), training step, calling convention
     encoder.safetensors  encoder weights, a flat dict keyed by '/'.join(param path)
     encoder.stablehlo    the encoder forward serialised with ``jax.export``: takes
                          (flat weights dict, float32 images (b, H, W, C)) -> float32 (b, D),
@@ -13,8 +13,9 @@ An export directory holds::
 
 A consumer needs only jax + numpy + safetensors (``tests/_export_consumer.py`` is one):
 ``jax.export.deserialize(blob).call(weights, images)``; so does ``Embedder.from_export``, which runs
-that program. Reading (``artifact.py``: format version, every file's sha256, config against
-program) is re-exported here. Nothing is pickled.
+that program. Reading (``artifact.py``: format version, every file's sha256, config.json against
+the program's read-out label and signature) is re-exported here. This module writes; it imports
+the Embedder, which never imports it. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def export_embedder(
     platforms: tuple[str, ...] = DEFAULT_PLATFORMS,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write an export directory for ``embedder`` (its layer/pool are baked into the StableHLO).
+    """Write an export directory for ``embedder`` (its read-out is baked into the StableHLO).
 
     Args:
       embedder: a :class:`cosmic_jax.embed.Embedder`.
