@@ -223,3 +223,15 @@ def test_cli_export_and_embed_agree(tmp_path, cfg, params, images):
     assert via_export.readout()["layer_index"] == [0, 1] and via_export.dihedral
     np.testing.assert_allclose(via_export.embed(images), Embedder.from_checkpoint(w, batch_size=4).embed(images),
                                atol=ATOL)
+
+
+def test_program_without_readout_label_refused(export_dir):
+    """A program written before the read-out label existed cannot be checked against config.json."""
+    import types
+
+    from cosmic_jax.embed.artifact import check_program
+
+    b = load_export(export_dir)
+    old = types.SimpleNamespace(fun_name="forward")
+    with pytest.raises(ExportError, match=r"encoder.stablehlo: program 'forward' carries no read-out label.*re-export"):
+        check_program(export_dir, b.config, b.model_cfg, flatten_params(b.params), old)
