@@ -101,7 +101,17 @@ def test_fresh_process_consumer_matches(tmp_path, export_dir, embedder, images):
 def test_from_export_matches_in_memory(export_dir, embedder, images):
     e = Embedder.from_export(export_dir, batch_size=3)
     assert (e.layer, e.pool, e.dihedral, e.step) == (0, "mean_std", True, 5)
+    # it runs the exported StableHLO, not a model rebuilt from config.json
+    x = jax.ShapeDtypeStruct((3, 32, 32, 1), np.float32)
+    assert "call_exported" in str(jax.make_jaxpr(e.forward)(e.params, x))
     np.testing.assert_allclose(e.embed(images), embedder.embed(images), atol=ATOL)
+    # the 1-device program split over the 8 host devices, 2 passes each: same rows, no collectives
+    e8 = Embedder.from_export(export_dir, batch_size=16, micro_batch=1)
+    assert (e8.num_devices, e8.micro_batch) == (8, 1)
+    np.testing.assert_allclose(e8.embed(images), embedder.embed(images), atol=ATOL)
+    hlo = e8._encode.lower(e8.params, jax.device_put(np.zeros((16, 32, 32, 1), np.float32),
+                                                     e8._batch_sharding)).compile().as_text()
+    assert not any(op in hlo for op in ("all-gather", "all-to-all", "collective-permute", "all-reduce"))
     last = Embedder.from_export(export_dir, layer=-1, batch_size=3).embed(images)
     assert np.abs(last - e.embed(images)).max() > 0.1  # the layer can still be overridden
 
@@ -115,6 +125,42 @@ def _rehash(path, name):
         m["files"][name]["sha256"] = hashlib.sha256(f.read()).hexdigest()
     with open(mpath, "w") as f:
         json.dump(m, f)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("layer", 1, r"config.json embedding.layer = 1 but encoder.stablehlo computes \[0\]"),
+    ("layer", [0, 1], r"config.json embedding.layer = \[0, 1\]"),
+    ("pool", "mean", r"config.json embedding.pool = 'mean' but encoder.stablehlo computes 'mean_std'"),
+    ("dihedral", False, r"config.json embedding.dihedral = False"),
+    ("output", {"shape": ["b", 64], "dtype": "float32"}, r"config.json output.shape"),
+])
+def test_edited_config_is_refused(tmp_path, export_dir, field, value, match):
+    """config.json edited and its hash updated: the program still computes the old read-out, so
+    the export is refused, naming the directory and the field (issue 14)."""
+    d = _copy(export_dir, tmp_path)
+    cpath = os.path.join(d, "config.json")
+    config = json.load(open(cpath))
+    if field == "output":
+        config["output"] = value
+    else:
+        config["embedding"][field] = value
+    json.dump(config, open(cpath, "w"))
+    _rehash(d, "config.json")
+    with pytest.raises(ExportError, match=rf"^{d}: {match}"):
+        Embedder.from_export(d)
+
+
+def test_weights_not_fitting_the_program_refused(tmp_path, export_dir):
+    import safetensors.numpy
+
+    d = _copy(export_dir, tmp_path)
+    wpath = os.path.join(d, "encoder.safetensors")
+    w = safetensors.numpy.load_file(wpath)
+    w["patch_embed/kernel"] = w["patch_embed/kernel"][:, :-1]
+    safetensors.numpy.save_file(w, wpath)
+    _rehash(d, "encoder.safetensors")
+    with pytest.raises(ExportError, match=r"encoder.safetensors: weight 'patch_embed/kernel' is \(\(64, 63\)"):
+        load_export(d)
 
 
 @pytest.mark.parametrize("name", ["encoder.safetensors", "encoder.stablehlo", "config.json", "mae.safetensors"])
@@ -171,3 +217,21 @@ def test_cli_export_and_embed_agree(tmp_path, cfg, params, images):
     np.testing.assert_allclose(np.load(a), ref, atol=ATOL)
     np.testing.assert_allclose(np.load(b), ref, atol=ATOL)
     assert load_export(out).config["training_step"] == 2
+    # the default read-out (two blocks, mean_std, dihedral) through the exported program
+    via_export = Embedder.from_export(out, batch_size=4)
+    assert via_export.program is not None and via_export.readout() == Embedder.from_checkpoint(w).readout()
+    assert via_export.readout()["layer_index"] == [0, 1] and via_export.dihedral
+    np.testing.assert_allclose(via_export.embed(images), Embedder.from_checkpoint(w, batch_size=4).embed(images),
+                               atol=ATOL)
+
+
+def test_program_without_readout_label_refused(export_dir):
+    """A program written before the read-out label existed cannot be checked against config.json."""
+    import types
+
+    from cosmic_jax.embed.artifact import check_program
+
+    b = load_export(export_dir)
+    old = types.SimpleNamespace(fun_name="forward")
+    with pytest.raises(ExportError, match=r"encoder.stablehlo: program 'forward' carries no read-out label.*re-export"):
+        check_program(export_dir, b.config, b.model_cfg, flatten_params(b.params), old)

@@ -1,7 +1,7 @@
 """``cosmic embed`` and ``cosmic export``: embed a crop dataset, or write a portable export.
 
     cosmic embed --checkpoint W --input CROPS --output emb.npy [--config.pool=cls --config.layer=-2]
-    cosmic embed --export DIR --input CROPS --output cells.h5ad
+    cosmic embed --export DIR --input CROPS --output cells.h5ad    (runs the export's StableHLO program)
     cosmic export --checkpoint W --out DIR
 
 FILE.npy gets (N, D) rows in crop-dataset order. A new FILE.h5ad gets obs_names = cell_id in crop
@@ -51,6 +51,8 @@ def register(subparsers) -> None:
 
 
 def _make_embedder(args):
+    # Imported here, not at the top: jax must load after apply_cpu_devices has split the CPU, and
+    # `cosmic --help` must not pay for jax.
     from cosmic_jax.embed.embedder import Embedder, parse_layers
 
     cfg = args.cfg
@@ -101,7 +103,7 @@ def run_embed(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     setup_logging()
-    from cosmic_jax.embed.embedder import parse_layers
+    from cosmic_jax.embed.embedder import parse_layers  # not at the top: see _make_embedder
     from cosmic_jax.embed.export import export_checkpoint
 
     cfg = args.cfg

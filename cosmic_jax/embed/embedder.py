@@ -13,12 +13,27 @@ result does not depend on how the images were chunked.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import flax.linen as nn
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
+import cosmic_jax
 from cosmic_jax.data.cells import cell_ids as cell_ids_of
 from cosmic_jax.data.cells import match_ids
+from cosmic_jax.data.loader import make_eval_iterator
+from cosmic_jax.data.records import CropSource
+from cosmic_jax.embed.artifact import flatten_params, load_export
+from cosmic_jax.models.mae import MAE
+from cosmic_jax.train.sharding import (
+    batch_sharding,
+    make_mesh,
+    merge_strided_chunks,
+    state_shardings,
+    strided_chunks,
+)
 
 POOLS = ("mean", "cls", "mean_std")
 # Read-out defaults (notes/science.md, "Embedding levers"): mean and std of the patch tokens of a
@@ -41,8 +56,6 @@ class EmbedInputError(ValueError):
 
 
 def _tqdm(n_batches: int, enabled: bool | None, desc: str):
-    from tqdm.auto import tqdm
-
     disable = (not enabled) if enabled is not None else n_batches < _PROGRESS_MIN_BATCHES
     return tqdm(total=n_batches, desc=desc, unit="batch", disable=disable, leave=False)
 
@@ -69,6 +82,10 @@ class Embedder:
       devices: how many local devices to split each batch over (data parallel, params
         replicated); None = all of the default backend's local devices. The largest count up to
         that which divides ``batch_size`` is used (``num_devices``).
+      program: a loaded export's ``jax.export.Exported`` forward ``(flat weights, images (n, H, W, C)
+        f32) -> (n, D)`` to run instead of the model built from ``model_cfg``; ``params`` are then its
+        flat weights and layer/pool/dihedral describe what the program computes
+        (:meth:`from_export` sets this up).
       step: training step the params come from (metadata only).
       source: where the params come from, e.g. a workdir or export dir (metadata only).
       progress: tqdm bar: None = only for long inputs, True/False = always/never.
@@ -85,17 +102,11 @@ class Embedder:
         batch_size: int = DEFAULT_BATCH,
         micro_batch: int = DEFAULT_MICRO_BATCH,
         devices: int | None = None,
+        program: jax.export.Exported | None = None,
         step: int | None = None,
         source: str | None = None,
         progress: bool | None = None,
     ):
-        import flax.linen as nn
-        import jax
-        from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-        from cosmic_jax.models.mae import MAE
-        from cosmic_jax.train.sharding import merge_strided_chunks, strided_chunks
-
         self.model_cfg = model_cfg
         self.model = MAE(model_cfg)
         # init_variables() boxes params with logical-axis metadata; inference wants plain arrays.
@@ -119,10 +130,13 @@ class Embedder:
         most = min(len(local), len(local) if devices is None else int(devices))
         d = max(k for k in range(1, most + 1) if self.batch_size % k == 0)
         self.num_devices = d
-        mesh = Mesh(np.array(local[:d]), ("batch",))
-        self._batch_sharding = NamedSharding(mesh, PartitionSpec("batch"))
-        replicated = NamedSharding(mesh, PartitionSpec())
-        self.params = jax.device_put(params, replicated)
+        # The trainers' mesh and rules: data axis over these devices, fsdp=1, so the params (no
+        # logical names given) are replicated and each batch is split over every device.
+        mesh = make_mesh(devices=local[:d])
+        self._batch_sharding = batch_sharding(mesh)
+        param_shardings = state_shardings(params, mesh)
+        self.params = jax.device_put(params, param_shardings)
+        self.program = program
         self.step = step
         self.source = source
         self.progress = progress
@@ -133,6 +147,9 @@ class Embedder:
         def encode(params, images):
             return model.apply({"params": params}, images, method=MAE.encode, layer=layer_, pool=pool_,
                                dihedral=dihedral_)
+
+        if program is not None:
+            encode = program.call  # the exported StableHLO, its symbolic batch set per pass
 
         per_device = self.batch_size // d
         micro = int(micro_batch) if int(micro_batch) > 0 and per_device % int(micro_batch) == 0 else per_device
@@ -146,9 +163,10 @@ class Embedder:
             out = jax.lax.map(lambda c: encode(params, c), strided_chunks(images, passes))
             return merge_strided_chunks(out)
 
-        # un-jitted and unchunked: export.py serialises it with a symbolic batch dimension
-        self._encode_fn = encode
-        self._encode = jax.jit(encode_chunked, in_shardings=(replicated, self._batch_sharding),
+        # (params, images (n, H, W, C)) -> (n, D), un-jitted and unchunked: export.py serialises it
+        # with a symbolic batch dimension
+        self.forward: Callable[[Any, Any], Any] = encode
+        self._encode = jax.jit(encode_chunked, in_shardings=(param_shardings, self._batch_sharding),
                                out_shardings=self._batch_sharding)
         # Shape inference without compiling: output width for N = 0 and for callers.
         spec = jax.ShapeDtypeStruct((self.batch_size, *self.input_shape), np.float32)
@@ -162,6 +180,8 @@ class Embedder:
         pool: str = DEFAULT_POOL, dihedral: bool = DEFAULT_DIHEDRAL, **kw
     ) -> "Embedder":
         """Load a ``cosmic pretrain`` workdir (latest step unless ``step``); see class Args."""
+        # Local: train.pretrain pulls orbax, grain and sklearn, which export users never need:
+        # `import cosmic_jax.embed` takes 2.1 s with it at the top, 0.9 s without (CPU s, 3 runs).
         from cosmic_jax.train.pretrain import load_for_inference
 
         model_cfg, params, got_step, _info = load_for_inference(path, step=step)
@@ -173,22 +193,21 @@ class Embedder:
         cls, path: str, layer: int | Sequence[int] | None = None, pool: str | None = None,
         dihedral: bool | None = None, **kw
     ) -> "Embedder":
-        """Load an export directory (hashes verified); layer/pool/dihedral default to the exported ones
-        (exports older than the dihedral option were not averaged)."""
-        from cosmic_jax.embed.export import load_export
+        """Load an export directory (hashes verified, config.json checked against the program) and
+        run its StableHLO program, so the embedding is what the portable artifact computes.
 
+        ``layer`` / ``pool`` / ``dihedral`` different from the exported read-out cannot run that
+        program: the model is then rebuilt from config.json + the exported encoder weights (which
+        hold every block). Other keywords as in the class Args.
+        """
         bundle = load_export(path)
-        emb = bundle.config["embedding"]
-        return cls(
-            bundle.model_cfg,
-            bundle.params,
-            layer=emb["layer"] if layer is None else layer,
-            pool=emb["pool"] if pool is None else pool,
-            dihedral=emb.get("dihedral", False) if dihedral is None else dihedral,
-            step=bundle.config.get("training_step"),
-            source=f"export:{os.path.abspath(path)}",
-            **kw,
-        )
+        exported = {k: bundle.config["embedding"][k] for k in ("layer", "pool", "dihedral")}
+        asked = {k: v for k, v in (("layer", layer), ("pool", pool), ("dihedral", dihedral)) if v is not None}
+        common = dict(step=bundle.config.get("training_step"), source=f"export:{os.path.abspath(path)}", **kw)
+        if not asked:
+            return cls(bundle.model_cfg, flatten_params(bundle.params), **exported, program=bundle.program, **common)
+        # another read-out: the model from config + weights (the program computes only its own)
+        return cls(bundle.model_cfg, bundle.params, **{**exported, **asked}, **common)
 
     # ------------------------------------------------------------------ metadata
     @property
@@ -197,8 +216,6 @@ class Embedder:
 
     def metadata(self) -> dict[str, Any]:
         """h5ad-safe description of what produced the embeddings (no None values)."""
-        import cosmic_jax
-
         return {
             "model": self.model_name,
             "step": -1 if self.step is None else int(self.step),
@@ -291,8 +308,6 @@ class Embedder:
     # ------------------------------------------------------------------ embedding
     def _run(self, chunks: Iterable[np.ndarray], n_total: int, desc: str, progress: bool | None) -> np.ndarray:
         """Embed validated float32 chunks of <= batch_size images; returns (n_total, D)."""
-        import jax
-
         b = self.batch_size
         out = np.empty((n_total, self.dim), np.float32)
         pending: list[tuple[int, int, Any]] = []  # (start, n, device array) not yet copied back
@@ -363,9 +378,6 @@ class Embedder:
         Returns:
           (float32 (N, D) embeddings, list of N cell_ids in the same order).
         """
-        from cosmic_jax.data.loader import make_eval_iterator
-        from cosmic_jax.data.records import CropSource
-
         data_dir = os.fspath(data_dir)
         src = CropSource(data_dir)
         n = len(src)
@@ -420,8 +432,6 @@ class Embedder:
         if isinstance(crops, (str, os.PathLike)):
             if cell_ids is not None:
                 raise ValueError("cell_ids= is only for image arrays; a crop dataset carries its own ids")
-            from cosmic_jax.data.records import CropSource
-
             what = f"crop dataset {os.fspath(crops)}"
             # ids first (a cheap read): a mismatch fails before the expensive forward passes
             crop_ids = CropSource(os.fspath(crops)).cell_ids()

@@ -4,7 +4,7 @@ An export directory holds::
 
     manifest.json        format name + version, what each file is, sha256 + size of every file
     config.json          model name, full MAEConfig, input shape (H, W, C) + dtype + normalisation
-                         rule, embedding layer/pool, training step, calling convention
+                         rule, embedding read-out (layer/pool/dihedral), training step, calling convention
     encoder.safetensors  encoder weights, a flat dict keyed by '/'.join(param path)
     encoder.stablehlo    the encoder forward serialised with ``jax.export``: takes
                          (flat weights dict, float32 images (b, H, W, C)) -> float32 (b, D),
@@ -12,15 +12,14 @@ An export directory holds::
     mae.safetensors      (optional, ``with_decoder``) the full MAE weights incl. the decoder
 
 A consumer needs only jax + numpy + safetensors (``tests/_export_consumer.py`` is one):
-``jax.export.deserialize(blob).call(weights, images)``. Loading here verifies the format version
-and every file's sha256 first, and refuses a tampered or mismatched file naming it. Nothing is
-pickled.
+``jax.export.deserialize(blob).call(weights, images)``; so does ``Embedder.from_export``, which runs
+that program. Reading (``artifact.py``: format version, every file's sha256, config.json against
+the program's read-out label and signature) is re-exported here. This module writes; it imports
+the Embedder, which never imports it. Nothing is pickled.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import os
 import re
@@ -29,15 +28,34 @@ import tempfile
 import time
 from typing import Any
 
+import flax.errors
+import jax
 import numpy as np
+import safetensors.numpy
+from jax.extend.core import Var
 
-FORMAT = "cosmic-embed-export"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-CONFIG = "config.json"
-ENCODER_WEIGHTS = "encoder.safetensors"
-ENCODER_HLO = "encoder.stablehlo"
-FULL_WEIGHTS = "mae.safetensors"
+import cosmic_jax
+from cosmic_jax.embed.artifact import (  # noqa: F401  (reading is part of this module's API)
+    CONFIG,
+    ENCODER_HLO,
+    ENCODER_WEIGHTS,
+    FORMAT,
+    FORMAT_VERSION,
+    FULL_WEIGHTS,
+    MANIFEST,
+    ExportBundle,
+    ExportError,
+    flat_items,
+    flatten_params,
+    load_export,
+    read_verified,
+    readout_label,
+    sha256,
+    unflatten_params,
+)
+from cosmic_jax.embed.embedder import DEFAULT_DIHEDRAL, DEFAULT_POOL, Embedder
+from cosmic_jax.models.mae import MAE
+
 # Lowered for both so one artifact runs on a CPU box and on an NVIDIA GPU.
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 
@@ -49,55 +67,6 @@ _WHAT = {
 }
 
 
-class ExportError(ValueError):
-    """An export directory is missing, tampered with, or of another format; names the file."""
-
-
-@dataclasses.dataclass
-class ExportBundle:
-    """A verified export: ``config`` (config.json), ``model_cfg`` (MAEConfig), ``params`` (nested)."""
-
-    path: str
-    manifest: dict[str, Any]
-    config: dict[str, Any]
-    model_cfg: Any
-    params: dict[str, Any]
-    full_params: dict[str, Any] | None
-
-
-# ---------------------------------------------------------------------- flat <-> nested params
-def _flat_items(tree: Any, path: tuple[str, ...] = ()):
-    """(key, leaf) pairs of a nested mapping, key = '/'.join(path)."""
-    if hasattr(tree, "items") and not hasattr(tree, "shape"):
-        for k, v in tree.items():
-            if "/" in str(k):
-                raise ValueError(f"param name {'/'.join(path + (str(k),))!r} contains '/'")
-            yield from _flat_items(v, path + (str(k),))
-    else:
-        yield "/".join(path), tree
-
-
-def flatten_params(params: Any) -> dict[str, np.ndarray]:
-    """Nested param dict -> {'a/b/kernel': np.ndarray}; names must not contain '/'."""
-    return {k: np.asarray(v) for k, v in _flat_items(params)}
-
-
-def unflatten_params(flat: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`flatten_params` (works on numpy and on traced jax arrays)."""
-    out: dict[str, Any] = {}
-    for key, v in flat.items():
-        node = out
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 # ---------------------------------------------------------------------- writing
 def encoder_params(embedder: Any) -> dict[str, Any]:
     """The subset of ``embedder.params`` that the encoder forward reads (any layer, any pool).
@@ -106,13 +75,8 @@ def encoder_params(embedder: Any) -> dict[str, Any]:
     that reach the output (a backwards liveness pass), so decoder weights and params that
     ``setup`` creates but ``encode`` never touches (``mask_token``) stay out of the export.
     """
-    import jax
-    from jax.extend.core import Var
-
-    from cosmic_jax.models.mae import MAE
-
     flat = {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype)
-            for k, v in _flat_items(embedder.params)}
+            for k, v in flat_items(embedder.params)}
     x = jax.ShapeDtypeStruct((1, *embedder.input_shape), np.float32)
     model = embedder.model
 
@@ -132,8 +96,6 @@ def encoder_params(embedder: Any) -> dict[str, Any]:
         raise ValueError("the encoder forward uses no params; is this an MAE param tree?")
     # flax creates ``self.param`` leaves of a ``setup`` eagerly, so apply() insists on them even
     # when encode never reads them (MAE's mask_token): add back exactly those apply() asks for.
-    import flax.errors
-
     for _ in range(len(flat)):
         try:
             jax.eval_shape(deepest, {k: flat[k] for k in used}, x)
@@ -145,7 +107,7 @@ def encoder_params(embedder: Any) -> dict[str, Any]:
             if key not in flat or key in used:
                 raise
             used.add(key)
-    return unflatten_params({k: v for k, v in _flat_items(embedder.params) if k in used})
+    return unflatten_params({k: v for k, v in flat_items(embedder.params) if k in used})
 
 
 def export_embedder(
@@ -156,7 +118,7 @@ def export_embedder(
     platforms: tuple[str, ...] = DEFAULT_PLATFORMS,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write an export directory for ``embedder`` (its layer/pool are baked into the StableHLO).
+    """Write an export directory for ``embedder`` (its read-out is baked into the StableHLO).
 
     Args:
       embedder: a :class:`cosmic_jax.embed.Embedder`.
@@ -169,18 +131,20 @@ def export_embedder(
     Returns:
       The manifest dict.
     """
-    import jax
-    import safetensors.numpy
-
-    import cosmic_jax
-
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    if embedder.program is not None:
+        raise ValueError(f"{embedder.source}: this Embedder runs an exported program; copy that export "
+                         "directory instead of re-exporting it")
     enc = flatten_params(encoder_params(embedder))
     h, w, c = embedder.input_shape
 
     def forward(flat_weights, images):
-        return embedder._encode_fn(unflatten_params(flat_weights), images)
+        return embedder.forward(unflatten_params(flat_weights), images)
+
+    # The function's name is serialised into the program: load_export checks config.json against it.
+    readout = embedder.readout()
+    forward.__name__ = readout_label(readout["layer_index"], readout["pool"], readout["dihedral"])
 
     b, = jax.export.symbolic_shape("b")
     w_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in enc.items()}
@@ -242,7 +206,7 @@ def export_embedder(
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "files": {n: {"what": _WHAT[n], "sha256": _sha256(d), "bytes": len(d)} for n, d in files.items()},
+            "files": {n: {"what": _WHAT[n], "sha256": sha256(d), "bytes": len(d)} for n, d in files.items()},
             "usage": ("exp = jax.export.deserialize(open('encoder.stablehlo','rb').read()); "
                       "emb = exp.call(safetensors.numpy.load_file('encoder.safetensors'), images_f32_bhwc)"),
         }
@@ -270,98 +234,7 @@ def export_checkpoint(
 ) -> dict[str, Any]:
     """Export a ``cosmic pretrain`` workdir (latest step unless ``step``); see export_embedder.
     ``layer`` / ``pool`` / ``dihedral``: the read-out baked in (default: the Embedder's)."""
-    from cosmic_jax.embed.embedder import DEFAULT_DIHEDRAL, DEFAULT_POOL, Embedder
-
     emb = Embedder.from_checkpoint(workdir, step=step, layer=layer, pool=pool or DEFAULT_POOL,
                                    dihedral=DEFAULT_DIHEDRAL if dihedral is None else dihedral)
     return export_embedder(emb, out_dir, full_params=emb.params if with_decoder else None,
                            overwrite=overwrite)
-
-
-# ---------------------------------------------------------------------- reading
-def _read_json(path: str, data: bytes) -> dict[str, Any]:
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path}: not valid JSON ({e})") from e
-
-
-def _check_format(path: str, d: dict[str, Any]) -> None:
-    if d.get("format") != FORMAT:
-        raise ExportError(f"{path}: not a {FORMAT} file (format={d.get('format')!r})")
-    if d.get("format_version") != FORMAT_VERSION:
-        raise ExportError(f"{path}: unsupported format_version {d.get('format_version')!r}; this "
-                          f"cosmic_jax reads version {FORMAT_VERSION}")
-
-
-def read_verified(path: str) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Read an export's manifest and every file it lists, checking format version and sha256.
-
-    Args:
-      path: export directory.
-
-    Returns:
-      (manifest dict, {file name: verified bytes}).
-    """
-    mpath = os.path.join(path, MANIFEST)
-    if not os.path.isfile(mpath):
-        if not os.path.isdir(path):
-            raise ExportError(f"export directory not found: {path}")
-        raise ExportError(f"{mpath}: missing; is {path} a cosmic export?")
-    with open(mpath, "rb") as f:
-        manifest = _read_json(mpath, f.read())
-    _check_format(mpath, manifest)
-    listed = manifest.get("files") or {}
-    for required in (CONFIG, ENCODER_WEIGHTS, ENCODER_HLO):
-        if required not in listed:
-            raise ExportError(f"{mpath}: does not list required file {required}")
-    data: dict[str, bytes] = {}
-    for name, info in listed.items():
-        fpath = os.path.join(path, name)
-        if os.path.basename(name) != name:
-            raise ExportError(f"{mpath}: file name {name!r} is not a plain file name")
-        if not os.path.isfile(fpath):
-            raise ExportError(f"{fpath}: listed in the manifest but missing")
-        with open(fpath, "rb") as f:
-            blob = f.read()
-        digest = _sha256(blob)
-        if digest != info.get("sha256"):
-            raise ExportError(f"{fpath}: sha256 {digest[:12]}... does not match the manifest "
-                              f"({str(info.get('sha256'))[:12]}...): file changed or corrupted")
-        data[name] = blob
-    return manifest, data
-
-
-def load_export(path: str) -> ExportBundle:
-    """Verify and load an export directory.
-
-    Args:
-      path: export directory written by :func:`export_embedder`.
-
-    Returns:
-      An :class:`ExportBundle` with nested numpy params (encoder; full MAE if exported).
-    """
-    import safetensors.numpy
-
-    from cosmic_jax.models.mae import model_config
-
-    manifest, data = read_verified(path)
-    cpath = os.path.join(path, CONFIG)
-    config = _read_json(cpath, data[CONFIG])
-    _check_format(cpath, config)
-    try:
-        model_cfg = model_config(config["model_config"])
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        raise ExportError(f"{cpath}: model_config does not fit this cosmic_jax ({e})") from e
-    if list(config["input"]["shape"]) != [model_cfg.image_size, model_cfg.image_size, model_cfg.channels]:
-        raise ExportError(f"{cpath}: input shape {config['input']['shape']} disagrees with model_config")
-
-    def weights(name: str) -> dict[str, Any]:
-        try:
-            return unflatten_params(safetensors.numpy.load(data[name]))
-        except Exception as e:  # safetensors raises its own error types
-            raise ExportError(f"{os.path.join(path, name)}: unreadable safetensors ({e})") from e
-
-    full = weights(FULL_WEIGHTS) if FULL_WEIGHTS in data else None
-    return ExportBundle(path=path, manifest=manifest, config=config, model_cfg=model_cfg,
-                        params=weights(ENCODER_WEIGHTS), full_params=full)

@@ -173,7 +173,8 @@ def create_sharded_state(init_fn: Callable[..., Any], mesh: Mesh, *args, param_s
                          rules=LOGICAL_RULES) -> tuple[Any, Any]:
     """Initialise a state directly in its final sharded layout (never materialised whole).
 
-    Every trainer (MAE, joint model) and the Embedder's parameter placement go through here.
+    Every trainer (MAE, joint model) goes through here; the Embedder places loaded params with
+    :func:`state_shardings` + ``jax.device_put``.
 
     Args:
       init_fn: pure ``init_fn(*args) -> state`` (e.g. a partial of a task's ``create_train_state``).
