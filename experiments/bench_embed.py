@@ -56,7 +56,9 @@ def run_jax(args, overrides: list[str]) -> dict:
     rng = np.random.default_rng(0)
     # Random weights of the right tree, built in numpy: speed does not depend on their values.
     params = jax.tree.map(lambda s: rng.normal(0, 0.02, s.shape).astype(np.float32), abstract_params(cfg))
-    emb = Embedder(cfg, params, batch_size=args.batch, progress=False)
+    # The peer embeds one mean token of the last block; compare like with like (the package's default
+    # read-out averages 8 dihedral views of two blocks: 8x the forward work).
+    emb = Embedder(cfg, params, layer=-1, pool="mean", dihedral=False, batch_size=args.batch, progress=False)
     batches = [rng.normal(size=(args.batch, cfg.image_size, cfg.image_size, cfg.channels)).astype(np.float32)
                for _ in range(4)]
     t0 = time.perf_counter()
