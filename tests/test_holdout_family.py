@@ -85,7 +85,9 @@ def test_truth_keys_and_ranges(dataset):
     assert list(per_feat) == list(morph_features.FEATURE_NAMES)
     assert truth["morph_var_explained_by_expr"] == pytest.approx(np.mean(list(per_feat.values())))
     assert max(per_feat.values()) > 0.3 and all(-0.2 < v < 1.1 for v in per_feat.values())
-    assert set(truth["responder_features"]) >= {"nucleoli_intensity"}
+    # responders: brighter foci and chromatin, which the measured intensity features must show (which
+    # one carries it depends on how the feature code segments the nucleus)
+    assert {"mean_intensity", "nucleoli_intensity"} & set(truth["responder_features"])
     assert 5 <= len(truth["responder_genes"]) <= 40
     se = truth["mc_standard_errors"]
     assert 0 < se["expr_var_explained_by_morph"] < 0.05 and 0 < se["morph_var_explained_by_expr"] < 0.1
