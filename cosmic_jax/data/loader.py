@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from cosmic_jax.data.augment import AugmentConfig
+from cosmic_jax.data.records import CropSource
 
 # Identifies how positions map to records; a state saved by a loader with another mapping
 # (version 1: grain's index shuffle) would resume on a different sequence of examples.
@@ -79,8 +80,6 @@ def open_source(data_dir_or_source: Any):
     Returns:
       ``(source, name)`` where ``name`` identifies the dataset in error messages.
     """
-    from cosmic_jax.data.records import CropSource
-
     if isinstance(data_dir_or_source, (str, os.PathLike)):
         path = os.fspath(data_dir_or_source)
         return CropSource(path), path

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, ndtr, softmax
 
+from cosmic_jax.data.records import encode_record, write_shards
 from data_builders.families import holdout_render as render
 
 FAMILY = "holdout"
@@ -384,8 +385,6 @@ def write_paired(out_dir: str, records_per_shard: int = 4096) -> dict[str, Any]:
     in AnnData row order. Stand-in until ``cosmic data paired`` lands.
     """
     import anndata
-
-    from cosmic_jax.data.records import encode_record, write_shards
 
     raw = os.path.join(out_dir, "raw")
     paths = {k: os.path.join(raw, f) for k, f in (("adata", "cells.h5ad"), ("images", "images.npy"),
