@@ -280,3 +280,148 @@ def standardize(features: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.n
     """(N, F) raw features -> z-scores with the given population statistics."""
     std = np.where(np.asarray(std) > 0, std, 1.0)
     return (np.asarray(features) - mean) / std
+
+
+# Generic per-nucleus profile (what CellProfiler / scikit-image measure for any nucleus, not what a
+# generator varies). These are extra morphology INPUTS of the analysis; the morphology-side targets
+# and the synthetic truth stay on FEATURE_NAMES.
+_RINGS = 4  # radial bins of the normalised radius, as CellProfiler's MeasureObjectIntensityDistribution
+_PERCENTILES = (5, 25, 50, 75, 95)
+_DOG_SIGMAS = (0.7, 1.4, 2.8, 5.6)  # band-pass texture energies between consecutive scales
+_GRANULARITY_RADII = (1, 2, 3, 4)  # grey-opening spectrum (CellProfiler MeasureGranularity)
+_GLCM_LEVELS = 16
+_GLCM_DISTANCES = (1, 2)
+_GLCM_PROPS = ("contrast", "homogeneity", "energy", "correlation")
+PROFILE_NAMES = (
+    ("shape_area", "shape_perimeter", "shape_form_factor", "shape_solidity", "shape_extent",
+     "shape_eccentricity", "shape_major_axis", "shape_minor_axis", "shape_equivalent_diameter")
+    + ("intensity_integrated", "intensity_mean", "intensity_std", "intensity_max")
+    + tuple(f"intensity_p{p:02d}" for p in _PERCENTILES)
+    + ("intensity_edge_mean", "intensity_mass_displacement")
+    + tuple(f"radial_fraction_ring{i}" for i in range(_RINGS))
+    + tuple(f"radial_cv_ring{i}" for i in range(_RINGS))
+    + tuple(f"texture_band{i}_energy" for i in range(len(_DOG_SIGMAS) - 1))
+    + tuple(f"granularity_r{r}" for r in _GRANULARITY_RADII)
+    + tuple(f"glcm_{p}_d{d}" for d in _GLCM_DISTANCES for p in _GLCM_PROPS)
+)
+
+
+def _masked_percentiles(x: np.ndarray, mask: np.ndarray, qs) -> np.ndarray:
+    return np.nanpercentile(np.where(mask, x, np.nan).reshape(len(x), -1), qs, axis=1).T
+
+
+def _shape_loop(mask: np.ndarray) -> np.ndarray:
+    """Perimeter, solidity, extent per mask (regionprops: needs the contour / convex hull of each)."""
+    from skimage import measure
+
+    out = np.empty((len(mask), 3))
+    for i, mk in enumerate(mask):
+        p = measure.regionprops(mk.astype(np.uint8))[0]
+        out[i] = p.perimeter, p.solidity, p.extent
+    return out
+
+
+def _glcm_loop(imgs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Haralick features inside the nucleus: grey levels 1..L over each nucleus's own 1-99 % range,
+    0 outside (the row and column of level 0 are dropped), symmetric, averaged over 4 angles."""
+    from skimage.feature import graycomatrix, graycoprops
+
+    lo = _masked_percentiles(imgs, mask, (1,))[:, 0]
+    hi = _masked_percentiles(imgs, mask, (99,))[:, 0]
+    q = (imgs - lo[:, None, None]) / np.maximum(hi - lo, 1e-9)[:, None, None]
+    q = np.where(mask, 1 + np.clip(np.floor(q * _GLCM_LEVELS), 0, _GLCM_LEVELS - 1), 0).astype(np.uint8)
+    angles = (0, np.pi / 4, np.pi / 2, 3 * np.pi / 4)
+    out = np.empty((len(imgs), len(_GLCM_DISTANCES), len(_GLCM_PROPS)))
+    for i, qi in enumerate(q):
+        g = graycomatrix(qi, _GLCM_DISTANCES, angles, levels=_GLCM_LEVELS + 1, symmetric=True)[1:, 1:]
+        g = g.astype(np.float64) / np.maximum(g.sum(axis=(0, 1), keepdims=True), 1)
+        out[i] = np.stack([graycoprops(g, p).mean(axis=1) for p in _GLCM_PROPS], axis=1)
+    return out.reshape(len(imgs), -1)
+
+
+def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarray:
+    """Measure :data:`PROFILE_NAMES` on a batch of crops (nucleus segmented as :func:`segment_batch`).
+
+    Shape: area, perimeter, form factor 4 pi A / P^2, solidity, extent, eccentricity, major / minor
+    axis and equivalent diameter (regionprops conventions). Intensity inside the nucleus: integrated,
+    mean, std, max, percentiles, mean of the 2 px edge band, and the distance between the intensity
+    and mask centroids over the equivalent radius. Radial distribution: share of the integrated
+    intensity and coefficient of variation in 4 rings of the normalised (moments-ellipse) radius.
+    Texture: band-pass (difference-of-Gaussian) energy between consecutive scales 0.7-5.6 px relative
+    to the mean; granularity = share of the intensity removed by grey openings of radius 1-4 px;
+    GLCM contrast / homogeneity / energy / correlation at 1 and 2 px.
+
+    Args:
+      crops: (N, H, W) or (N, H, W, 1) images, background masked to zero or not.
+      names: optional per-crop names (cell_ids) used in error messages.
+
+    Returns:
+      (N, len(PROFILE_NAMES)) float64 raw features.
+    """
+    from scipy import ndimage
+    from skimage import filters, morphology
+
+    imgs = _as_batch(crops, "profile_batch")
+    n, h, w = imgs.shape
+    label_of = (lambda i: names[i]) if names is not None else (lambda i: f"crop {i}")
+    bad = ~np.isfinite(imgs).all(axis=(1, 2))
+    if bad.any():
+        raise ValueError(f"{label_of(int(np.argmax(bad)))}: crop has NaN or Inf values")
+    mask = segment_batch(imgs, label_of)
+    m = mask.astype(np.float64)
+    area = m.sum(axis=(1, 2))
+
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    cy = (m * yy).sum(axis=(1, 2)) / area
+    cx = (m * xx).sum(axis=(1, 2)) / area
+    dy, dx = yy[None] - cy[:, None, None], xx[None] - cx[:, None, None]
+    mu20 = (m * dx**2).sum(axis=(1, 2)) / area + 1 / 12
+    mu02 = (m * dy**2).sum(axis=(1, 2)) / area + 1 / 12
+    mu11 = (m * dx * dy).sum(axis=(1, 2)) / area
+    half_tr = (mu20 + mu02) / 2
+    disc = np.sqrt(((mu20 - mu02) / 2) ** 2 + mu11**2)
+    l1, l2 = half_tr + disc, np.maximum(half_tr - disc, 1e-9)
+    major, minor = 4 * np.sqrt(l1), 4 * np.sqrt(l2)
+    eccentricity = np.sqrt(1 - l2 / l1)
+    perimeter, solidity, extent = _shape_loop(mask).T
+    form_factor = 4 * np.pi * area / np.maximum(perimeter, 1.0) ** 2
+    eq_diam = 2 * np.sqrt(area / np.pi)
+
+    total = (m * imgs).sum(axis=(1, 2))
+    mean = total / area
+    std = np.sqrt((m * (imgs - mean[:, None, None]) ** 2).sum(axis=(1, 2)) / area)
+    vmax = np.where(mask, imgs, -np.inf).max(axis=(1, 2))
+    pct = _masked_percentiles(imgs, mask, _PERCENTILES)
+    edge = mask & ~ndimage.binary_erosion(mask, structure=_footprint(2))
+    edge_mean = (edge * imgs).sum(axis=(1, 2)) / np.maximum(edge.sum(axis=(1, 2)), 1)
+    wt = m * np.clip(imgs, 0, None)
+    wsum = np.maximum(wt.sum(axis=(1, 2)), 1e-12)
+    iy, ix = (wt * yy).sum(axis=(1, 2)) / wsum, (wt * xx).sum(axis=(1, 2)) / wsum
+    mass_disp = np.hypot(iy - cy, ix - cx) / (eq_diam / 2)
+
+    det = np.maximum(mu20 * mu02 - mu11**2, 1e-9)
+    d2 = (mu02[:, None, None] * dx**2 - 2 * mu11[:, None, None] * dx * dy + mu20[:, None, None] * dy**2)
+    r = np.sqrt(d2 / (4 * det[:, None, None]))  # 1 at the moments-ellipse edge
+    ring = np.minimum((r * _RINGS).astype(np.int64), _RINGS - 1)
+    fracs, cvs = [], []
+    for k in range(_RINGS):
+        rk = mask & (ring == k)
+        nk = np.maximum(rk.sum(axis=(1, 2)), 1)
+        sk = (rk * imgs).sum(axis=(1, 2))
+        mk = sk / nk
+        fracs.append(sk / np.where(total != 0, total, 1.0))
+        cvs.append(np.sqrt((rk * (imgs - mk[:, None, None]) ** 2).sum(axis=(1, 2)) / nk) / np.maximum(np.abs(mk), 1e-6))
+
+    blurs = [filters.gaussian(imgs, sigma=(0, s, s), preserve_range=True) for s in _DOG_SIGMAS]
+    level = np.maximum(np.abs(mean), 1e-6)
+    bands = [np.sqrt((m * (a - b) ** 2).sum(axis=(1, 2)) / area) / level for a, b in zip(blurs, blurs[1:])]
+    gran, prev = [], imgs
+    for rad in _GRANULARITY_RADII:
+        opened = morphology.opening(imgs, footprint=_footprint(rad))
+        gran.append((m * (prev - opened)).sum(axis=(1, 2)) / np.maximum(np.abs(total), 1e-12))
+        prev = opened
+    glcm = _glcm_loop(imgs, mask)
+    return np.column_stack(
+        [area, perimeter, form_factor, solidity, extent, eccentricity, major, minor, eq_diam,
+         total, mean, std, vmax, pct, edge_mean, mass_disp, *fracs, *cvs, *bands, *gran, glcm]
+    )
