@@ -347,8 +347,8 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     mean, std, max, percentiles, mean of the 2 px edge band, and the distance between the intensity
     and mask centroids over the equivalent radius. Radial distribution: share of the integrated
     intensity and coefficient of variation in 4 rings of the normalised (moments-ellipse) radius.
-    Texture: band-pass (difference-of-Gaussian) energy between consecutive scales 0.7-5.6 px relative
-    to the mean; granularity = share of the intensity removed by grey openings of radius 1-4 px;
+    Texture: band-pass (difference-of-Gaussian, normalised convolution inside the nucleus) energy
+    between consecutive scales 0.7-5.6 px relative to the mean; granularity = share of the intensity removed by grey openings of radius 1-4 px;
     GLCM contrast / homogeneity / energy / correlation at 1 and 2 px.
 
     Args:
@@ -412,9 +412,18 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
         fracs.append(sk / np.where(total != 0, total, 1.0))
         cvs.append(np.sqrt((rk * (imgs - mk[:, None, None]) ** 2).sum(axis=(1, 2)) / nk) / np.maximum(np.abs(mk), 1e-6))
 
-    blurs = [filters.gaussian(imgs, sigma=(0, s, s), preserve_range=True) for s in _DOG_SIGMAS]
+    # Normalised convolution G(I m) / G(m): blurs see only the nucleus, so its edge against the
+    # background is no texture and masked / unmasked crops read alike.
+    blurs = []
+    for sg in _DOG_SIGMAS:
+        num = filters.gaussian(imgs * m, sigma=(0, sg, sg), preserve_range=True)
+        blurs.append(num / np.maximum(filters.gaussian(m, sigma=(0, sg, sg), preserve_range=True), 1e-6))
     level = np.maximum(np.abs(mean), 1e-6)
-    bands = [np.sqrt((m * (a - b) ** 2).sum(axis=(1, 2)) / area) / level for a, b in zip(blurs, blurs[1:])]
+    # read inside the eroded nucleus: the edge's own fall-off is no texture either
+    fi = (mask & ~edge).astype(np.float64)
+    fi[fi.sum(axis=(1, 2)) < 4] = m[fi.sum(axis=(1, 2)) < 4]
+    n_in = fi.sum(axis=(1, 2))
+    bands = [np.sqrt((fi * (a - b) ** 2).sum(axis=(1, 2)) / n_in) / level for a, b in zip(blurs, blurs[1:])]
     gran, prev = [], imgs
     for rad in _GRANULARITY_RADII:
         opened = morphology.opening(imgs, footprint=_footprint(rad))
