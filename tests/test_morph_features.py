@@ -132,3 +132,12 @@ def test_profile_matches_batch_of_one_and_rejects_bad_crops():
     bad[1, 3, 3] = np.nan
     with pytest.raises(ValueError, match="cell-b"):
         morph_features.profile_batch(bad, names=["cell-a", "cell-b", "cell-c", "cell-d"])
+
+
+def test_profile_boundary_harmonics_of_a_three_lobed_outline():
+    yy, xx = np.mgrid[0:64, 0:64]
+    r, th = np.hypot(yy - 31.5, xx - 31.5), np.arctan2(yy - 31.5, xx - 31.5)
+    p = _profile(0.5 * (r < 18 * (1 + 0.15 * np.cos(3 * th))).astype(np.float64))
+    h = {k: p[f"shape_boundary_harmonic{k}"] for k in (2, 3, 4, 5, 6)}
+    assert abs(h[3] - 0.15 / 2) < 0.01, h  # |c_3| / c_0 of r = r0 (1 + a cos 3 theta) is a / 2
+    assert max(h[k] for k in (2, 4, 5, 6)) < 0.01, h

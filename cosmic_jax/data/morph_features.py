@@ -289,12 +289,15 @@ _RINGS = 4  # radial bins of the normalised radius, as CellProfiler's MeasureObj
 _PERCENTILES = (5, 25, 50, 75, 95)
 _DOG_SIGMAS = (0.7, 1.4, 2.8, 5.6)  # band-pass texture energies between consecutive scales
 _GRANULARITY_RADII = (1, 2, 3, 4)  # grey-opening spectrum (CellProfiler MeasureGranularity)
+_HARMONICS = (2, 3, 4, 5, 6)  # boundary Fourier descriptors (2 = elongation, higher = irregularity)
+_BOUNDARY_BINS = 64
 _GLCM_LEVELS = 16
 _GLCM_DISTANCES = (1, 2)
 _GLCM_PROPS = ("contrast", "homogeneity", "energy", "correlation")
 PROFILE_NAMES = (
     ("shape_area", "shape_perimeter", "shape_form_factor", "shape_solidity", "shape_extent",
      "shape_eccentricity", "shape_major_axis", "shape_minor_axis", "shape_equivalent_diameter")
+    + tuple(f"shape_boundary_harmonic{k}" for k in _HARMONICS)
     + ("intensity_integrated", "intensity_mean", "intensity_std", "intensity_max")
     + tuple(f"intensity_p{p:02d}" for p in _PERCENTILES)
     + ("intensity_edge_mean", "intensity_mass_displacement")
@@ -321,6 +324,21 @@ def _shape_loop(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def _boundary_harmonics(mask: np.ndarray, dy: np.ndarray, dx: np.ndarray) -> np.ndarray:
+    """|c_k| / c_0 of the radius function r(theta) (farthest mask pixel from the centroid in each
+    of 64 angle bins; empty bins take the mean radius): rotation-invariant outline descriptors."""
+    n = len(mask)
+    ang = ((np.arctan2(dy, dx) + np.pi) / (2 * np.pi) * _BOUNDARY_BINS).astype(np.int64) % _BOUNDARY_BINS
+    key = (np.arange(n)[:, None, None] * _BOUNDARY_BINS + ang)[mask]
+    r = np.full(n * _BOUNDARY_BINS, -1.0)
+    np.maximum.at(r, key, np.hypot(dy, dx)[mask])
+    r = r.reshape(n, _BOUNDARY_BINS)
+    fill = np.where(r >= 0, r, 0).sum(1) / np.maximum((r >= 0).sum(1), 1)
+    r = np.where(r >= 0, r, fill[:, None]) + 0.5  # + half a pixel: a pixel centre is not the edge
+    c = np.abs(np.fft.rfft(r, axis=1))
+    return c[:, list(_HARMONICS)] / np.maximum(c[:, :1], 1e-9)
+
+
 def _glcm_loop(imgs: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Haralick features inside the nucleus: grey levels 1..L over each nucleus's own 1-99 % range,
     0 outside (the row and column of level 0 are dropped), symmetric, averaged over 4 angles."""
@@ -343,7 +361,8 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     """Measure :data:`PROFILE_NAMES` on a batch of crops (nucleus segmented as :func:`segment_batch`).
 
     Shape: area, perimeter, form factor 4 pi A / P^2, solidity, extent, eccentricity, major / minor
-    axis and equivalent diameter (regionprops conventions). Intensity inside the nucleus: integrated,
+    axis and equivalent diameter (regionprops conventions); boundary Fourier descriptors: harmonics
+    2-6 of the radius-vs-angle function relative to its mean. Intensity inside the nucleus: integrated,
     mean, std, max, percentiles, mean of the 2 px edge band, and the distance between the intensity
     and mask centroids over the equivalent radius. Radial distribution: share of the integrated
     intensity and coefficient of variation in 4 rings of the normalised (moments-ellipse) radius.
@@ -384,6 +403,7 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     major, minor = 4 * np.sqrt(l1), 4 * np.sqrt(l2)
     eccentricity = np.sqrt(1 - l2 / l1)
     perimeter, solidity, extent = _shape_loop(mask).T
+    harmonics = _boundary_harmonics(mask, dy, dx)
     form_factor = 4 * np.pi * area / np.maximum(perimeter, 1.0) ** 2
     eq_diam = 2 * np.sqrt(area / np.pi)
 
@@ -431,6 +451,6 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
         prev = opened
     glcm = _glcm_loop(imgs, mask)
     return np.column_stack(
-        [area, perimeter, form_factor, solidity, extent, eccentricity, major, minor, eq_diam,
+        [area, perimeter, form_factor, solidity, extent, eccentricity, major, minor, eq_diam, harmonics,
          total, mean, std, vmax, pct, edge_mean, mass_disp, *fracs, *cvs, *bands, *gran, glcm]
     )
