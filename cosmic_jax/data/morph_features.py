@@ -287,7 +287,8 @@ def standardize(features: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.n
 # and the synthetic truth stay on FEATURE_NAMES.
 _RINGS = 4  # radial bins of the normalised radius, as CellProfiler's MeasureObjectIntensityDistribution
 _PERCENTILES = (5, 25, 50, 75, 95)
-_DOG_SIGMAS = (0.7, 1.4, 2.8, 5.6)  # band-pass texture energies between consecutive scales
+# band-pass texture energies between consecutive scales (0 = the image itself)
+_DOG_SIGMAS = (0.0, 0.7, 1.4, 2.8, 5.6)
 _GRANULARITY_RADII = (1, 2, 3, 4)  # grey-opening spectrum (CellProfiler MeasureGranularity)
 _HARMONICS = (2, 3, 4, 5, 6)  # boundary Fourier descriptors (2 = elongation, higher = irregularity)
 _BOUNDARY_BINS = 64
@@ -303,7 +304,7 @@ PROFILE_NAMES = (
     + ("intensity_edge_mean", "intensity_mass_displacement")
     + tuple(f"radial_fraction_ring{i}" for i in range(_RINGS))
     + tuple(f"radial_cv_ring{i}" for i in range(_RINGS))
-    + tuple(f"texture_band{i}_energy" for i in range(len(_DOG_SIGMAS) - 1))
+    + tuple(f"texture_band{i}_energy" for i in range(len(_DOG_SIGMAS) - 1)) + ("texture_total_energy",)
     + tuple(f"granularity_r{r}" for r in _GRANULARITY_RADII)
     + tuple(f"glcm_{p}_d{d}" for d in _GLCM_DISTANCES for p in _GLCM_PROPS)
 )
@@ -366,8 +367,9 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     mean, std, max, percentiles, mean of the 2 px edge band, and the distance between the intensity
     and mask centroids over the equivalent radius. Radial distribution: share of the integrated
     intensity and coefficient of variation in 4 rings of the normalised (moments-ellipse) radius.
-    Texture: band-pass (difference-of-Gaussian, normalised convolution inside the nucleus) energy
-    between consecutive scales 0.7-5.6 px relative to the mean; granularity = share of the intensity removed by grey openings of radius 1-4 px;
+    Texture: median absolute band-pass (difference-of-Gaussian, normalised convolution inside the nucleus) response
+    between consecutive scales 0 (the pixels), 0.7, 1.4, 2.8, 5.6 px and in total (pixels minus the
+    5.6 px blur), each relative to the local level (the 5.6 px blur); granularity = share of the intensity removed by grey openings of radius 1-4 px;
     GLCM contrast / homogeneity / energy / correlation at 1 and 2 px.
 
     Args:
@@ -434,16 +436,22 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
 
     # Normalised convolution G(I m) / G(m): blurs see only the nucleus, so its edge against the
     # background is no texture and masked / unmasked crops read alike.
-    blurs = []
-    for sg in _DOG_SIGMAS:
+    blurs = [imgs]
+    for sg in _DOG_SIGMAS[1:]:
         num = filters.gaussian(imgs * m, sigma=(0, sg, sg), preserve_range=True)
         blurs.append(num / np.maximum(filters.gaussian(m, sigma=(0, sg, sg), preserve_range=True), 1e-6))
-    level = np.maximum(np.abs(mean), 1e-6)
+    # relative to the local level (the coarsest blur): chromatin texture multiplies the nucleus's
+    # smooth body, so a bright centre or rim does not read as stronger texture
+    level = np.maximum(np.abs(blurs[-1]), 1e-3 * np.maximum(np.abs(mean), 1e-6)[:, None, None])
     # read inside the eroded nucleus: the edge's own fall-off is no texture either
     fi = (mask & ~edge).astype(np.float64)
     fi[fi.sum(axis=(1, 2)) < 4] = m[fi.sum(axis=(1, 2)) < 4]
     n_in = fi.sum(axis=(1, 2))
-    bands = [np.sqrt((fi * (a - b) ** 2).sum(axis=(1, 2)) / n_in) / level for a, b in zip(blurs, blurs[1:])]
+    # robust (median absolute response): a few bright spots must not read as texture everywhere
+    inner_mask = fi > 0
+    bands = [_masked_median(np.abs(a - b) / level, inner_mask)
+             for a, b in zip(blurs, blurs[1:] + [blurs[-1]])]
+    bands[-1] = _masked_median(np.abs(imgs - blurs[-1]) / level, inner_mask)  # total
     gran, prev = [], imgs
     for rad in _GRANULARITY_RADII:
         opened = morphology.opening(imgs, footprint=_footprint(rad))
