@@ -38,6 +38,8 @@ and :func:`measure` is exactly the batch path on a batch of one.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 FEATURE_NAMES = (
@@ -123,6 +125,44 @@ def _masked_median(x: np.ndarray, where: np.ndarray) -> np.ndarray:
     return np.nanmedian(np.where(where, x, np.nan).reshape(len(x), -1), axis=1)
 
 
+@dataclasses.dataclass
+class _Moments:
+    area: np.ndarray  # (N,)
+    cy: np.ndarray  # (N,) mask centroid
+    cx: np.ndarray
+    dy: np.ndarray  # (N, H, W) offsets from the mask centroid
+    dx: np.ndarray
+    mu20: np.ndarray  # (N,) central second moments, x x
+    mu02: np.ndarray  # y y
+    mu11: np.ndarray
+    l1: np.ndarray  # (N,) inertia eigenvalues, l1 >= l2 > 0
+    l2: np.ndarray
+    d2: np.ndarray  # (N, H, W) squared normalised radius of the moments ellipse (1 at its edge)
+
+
+def _moments(mask: np.ndarray) -> _Moments:
+    """Moments ellipse of each (N, H, W) mask; the same second moments (with the 1/12 pixel term) as
+    skimage regionprops' inertia tensor."""
+    n, h, w = mask.shape
+    m = mask.astype(np.float64)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    area = m.sum(axis=(1, 2))
+    cy = (m * yy).sum(axis=(1, 2)) / area
+    cx = (m * xx).sum(axis=(1, 2)) / area
+    dy = yy[None] - cy[:, None, None]
+    dx = xx[None] - cx[:, None, None]
+    mu20 = (m * dx**2).sum(axis=(1, 2)) / area + 1 / 12
+    mu02 = (m * dy**2).sum(axis=(1, 2)) / area + 1 / 12
+    mu11 = (m * dx * dy).sum(axis=(1, 2)) / area
+    half_tr = (mu20 + mu02) / 2
+    disc = np.sqrt(((mu20 - mu02) / 2) ** 2 + mu11**2)
+    # uniform ellipse: cov = diag(a^2, b^2) / 4
+    det = np.maximum(mu20 * mu02 - mu11**2, 1e-9)
+    d2 = (mu02[:, None, None] * dx**2 - 2 * mu11[:, None, None] * dx * dy + mu20[:, None, None] * dy**2)
+    return _Moments(area, cy, cx, dy, dx, mu20, mu02, mu11, half_tr + disc, np.maximum(half_tr - disc, 1e-9),
+                    d2 / (4 * det[:, None, None]))
+
+
 def segment_batch(crops: np.ndarray, label_of=None) -> np.ndarray:
     """Segment the nucleus of each crop (see the module docstring).
 
@@ -187,20 +227,10 @@ def measure_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
         raise ValueError(f"{label_of(int(np.argmax(bad)))}: crop has NaN or Inf values")
     mask = segment_batch(imgs, label_of)
 
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     m = mask.astype(np.float64)
-    area = m.sum(axis=(1, 2))
-    cy = (m * yy).sum(axis=(1, 2)) / area
-    cx = (m * xx).sum(axis=(1, 2)) / area
-    dy = yy[None] - cy[:, None, None]
-    dx = xx[None] - cx[:, None, None]
-    # Same second moments (with the 1/12 pixel term) as skimage regionprops' inertia tensor.
-    mu20 = (m * dx**2).sum(axis=(1, 2)) / area + 1 / 12
-    mu02 = (m * dy**2).sum(axis=(1, 2)) / area + 1 / 12
-    mu11 = (m * dx * dy).sum(axis=(1, 2)) / area
-    half_tr = (mu20 + mu02) / 2
-    disc = np.sqrt(((mu20 - mu02) / 2) ** 2 + mu11**2)
-    elongation = np.sqrt((half_tr + disc) / np.maximum(half_tr - disc, 1e-9))
+    mo = _moments(mask)
+    area = mo.area
+    elongation = np.sqrt(mo.l1 / mo.l2)
 
     # Nucleoli first: their top-hat is also removed from the image the chromatin features read.
     # Light smoothing: a matched filter for ~1 px nucleoli that suppresses pixel noise.
@@ -222,10 +252,7 @@ def measure_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     chrom = imgs - tophat * m
     mean_intensity = (chrom * m).sum(axis=(1, 2)) / area
 
-    # Squared normalised radius from the moments ellipse (uniform ellipse: cov = diag(a^2, b^2) / 4).
-    det = np.maximum(mu20 * mu02 - mu11**2, 1e-9)
-    d2 = (mu02[:, None, None] * dx**2 - 2 * mu11[:, None, None] * dx * dy + mu20[:, None, None] * dy**2)
-    d2 = d2 / (4 * det[:, None, None])
+    d2 = mo.d2
     core = m * (d2 < 0.8)
     n_core = np.maximum(core.sum(axis=(1, 2)), 1.0)
     d2_mean = (core * d2).sum(axis=(1, 2)) / n_core
@@ -239,6 +266,7 @@ def measure_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     smooth = filters.gaussian(chrom, sigma=(0, 0.7, 0.7), preserve_range=True)
     # Fixed pixel-grid basis (a quadratic in shifted coordinates spans the same space), so
     # the per-nucleus normal equations are two plain matrix products over the batch.
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     gy, gx = (yy - (h - 1) / 2) / 16.0, (xx - (w - 1) / 2) / 16.0
     basis = np.stack([np.ones_like(gx), gx, gy, gx * gx, gx * gy, gy * gy], axis=-1).reshape(h * w, 6)
     fflat = fi.reshape(n, h * w)
@@ -367,10 +395,11 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     mean, std, max, percentiles, mean of the 2 px edge band, and the distance between the intensity
     and mask centroids over the equivalent radius. Radial distribution: share of the integrated
     intensity and coefficient of variation in 4 rings of the normalised (moments-ellipse) radius.
-    Texture: median absolute band-pass (difference-of-Gaussian, normalised convolution inside the nucleus) response
-    between consecutive scales 0 (the pixels), 0.7, 1.4, 2.8, 5.6 px and in total (pixels minus the
-    5.6 px blur), each relative to the local level (the 5.6 px blur); granularity = share of the intensity removed by grey openings of radius 1-4 px;
-    GLCM contrast / homogeneity / energy / correlation at 1 and 2 px.
+    Texture: median absolute band-pass response (difference of Gaussians by normalised convolution
+    inside the nucleus) between consecutive scales 0 (the pixels), 0.7, 1.4, 2.8, 5.6 px and in
+    total (pixels minus the 5.6 px blur), each relative to the local level (the 5.6 px blur);
+    granularity = share of the intensity removed by grey openings of radius 1-4 px; GLCM contrast /
+    homogeneity / energy / correlation at 1 and 2 px.
 
     Args:
       crops: (N, H, W) or (N, H, W, 1) images, background masked to zero or not.
@@ -390,22 +419,13 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
         raise ValueError(f"{label_of(int(np.argmax(bad)))}: crop has NaN or Inf values")
     mask = segment_batch(imgs, label_of)
     m = mask.astype(np.float64)
-    area = m.sum(axis=(1, 2))
-
+    mo = _moments(mask)
+    area, cy, cx = mo.area, mo.cy, mo.cx
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    cy = (m * yy).sum(axis=(1, 2)) / area
-    cx = (m * xx).sum(axis=(1, 2)) / area
-    dy, dx = yy[None] - cy[:, None, None], xx[None] - cx[:, None, None]
-    mu20 = (m * dx**2).sum(axis=(1, 2)) / area + 1 / 12
-    mu02 = (m * dy**2).sum(axis=(1, 2)) / area + 1 / 12
-    mu11 = (m * dx * dy).sum(axis=(1, 2)) / area
-    half_tr = (mu20 + mu02) / 2
-    disc = np.sqrt(((mu20 - mu02) / 2) ** 2 + mu11**2)
-    l1, l2 = half_tr + disc, np.maximum(half_tr - disc, 1e-9)
-    major, minor = 4 * np.sqrt(l1), 4 * np.sqrt(l2)
-    eccentricity = np.sqrt(1 - l2 / l1)
+    major, minor = 4 * np.sqrt(mo.l1), 4 * np.sqrt(mo.l2)
+    eccentricity = np.sqrt(1 - mo.l2 / mo.l1)
     perimeter, solidity, extent = _shape_loop(mask).T
-    harmonics = _boundary_harmonics(mask, dy, dx)
+    harmonics = _boundary_harmonics(mask, mo.dy, mo.dx)
     form_factor = 4 * np.pi * area / np.maximum(perimeter, 1.0) ** 2
     eq_diam = 2 * np.sqrt(area / np.pi)
 
@@ -421,9 +441,7 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     iy, ix = (wt * yy).sum(axis=(1, 2)) / wsum, (wt * xx).sum(axis=(1, 2)) / wsum
     mass_disp = np.hypot(iy - cy, ix - cx) / (eq_diam / 2)
 
-    det = np.maximum(mu20 * mu02 - mu11**2, 1e-9)
-    d2 = (mu02[:, None, None] * dx**2 - 2 * mu11[:, None, None] * dx * dy + mu20[:, None, None] * dy**2)
-    r = np.sqrt(d2 / (4 * det[:, None, None]))  # 1 at the moments-ellipse edge
+    r = np.sqrt(mo.d2)  # 1 at the moments-ellipse edge
     ring = np.minimum((r * _RINGS).astype(np.int64), _RINGS - 1)
     fracs, cvs = [], []
     for k in range(_RINGS):
@@ -443,15 +461,13 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     # relative to the local level (the coarsest blur): chromatin texture multiplies the nucleus's
     # smooth body, so a bright centre or rim does not read as stronger texture
     level = np.maximum(np.abs(blurs[-1]), 1e-3 * np.maximum(np.abs(mean), 1e-6)[:, None, None])
-    # read inside the eroded nucleus: the edge's own fall-off is no texture either
-    fi = (mask & ~edge).astype(np.float64)
-    fi[fi.sum(axis=(1, 2)) < 4] = m[fi.sum(axis=(1, 2)) < 4]
-    n_in = fi.sum(axis=(1, 2))
-    # robust (median absolute response): a few bright spots must not read as texture everywhere
-    inner_mask = fi > 0
-    bands = [_masked_median(np.abs(a - b) / level, inner_mask)
-             for a, b in zip(blurs, blurs[1:] + [blurs[-1]])]
-    bands[-1] = _masked_median(np.abs(imgs - blurs[-1]) / level, inner_mask)  # total
+    # Read inside the eroded nucleus (the edge's own fall-off is no texture either), robustly
+    # (median absolute response: a few bright spots must not read as texture everywhere).
+    inner = mask & ~edge
+    small = inner.sum(axis=(1, 2)) < 4
+    inner[small] = mask[small]
+    bands = [_masked_median(np.abs(a - b) / level, inner) for a, b in zip(blurs, blurs[1:])]
+    bands.append(_masked_median(np.abs(imgs - blurs[-1]) / level, inner))  # total
     gran, prev = [], imgs
     for rad in _GRANULARITY_RADII:
         opened = morphology.opening(imgs, footprint=_footprint(rad))
