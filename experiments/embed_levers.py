@@ -54,23 +54,24 @@ class Dataset:
     def __init__(self, path: str, expr_comps: int = 20, seed: int = 0):
         import anndata
 
-        from cosmic_jax.analysis.expression import align_cells, cell_ids_of, embed_expression
+        from cosmic_jax.analysis.expression import embed_expression
+        from cosmic_jax.data.cells import cell_ids, match_ids
         from cosmic_jax.analysis.morphology import measure_crops, standardize_features
         from cosmic_jax.data.records import CropSource
 
         self.path, self.name = path, os.path.basename(path.rstrip("/"))
         self.crops_dir = os.path.join(path, "crops")
         adata = anndata.read_h5ad(os.path.join(path, "cells.h5ad"))
-        ids = cell_ids_of(adata)
+        ids = cell_ids(adata)
         src = CropSource(self.crops_dir)
         crop_ids = np.array(src.cell_ids()).astype(str)
-        _, order = align_cells(ids, crop_ids, "cells", "crops")
+        order = match_ids(ids, crop_ids)
         self.images = np.stack([src[int(i)]["image"] for i in order]).astype(np.float32)
         self.labels = np.asarray(adata.obs["cell_type"]).astype(str)
         t = time.process_time()
         feats = measure_crops(self.crops_dir)  # measured from the pixels, as the analysis does
         self.feature_cpu_s = time.process_time() - t
-        _, forder = align_cells(ids, feats.cell_ids, "cells", "features")
+        forder = match_ids(ids, feats.cell_ids, "features")
         self.feats = standardize_features(feats.raw[forder], feats.names, ids)
         self.expr = embed_expression(adata, n_comps=expr_comps, seed=seed)
         with open(os.path.join(path, "truth.json")) as f:

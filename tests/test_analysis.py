@@ -192,3 +192,27 @@ def test_response_finds_planted_differences():
     assert abs(null["auc"] - 0.5) < 0.1
     with pytest.raises(AnalysisInputError, match="fewer than 3 cells"):
         response.differential(x, np.arange(n) < 2, names)
+
+
+def test_measured_profile_is_morphology_input_never_target():
+    from cosmic_jax.analysis.morphology import standardize_features
+    from cosmic_jax.analysis.pipeline import representations
+    from cosmic_jax.configs import analyze as analyze_configs
+
+    rng = np.random.default_rng(0)
+    n = 50
+    core = rng.normal(size=(n, 3))
+    profile = np.c_[rng.normal(size=(n, 2)), np.full(n, 7.0)]  # the constant column carries nothing
+    feats = standardize_features(core, ["a", "b", "c"], np.arange(n).astype(str), profile, ["p", "q", "const"])
+    assert feats.context_names == ["p", "q"] and feats.context.shape == (n, 2)
+    np.testing.assert_allclose(feats.context.std(0, ddof=1), 1.0)
+    cfg = analyze_configs.get_config("quick")
+    reps = {r.name: r for r in representations(rng.normal(size=(n, 10)), feats, cfg)}
+    both, alone = reps["both"], reps["features"]
+    k = cfg.morph_comps
+    assert both.m.shape == (n, k + 3 + 2) and alone.m.shape == (n, 3 + 2)
+    for rep in (both, alone):  # the targets are the core features, read from their columns of m
+        assert rep.target_names == ["a", "b", "c"]
+        np.testing.assert_array_equal(rep.m[:, rep.target_cols], feats.values)
+        np.testing.assert_array_equal(rep.targets, feats.values)
+    np.testing.assert_array_equal(both.m[:, k + 3:], feats.context)

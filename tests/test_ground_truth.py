@@ -4,7 +4,8 @@
 with a known truth; `cosmic_jax.workflows.analyze.analyze` (what `cosmic analyze --quick` runs)
 takes the morphology from the pixels only: the MAE embedding of the crops (pretrained on the first
 dataset's crops, then reused with --mae as a foundation model is) plus features measured from the
-crops. Nothing of the generator's internals (render parameters, latents) reaches the analysis; the
+crops (the 8 core features, the targets, and the generic profile of `morph_features.PROFILE_NAMES`
+as extra input). Nothing of the generator's internals (render parameters, latents) reaches the analysis; the
 truth is read only by `cosmic_jax.evaluation` afterwards. Targets (issue 11, item 2): overall
 within 0.03 of the truth in both directions, per-gene Spearman >= 0.95, >= 80 % of genes within
 0.05, at expression truths spanning 0.1-0.7.

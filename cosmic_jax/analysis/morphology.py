@@ -7,6 +7,12 @@ counts as unexplained and biases the fraction low. Instead the morphology repres
 to the joint model is ``[embedding PCs, standardised features]`` and the features are a direct
 target of p(morphology | expression): E[f | e] comes straight from the flow's samples (see
 pipeline.py and notes/analysis.md).
+
+Measured from crops, each cell also gets a generic profile (``morph_features.PROFILE_NAMES``:
+regionprops shape, intensity distribution, radial rings, multi-scale texture, granularity, GLCM):
+the ``context`` of the joint model's morphology input, never a target. The core features are few
+and aimed, so they miss part of what a nucleus shows (texture strength apart from grain, pattern
+types); the profile carries more of it into E[expression | morphology] (notes/science.md, round 3).
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class MorphFeatures:
       names: (F,) feature names.
       cell_ids: (N,) ids in crop-dataset order.
       mean, std: (F,) standardisation statistics.
+      context: (N, C) z-scored extra morphology inputs (not targets), or None.
+      context_raw: (N, C) their raw values; context_names: (C,) their names.
     """
 
     values: np.ndarray
@@ -38,10 +46,18 @@ class MorphFeatures:
     cell_ids: np.ndarray
     mean: np.ndarray
     std: np.ndarray
+    context: np.ndarray | None = None
+    context_raw: np.ndarray | None = None
+    context_names: list[str] = dataclasses.field(default_factory=list)
 
 
-def standardize_features(raw: np.ndarray, names: list[str], cell_ids: np.ndarray) -> MorphFeatures:
-    """Z-score raw (N, F) features; constant features are an error (they carry no variance)."""
+def standardize_features(raw: np.ndarray, names: list[str], cell_ids: np.ndarray,
+                         context_raw: np.ndarray | None = None, context_names: list[str] | None = None
+                         ) -> MorphFeatures:
+    """z-score raw features (error on NaN/Inf or a constant feature: it would carry no variance).
+
+    ``context_raw`` (extra morphology inputs) is z-scored too; its constant columns (e.g. a shape
+    descriptor that every crop shares) are dropped, since as inputs they carry nothing."""
     raw = np.asarray(raw, np.float64)
     bad = ~np.isfinite(raw).all(axis=1)
     if bad.any():
@@ -50,20 +66,33 @@ def standardize_features(raw: np.ndarray, names: list[str], cell_ids: np.ndarray
     if (std <= 0).any():
         const = [names[i] for i in np.flatnonzero(std <= 0)]
         raise AnalysisInputError(f"morphology features {const} are constant over all cells")
-    return MorphFeatures((raw - mean) / std, raw, list(names), np.asarray(cell_ids).astype(str), mean, std)
+    out = MorphFeatures((raw - mean) / std, raw, list(names), np.asarray(cell_ids).astype(str), mean, std)
+    if context_raw is not None:
+        craw = np.asarray(context_raw, np.float64)
+        bad = ~np.isfinite(craw).all(axis=1)
+        if bad.any():
+            raise AnalysisInputError(f"morphology profile: NaN/Inf for cells {np.asarray(cell_ids)[bad][:5].tolist()}")
+        csd = craw.std(0, ddof=1)
+        keep = csd > 0
+        out.context = (craw[:, keep] - craw[:, keep].mean(0)) / csd[keep]
+        out.context_raw = craw[:, keep]
+        out.context_names = [n for n, k in zip(context_names, keep) if k]
+    return out
 
 
-def measure_crops(crops_dir: str, batch_size: int = 256, progress: bool = False) -> MorphFeatures:
+def measure_crops(crops_dir: str, batch_size: int = 256, progress: bool = False,
+                  profile: bool = True) -> MorphFeatures:
     """Measure ``cosmic_jax.data.morph_features`` on every crop of a crop dataset.
 
     Args:
       crops_dir: crop dataset directory (``cosmic_jax.data.records`` format).
       batch_size: crops measured per vectorised batch (memory is O(batch)).
+      profile: also measure the generic profile (``PROFILE_NAMES``) as the context.
     Returns:
       MorphFeatures in dataset order.
     """
     src = CropSource(crops_dir)
-    raws, ids = [], []
+    raws, profs, ids = [], [], []
     it = range(0, len(src), batch_size)
     if progress:
         from tqdm import tqdm
@@ -72,11 +101,15 @@ def measure_crops(crops_dir: str, batch_size: int = 256, progress: bool = False)
     for start in it:
         recs = [src[i] for i in range(start, min(start + batch_size, len(src)))]
         names = [r["cell_id"] for r in recs]
-        raws.append(mf.measure_batch(np.stack([r["image"] for r in recs]), names=names))
+        images = np.stack([r["image"] for r in recs])
+        raws.append(mf.measure_batch(images, names=names))
+        if profile:
+            profs.append(mf.profile_batch(images, names=names))
         ids += names
     if not ids:
         raise AnalysisInputError(f"{crops_dir}: crop dataset is empty")
-    return standardize_features(np.concatenate(raws), list(mf.FEATURE_NAMES), np.array(ids))
+    return standardize_features(np.concatenate(raws), list(mf.FEATURE_NAMES), np.array(ids),
+                                np.concatenate(profs) if profile else None, list(mf.PROFILE_NAMES))
 
 
 def pca_reduce(x: np.ndarray, n_comps: int, seed: int = 0) -> np.ndarray:

@@ -134,16 +134,20 @@ def representations(x_morph: np.ndarray | None, features: MorphFeatures | None, 
     """The representations to decompose, the headline first ("both" when both inputs exist)."""
     pcs = None if x_morph is None else pca_reduce(x_morph, cfg.morph_comps, cfg.seed)
     reps = []
+    # The measured profile (features.context) joins the input, never the targets.
+    feats_in = None if features is None else (
+        features.values if features.context is None else np.concatenate([features.values, features.context], axis=1))
     if pcs is not None and features is not None:
         cols = np.arange(pcs.shape[1], pcs.shape[1] + features.values.shape[1])
-        reps.append(Representation("both", np.concatenate([pcs, features.values], axis=1), features.values,
+        reps.append(Representation("both", np.concatenate([pcs, feats_in], axis=1), features.values,
                                    list(features.names), cols, "measured features", cfg.refit_repeats))
     side = cfg.refit_repeats_side if reps else cfg.refit_repeats
     if pcs is not None and side > 0:
         reps.append(Representation("mae", pcs, pcs, [f"morph_pc{i}" for i in range(pcs.shape[1])], None,
                                    "whitened PCs of the morphology embedding", side))
     if features is not None and side > 0:
-        reps.append(Representation("features", features.values, features.values, list(features.names), None,
+        cols = None if features.context is None else np.arange(features.values.shape[1])
+        reps.append(Representation("features", feats_in, features.values, list(features.names), cols,
                                    "measured features", side))
     return reps
 

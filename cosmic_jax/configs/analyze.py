@@ -38,6 +38,9 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c.input_kind = "auto"  # "auto" | "counts" (normalised + log1p here) | "lognorm" (used as is)
     c.morph_key = ""  # obsm key of a morphology representation to use instead of the MAE embedding
     c.features_key = ""  # obsm key of morphology features; "" = measure them from the crops
+    # measured from crops: also the generic profile (morph_features.PROFILE_NAMES) as extra
+    # morphology input (never a target); notes/science.md round 3
+    c.morph_profile = True
     c.pretrain = pretrain.get_config("small")
     c.pretrain.steps = 2000
     c.pretrain.progress = True

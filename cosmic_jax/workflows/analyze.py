@@ -74,17 +74,21 @@ def morphology_embedding(adata, ids: np.ndarray, crops_dir: str, mae_dir: str, c
     return emb
 
 
-def measured_features(ids: np.ndarray, crops_dir: str, cache: str) -> MorphFeatures:
-    """Features measured from the crops, in AnnData row order, cached in ``cache``."""
+def measured_features(ids: np.ndarray, crops_dir: str, cache: str, profile: bool = True) -> MorphFeatures:
+    """Features (and the generic profile, if ``profile``) measured from the crops, in AnnData row
+    order, cached in ``cache``."""
     if os.path.exists(cache):
         with np.load(cache, allow_pickle=False) as z:
-            if np.array_equal(z["cell_ids"].astype(str), ids):
-                return standardize_features(z["raw"], list(z["names"].astype(str)), ids)
-    feats = measure_crops(crops_dir, progress=True)
+            if np.array_equal(z["cell_ids"].astype(str), ids) and ("profile" in z) == profile:
+                ctx = (z["profile"], list(z["profile_names"].astype(str))) if profile else (None, None)
+                return standardize_features(z["raw"], list(z["names"].astype(str)), ids, *ctx)
+    feats = measure_crops(crops_dir, progress=True, profile=profile)
     order = match_ids(ids, feats.cell_ids, f"crop dataset {crops_dir}")
     raw = feats.raw[order]
-    np.savez(cache, raw=raw, names=np.asarray(feats.names).astype("U"), cell_ids=ids.astype("U"))
-    return standardize_features(raw, feats.names, ids)
+    ctx = {} if not profile else {"profile": feats.context_raw[order],
+                                  "profile_names": np.asarray(feats.context_names).astype("U")}
+    np.savez(cache, raw=raw, names=np.asarray(feats.names).astype("U"), cell_ids=ids.astype("U"), **ctx)
+    return standardize_features(raw, feats.names, ids, ctx.get("profile"), feats.context_names)
 
 
 def _obsm(adata, key: str, where: str) -> np.ndarray:
@@ -129,7 +133,7 @@ def analyze(data_dir: str | None, workdir: str, cfg: ml_collections.ConfigDict, 
         names = list(getattr(adata.obsm[cfg.features_key], "columns", [f"{cfg.features_key}_{i}" for i in range(raw.shape[1])]))
         features = standardize_features(raw, [str(n) for n in names], ids)
     elif crops_dir:
-        features = measured_features(ids, crops_dir, os.path.join(workdir, "features.npz"))
+        features = measured_features(ids, crops_dir, os.path.join(workdir, "features.npz"), cfg.morph_profile)
 
     summary = run_analyses(adata, cfg, out_dir, x_morph=x_morph, features=features, where=h5ad)
     summary["data"] = h5ad
@@ -164,6 +168,9 @@ def write_result_h5ad(adata, out_dir: str, x_morph: np.ndarray | None, features:
         out.obsm["X_cosmic"] = np.asarray(x_morph, np.float32)
     if features is not None:
         out.obsm["morph_features"] = pd.DataFrame(features.raw, index=out.obs_names, columns=features.names)
+        if features.context is not None:
+            out.obsm["morph_profile"] = pd.DataFrame(features.context_raw, index=out.obs_names,
+                                                     columns=features.context_names)
     latent = os.path.join(out_dir, "joint_latent.npz")
     if os.path.exists(latent):
         with np.load(latent, allow_pickle=False) as z:
