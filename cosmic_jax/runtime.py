@@ -44,7 +44,20 @@ def reexec_with_hugepage_malloc(argv: list[str] | None = None) -> None:
     env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (current, HUGEPAGE_TUNABLE) if t))
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, os.path.abspath(argv[0])] + argv[1:], env)
+    os.execve(sys.executable, [sys.executable, *_how_started(argv[0])] + argv[1:], env)
+
+
+def _how_started(script: str) -> list[str]:
+    """``-m package.module`` when this process was started that way, else the script's path.
+
+    Re-running ``python -m cosmic_jax.cli`` as ``python .../cosmic_jax/cli.py`` would put the
+    package's own folder first on sys.path, where ``cosmic_jax/testing`` hides the top-level
+    ``testing`` namespace that anndata imports from.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:
+        return ["-m", spec.name]
+    return [os.path.abspath(script)]
 
 
 def usable_cores() -> int:

@@ -33,6 +33,24 @@ def test_reexec_sets_tunable_and_keeps_other_tunables_and_args(tmp_path):
     assert got["tunables"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
+def test_reexec_of_python_dash_m_restarts_the_module(tmp_path):
+    """`python -m pkg.mod` restarts as `-m pkg.mod`, not as the file: run as a file, the module's
+    own folder leads sys.path (cosmic_jax/testing would hide the `testing` namespace anndata needs)."""
+    pkg = tmp_path / "probepkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "main.py").write_text(SCRIPT + "print(json.dumps({'main_spec': __spec__ and __spec__.name, "
+                                          "'path0': sys.path[0]}))\n")
+    full = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "COSMIC_NO_HUGEPAGES")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full["PYTHONPATH"] = root + os.pathsep + str(tmp_path)
+    lines = subprocess.run([sys.executable, "-m", "probepkg.main", "x"], env=full, capture_output=True, text=True,
+                           check=True, cwd=tmp_path).stdout.strip().splitlines()
+    first, last = json.loads(lines[-2]), json.loads(lines[-1])
+    assert first == {"tunables": "glibc.malloc.hugetlb=1", "argv": ["x"]}
+    assert last["main_spec"] == "probepkg.main" and last["path0"] != str(pkg)
+
+
 def test_opt_out(tmp_path):
     assert _run(tmp_path, COSMIC_NO_HUGEPAGES="1")["tunables"] == ""
 
