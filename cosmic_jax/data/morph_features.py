@@ -205,6 +205,16 @@ def segment_batch(crops: np.ndarray, label_of=None) -> np.ndarray:
     return ndimage.binary_fill_holes(labels == best[:, None, None], structure=_plane_structure())
 
 
+def _segmented(crops, names, where: str):
+    """Checked (N, H, W) float crops and their nucleus masks (errors name the crop by ``names``)."""
+    imgs = _as_batch(crops, where)
+    label_of = (lambda i: names[i]) if names is not None else (lambda i: f"crop {i}")
+    bad = ~np.isfinite(imgs).all(axis=(1, 2))
+    if bad.any():
+        raise ValueError(f"{label_of(int(np.argmax(bad)))}: crop has NaN or Inf values")
+    return imgs, segment_batch(imgs, label_of)
+
+
 def measure_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarray:
     """Measure :data:`FEATURE_NAMES` on a batch of crops (vectorised over the batch).
 
@@ -219,13 +229,8 @@ def measure_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     from scipy import ndimage
     from skimage import filters, morphology
 
-    imgs = _as_batch(crops, "measure_batch")
+    imgs, mask = _segmented(crops, names, "measure_batch")
     n, h, w = imgs.shape
-    label_of = (lambda i: names[i]) if names is not None else (lambda i: f"crop {i}")
-    bad = ~np.isfinite(imgs).all(axis=(1, 2))
-    if bad.any():
-        raise ValueError(f"{label_of(int(np.argmax(bad)))}: crop has NaN or Inf values")
-    mask = segment_batch(imgs, label_of)
 
     m = mask.astype(np.float64)
     mo = _moments(mask)
@@ -411,13 +416,8 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     from scipy import ndimage
     from skimage import filters, morphology
 
-    imgs = _as_batch(crops, "profile_batch")
+    imgs, mask = _segmented(crops, names, "profile_batch")
     n, h, w = imgs.shape
-    label_of = (lambda i: names[i]) if names is not None else (lambda i: f"crop {i}")
-    bad = ~np.isfinite(imgs).all(axis=(1, 2))
-    if bad.any():
-        raise ValueError(f"{label_of(int(np.argmax(bad)))}: crop has NaN or Inf values")
-    mask = segment_batch(imgs, label_of)
     m = mask.astype(np.float64)
     mo = _moments(mask)
     area, cy, cx = mo.area, mo.cy, mo.cx
