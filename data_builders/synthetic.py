@@ -109,7 +109,7 @@ def make_config(name: str = "default", overrides: Sequence[str] = ()) -> Synthet
 
 
 @dataclasses.dataclass
-class World:
+class World(synthetic_truth.SignalSplit):
     """All fixed parameters of one synthetic world (drawn from ``seed``), plus calibrated scales."""
 
     config: SyntheticConfig
@@ -127,14 +127,6 @@ class World:
     morph_private: np.ndarray  # (P, n_morph_private)
     morph_responder: np.ndarray  # (P,)
     angle: float = np.pi / 4  # shared/private split of the expression signal
-
-    @property
-    def shared_scale(self) -> float:
-        return float(self.config.expr_signal_sd * np.cos(self.angle))
-
-    @property
-    def private_scale(self) -> float:
-        return float(self.config.expr_signal_sd * np.sin(self.angle))
 
     @property
     def responder_genes(self) -> list[str]:

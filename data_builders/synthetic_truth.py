@@ -30,6 +30,19 @@ from cosmic_jax.configs.overrides import to_dict
 from cosmic_jax.data import morph_features
 
 
+class SignalSplit:
+    """The expression signal's split of a generator's World (``config.expr_signal_sd``, ``angle``):
+    the sd of its shared (S-driven) and private parts, the angle set by :func:`calibrate`."""
+
+    @property
+    def shared_scale(self) -> float:
+        return float(self.config.expr_signal_sd * np.cos(self.angle))
+
+    @property
+    def private_scale(self) -> float:
+        return float(self.config.expr_signal_sd * np.sin(self.angle))
+
+
 DEFINITIONS = """\
 S = everything that drives morphology AND expression jointly: cell type, response status
 (untreated / resistant / responder) and the shared continuous programs (obsm['true_shared']).

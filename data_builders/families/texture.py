@@ -133,7 +133,7 @@ class TextureConfig:
 
 
 @dataclasses.dataclass
-class World:
+class World(st.SignalSplit):
     config: TextureConfig
     seed: int
     gene_names: list[str]
@@ -149,14 +149,6 @@ class World:
     morph_shared: np.ndarray  # (P, n_shared)
     morph_private: np.ndarray  # (P, n_morph_private)
     angle: float = np.pi / 4
-
-    @property
-    def shared_scale(self) -> float:
-        return float(self.config.expr_signal_sd * np.cos(self.angle))
-
-    @property
-    def private_scale(self) -> float:
-        return float(self.config.expr_signal_sd * np.sin(self.angle))
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
