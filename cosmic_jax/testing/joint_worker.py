@@ -5,16 +5,13 @@ usage: python -m cosmic_jax.testing.joint_worker DATA.npz WORKDIR [--kill-at STE
 """
 
 import argparse
-import os
-import signal
-import sys
 
 import numpy as np
 
 from cosmic_jax.configs import joint
 from cosmic_jax.configs.overrides import load_config
 from cosmic_jax.joint.fit import fit_joint
-from cosmic_jax.train.loop import Hook
+from cosmic_jax.testing.runs import sigkill_hooks
 
 
 def main() -> None:
@@ -24,14 +21,7 @@ def main() -> None:
     ap.add_argument("--config", default="quick")
     ap.add_argument("--kill-at", type=int, default=0)
     args, overrides = ap.parse_known_args()
-    hooks = ()
-    if args.kill_at:
-        def die(step, state):
-            if step >= args.kill_at:
-                sys.stdout.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        hooks = (Hook(1, die, "kill", at_end=False),)
+    hooks = sigkill_hooks(args.kill_at)
     with np.load(args.data) as d:
         m, e = d["m"], d["e"]
     fit_joint(m, e, load_config(joint, args.config, overrides), workdir=args.workdir, hooks=hooks)

@@ -7,15 +7,12 @@ emulating a crashed or preempted job.
 """
 
 import argparse
-import os
-import signal
-import sys
 
 from absl import flags
 
 from cosmic_jax.configs import pretrain
 from cosmic_jax.configs.overrides import load_config
-from cosmic_jax.train.loop import Hook
+from cosmic_jax.testing.runs import sigkill_hooks
 from cosmic_jax.train.pretrain import train_and_evaluate
 
 flags.FLAGS.mark_as_parsed()
@@ -29,14 +26,7 @@ def main() -> None:
     ap.add_argument("--kill-at", type=int, default=0)
     args, overrides = ap.parse_known_args()
 
-    hooks = ()
-    if args.kill_at:
-        def die(step, state):
-            if step == args.kill_at:
-                sys.stdout.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        hooks = (Hook(1, die, "kill", at_end=False),)
+    hooks = sigkill_hooks(args.kill_at)
     out = train_and_evaluate(load_config(pretrain, args.config, overrides), args.data, args.workdir, extra_hooks=hooks)
     print(f"WORKER DONE step={out['step']} start={out['start_step']}", flush=True)
 

@@ -4,16 +4,33 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 
 import jax
 
+from cosmic_jax.train.loop import Hook
 from cosmic_jax.train.metrics import read_metrics
 
 # Shared by the in-process runs and their subprocesses (same programs, compiled once).
 COMPILE_CACHE = os.path.join(tempfile.gettempdir(), "cosmic_jax_test_xla_cache")
+
+
+def sigkill_hooks(kill_at: int) -> tuple[Hook, ...]:
+    """Loop hooks that SIGKILL this very process after the first step >= ``kill_at`` (no cleanup, no
+    final save: a crashed or preempted job); none for ``kill_at`` 0. ">=": a loop that runs several
+    steps per call reports only every few step numbers."""
+    if not kill_at:
+        return ()
+
+    def die(step, state):
+        if step >= kill_at:
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return (Hook(1, die, "kill", at_end=False),)
 
 
 def read_jsonl(path: str) -> list[dict]:
