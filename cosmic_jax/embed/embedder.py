@@ -478,4 +478,4 @@ def parse_layers(spec: str | int | None) -> int | tuple[int, ...] | str | None:
         parts = [int(p) for p in spec.split(",")]
     except ValueError:
         raise ValueError(f"layer={spec!r}: use 'default', 'all', an int or comma-separated ints") from None
-    return parts[0] if len(parts) == 1 and "," not in spec else tuple(parts)
+    return parts[0] if len(parts) == 1 else tuple(parts)
