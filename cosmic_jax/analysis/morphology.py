@@ -98,13 +98,15 @@ def measure_crops(crops_dir: str, batch_size: int = 256, progress: bool = False,
         from tqdm import tqdm
 
         it = tqdm(it, desc="morphology features")
+    all_ids = [str(c) for c in src.cell_ids()]
     for start in it:
-        recs = [src[i] for i in range(start, min(start + batch_size, len(src)))]
-        names = [r["cell_id"] for r in recs]
-        images = np.stack([r["image"] for r in recs])
-        raws.append(mf.measure_batch(images, names=names))
+        stop = min(start + batch_size, len(src))
+        names = all_ids[start:stop]
+        # One segmentation serves both feature sets (~15 % of their CPU time).
+        images, mask = mf.checked_masks(src.read_images(range(start, stop)), names)
+        raws.append(mf.measure_batch(images, names=names, mask=mask))
         if profile:
-            profs.append(mf.profile_batch(images, names=names))
+            profs.append(mf.profile_batch(images, names=names, mask=mask))
         ids += names
     if not ids:
         raise AnalysisInputError(f"{crops_dir}: crop dataset is empty")

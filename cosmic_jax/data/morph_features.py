@@ -205,22 +205,30 @@ def segment_batch(crops: np.ndarray, label_of=None) -> np.ndarray:
     return ndimage.binary_fill_holes(labels == best[:, None, None], structure=_plane_structure())
 
 
-def _segmented(crops, names, where: str):
-    """Checked (N, H, W) float crops and their nucleus masks (errors name the crop by ``names``)."""
+def checked_masks(crops, names=None, where: str = "crops", mask: np.ndarray | None = None):
+    """Checked (N, H, W) float64 crops and their nucleus masks (errors name the crop by ``names``);
+    ``mask``: masks this function already gave for these crops (checked for shape, not recomputed).
+    Share one call between :func:`measure_batch` and :func:`profile_batch` (``mask=``)."""
     imgs = _as_batch(crops, where)
     label_of = (lambda i: names[i]) if names is not None else (lambda i: f"crop {i}")
     bad = ~np.isfinite(imgs).all(axis=(1, 2))
     if bad.any():
         raise ValueError(f"{label_of(int(np.argmax(bad)))}: crop has NaN or Inf values")
-    return imgs, segment_batch(imgs, label_of)
+    if mask is None:
+        return imgs, segment_batch(imgs, label_of)
+    if mask.shape != imgs.shape:
+        raise ValueError(f"{where}: mask shape {mask.shape} != crops {imgs.shape}")
+    return imgs, mask
 
 
-def measure_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarray:
+def measure_batch(crops: np.ndarray, names: list[str] | None = None, mask: np.ndarray | None = None) -> np.ndarray:
     """Measure :data:`FEATURE_NAMES` on a batch of crops (vectorised over the batch).
 
     Args:
       crops: (N, H, W) or (N, H, W, 1) images, background masked to zero or not.
       names: optional per-crop names (cell_ids) used in error messages.
+      mask: (N, H, W) nucleus masks from :func:`checked_masks`, to share one segmentation with
+        :func:`profile_batch` (default: segment here).
 
     Returns:
       (N, len(FEATURE_NAMES)) float64 raw (unstandardised) features.
@@ -229,7 +237,7 @@ def measure_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     from scipy import ndimage
     from skimage import filters, morphology
 
-    imgs, mask = _segmented(crops, names, "measure_batch")
+    imgs, mask = checked_masks(crops, names, "measure_batch", mask)
     n, h, w = imgs.shape
 
     m = mask.astype(np.float64)
@@ -391,7 +399,7 @@ def _glcm_loop(imgs: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out.reshape(len(imgs), -1)
 
 
-def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarray:
+def profile_batch(crops: np.ndarray, names: list[str] | None = None, mask: np.ndarray | None = None) -> np.ndarray:
     """Measure :data:`PROFILE_NAMES` on a batch of crops (nucleus segmented as :func:`segment_batch`).
 
     Shape: area, perimeter, form factor 4 pi A / P^2, solidity, extent, eccentricity, major / minor
@@ -409,6 +417,7 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     Args:
       crops: (N, H, W) or (N, H, W, 1) images, background masked to zero or not.
       names: optional per-crop names (cell_ids) used in error messages.
+      mask: (N, H, W) nucleus masks from :func:`checked_masks` (default: segment here).
 
     Returns:
       (N, len(PROFILE_NAMES)) float64 raw features.
@@ -416,7 +425,7 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None) -> np.ndarr
     from scipy import ndimage
     from skimage import filters, morphology
 
-    imgs, mask = _segmented(crops, names, "profile_batch")
+    imgs, mask = checked_masks(crops, names, "profile_batch", mask)
     n, h, w = imgs.shape
     m = mask.astype(np.float64)
     mo = _moments(mask)
