@@ -27,6 +27,8 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     s.blob_rel = 0.25  # ... and blob_rel of the strongest blob's response
     s.intensity_weight = 1.0  # weight of intensity vs distance in the watershed landscape
     s.edge_fraction = 0.5  # instance edge at this fraction of its own peak contrast; 0 = off
+    s.merge_area_rel = 1.0  # merge touching pieces up to this / (pi d^2 / 4) (one nucleus); 0 = off
+    s.merge_saddle = 0.5  # ... when the path between them stays above this of the dimmer's peak contrast
     s.background_rel = 1.0  # background filter size / d
     s.sigma_rel = 0.04  # Gaussian smoothing before thresholding / d
     s.opening_rel = 0.04  # opening radius / d (at least 1 px)
