@@ -155,14 +155,16 @@ def representations(x_morph: np.ndarray | None, features: MorphFeatures | None, 
 def expression_decomposition(expr, m, fit_fn_for, repeats: int, cfg, strata):
     """Expression variance explained by morphology over ``repeats`` re-fits: overall (gene space), per gene."""
     dec = V.refit_decompose(expr.scores, m, fit_fn_for, repeats, cfg.num_samples, cfg.n_folds, cfg.seed, strata,
-                            metric=expr.metric, resid_sq=expr.resid_sq, n_boot=cfg.n_boot, estimator=cfg.estimator)
+                            metric=expr.metric, resid_sq=expr.resid_sq, n_boot=cfg.n_boot, estimator=cfg.estimator,
+                            extrapolate_fraction=cfg.extrapolate_fraction)
     return dec, V.per_readout_explained(dec.explained_cov, expr.loadings, expr.gene_var)
 
 
 def morphology_decomposition(targets: np.ndarray, e: np.ndarray, fit_fn_for, repeats: int, cfg, strata):
     """Morphology-target variance explained by expression (mean over targets of the ratios)."""
     return V.refit_decompose(targets, e, fit_fn_for, repeats, cfg.num_samples, cfg.n_folds, cfg.seed, strata,
-                             aggregate="mean_ratio", n_boot=cfg.n_boot, estimator=cfg.estimator)
+                             aggregate="mean_ratio", n_boot=cfg.n_boot, estimator=cfg.estimator,
+                             extrapolate_fraction=cfg.extrapolate_fraction)
 
 
 def decompose_representation(rep: Representation, expr, labels, cfg) -> tuple[dict, list, Any, np.ndarray, Any]:

@@ -28,6 +28,10 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     # (MAE, features) next to the headline "both" (0 = skip them). Cost: notes/uncertainty.md.
     c.refit_repeats = 3
     c.refit_repeats_side = 2
+    # Learning-curve correction: every cross-fit is repeated with each fold's model fitted on this
+    # share of its training cells and the pair extrapolated to unlimited training data
+    # (variance.extrapolate_to_full_data; doubles the joint fits; 0 = off). notes/science.md round 4.
+    c.extrapolate_fraction = 0.0
     c.estimator = "cov"  # "cov": Cov(held-out conditional mean, target); "var": finite-S-corrected Var
     c.seed = 0
     # inputs
