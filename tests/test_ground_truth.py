@@ -42,9 +42,9 @@ GUARD = {"error": 0.065, "spearman": 0.95, "within": 0.50}
 @pytest.mark.slow
 def test_decomposition_from_pixels_recovers_truth(tmp_path):
     # For time: the side representations (MAE alone, features alone) do not enter the headline, and
-    # one cross-fit instead of R = 3 re-fits moves a point estimate by ~0.002 (re-fit sd measured at
-    # F = 0.65), far inside the 0.03 target. One joint-model device, as a user's CPU run has (the
-    # suite forces 8 host devices).
+    # one re-fit (two cross-fits with the extrapolation) instead of quick's two moves a point
+    # estimate by ~0.003 (re-fit spread at F = 0.65), far inside the 0.03 target. One joint-model
+    # device, as a user's CPU run has (the suite forces 8 host devices).
     cfg = load_config(analyze_configs, "quick", ["--config.refit_repeats_side=0", "--config.refit_repeats=1",
                                                  "--config.joint.num_devices=1"])
     mae, lines, missed = None, [], {"guard": [], "target": []}
