@@ -199,3 +199,49 @@ def test_refit_ci_covers_when_fit_variability_dominates_bootstrap_ci_does_not():
         new += ref.ci_low <= toy.truth <= ref.ci_high
     assert new >= 0.9 * len(seeds), (new, old)
     assert old <= 0.7 * len(seeds), (new, old)
+
+
+def _fixed_penalty_ridge_fit_fn(m, e, lam: float):
+    """Ridge with a fixed penalty: its conditional mean is shrunk by ~n s / (n s + lam) per direction,
+    a bias that falls as 1 / training size (the learning curve the extrapolation assumes)."""
+
+    def fit(train):
+        mx, ex = m[train].mean(0), e[train].mean(0)
+        a, b = m[train] - mx, e[train] - ex
+        beta = np.linalg.solve(a.T @ a + lam * np.eye(m.shape[1]), a.T @ b)
+        return lambda c, s, seed: (ex + (c - mx) @ beta)[None] + \
+            0.01 * np.random.default_rng(seed).standard_normal((s, len(c), e.shape[1]))
+
+    return fit
+
+
+def test_learning_curve_extrapolation_removes_shrinkage_bias_and_keeps_coverage():
+    plain, ext, covered = [], [], {"plain": 0, "ext": 0}
+    seeds = range(8)
+    for s in seeds:
+        toy = GaussianToy(0.5, seed=50 + s, dm=12)
+        m, e = toy.draw(1200)
+        fit_fn_for = lambda r: _fixed_penalty_ridge_fit_fn(m, e, 300.0)  # noqa: E731
+        p = V.refit_decompose(e, m, fit_fn_for, 2, 2, 3, s, n_boot=200).overall
+        x = V.refit_decompose(e, m, fit_fn_for, 2, 2, 3, s, n_boot=200, extrapolate_fraction=0.5).overall
+        assert x.learning_curve[1.0] == pytest.approx(p.estimate)  # same folds and fits as the plain run
+        assert x.learning_curve[0.5] < x.learning_curve[1.0]  # fewer cells, more shrinkage
+        assert x.estimate == pytest.approx(2 * x.learning_curve[1.0] - x.learning_curve[0.5])
+        assert x.ci_high - x.ci_low > p.ci_high - p.ci_low  # the step's extra variance is in the CI
+        plain.append(p.estimate)
+        ext.append(x.estimate)
+        covered["plain"] += p.ci_low <= toy.truth <= p.ci_high
+        covered["ext"] += x.ci_low <= toy.truth <= x.ci_high
+    assert 0.5 - np.mean(plain) > 0.01, plain  # the plain cross-fit reads low ...
+    assert abs(np.mean(ext) - 0.5) < 0.006, ext  # ... the extrapolated one does not
+    assert covered["ext"] >= 7 and covered["ext"] > covered["plain"], covered
+
+
+def test_extrapolation_rejects_bad_fractions():
+    toy = GaussianToy(0.5, seed=1)
+    m, e = toy.draw(200)
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(V.AnalysisInputError, match="extrapolate_fraction"):
+            V.refit_decompose(e, m, lambda r: lambda tr: toy.sampler, 1, 2, 2, extrapolate_fraction=bad)
+    with pytest.raises(V.AnalysisInputError, match="train_fraction"):
+        V.cross_fit_moments(m, lambda tr: toy.sampler, 2, 2, train_fraction=0.0)

@@ -156,8 +156,20 @@ def fold_indices(n: int, n_folds: int, seed: int = 0, strata: np.ndarray | None 
     return fold
 
 
+def subsample_train(train: np.ndarray, fraction: float, seed: int, fold: int) -> np.ndarray:
+    """A fixed random ``fraction`` of a fold's training cells (sorted), the same for every caller
+    with the same (seed, fold): both directions of one joint model then share one fit."""
+    if not 0.0 < fraction <= 1.0:
+        raise AnalysisInputError(f"train_fraction={fraction}: must be in (0, 1]")
+    if fraction == 1.0:
+        return train
+    keep = max(2, int(round(fraction * len(train))))
+    return np.sort(np.random.default_rng([seed, fold, 1]).choice(train, keep, replace=False))
+
+
 def cross_fit_moments(cond: np.ndarray, fit_fn: FitFn, num_samples: int, n_folds: int = 5,
-                      seed: int = 0, strata: np.ndarray | None = None) -> ConditionalMoments:
+                      seed: int = 0, strata: np.ndarray | None = None,
+                      train_fraction: float = 1.0) -> ConditionalMoments:
     """K-fold cross-fitted conditional moments: every cell is scored by a model fitted without it.
 
     Args:
@@ -167,6 +179,8 @@ def cross_fit_moments(cond: np.ndarray, fit_fn: FitFn, num_samples: int, n_folds
       n_folds: K >= 2.
       seed: fold assignment and sampling seed.
       strata: optional (N,) labels to stratify the folds (e.g. cell type).
+      train_fraction: fit each fold's model on this random share of its training cells (the
+        learning-curve point of ``refit_decompose``'s extrapolation); 1 = all of them.
     Returns:
       ConditionalMoments over all N cells, with the fold each was held out in.
     """
@@ -175,7 +189,7 @@ def cross_fit_moments(cond: np.ndarray, fit_fn: FitFn, num_samples: int, n_folds
     parts = {}
     for k in range(n_folds):
         test = np.flatnonzero(fold == k)
-        train = np.flatnonzero(fold != k)
+        train = subsample_train(np.flatnonzero(fold != k), train_fraction, seed, k)
         sampler = fit_fn(train)
         parts[k] = (test, sampler_moments(cond[test], sampler, num_samples, seed=seed * 1000 + k * 97,
                                           where=f"sampler of fold {k}"))
@@ -201,6 +215,8 @@ class VarianceDecomposition:
       target_var: (D,) Var(t_k) over the scored cells.
       aggregate: "total" (sum of explained / sum of total variance) or "mean_ratio".
       overall_boot_var / per_dim_boot_var: variance of the bootstrap replicates (NaN without them).
+      overall_boot / per_dim_boot: the replicates themselves, (B,) and (B, D) (B = 0 without them);
+        ``decompose`` calls with the same ``seed`` and cell count draw the same resamples.
     """
 
     overall: Estimate
@@ -211,6 +227,8 @@ class VarianceDecomposition:
     aggregate: str
     overall_boot_var: float
     per_dim_boot_var: np.ndarray
+    overall_boot: np.ndarray
+    per_dim_boot: np.ndarray
 
 
 def _weighted_cov(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -282,7 +300,8 @@ def decompose(target: np.ndarray, moments: ConditionalMoments, metric: np.ndarra
     lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
     if n_boot <= 0:
         return VarianceDecomposition(Estimate(point, np.nan, np.nan), per_dim, np.full((2, d), np.nan),
-                                     explained_cov, target_var, aggregate, np.nan, np.full(d, np.nan))
+                                     explained_cov, target_var, aggregate, np.nan, np.full(d, np.nan),
+                                     np.zeros(0), np.zeros((0, d)))
     rng = np.random.default_rng(seed)
     w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (B, N) counts
     var_t = _weighted_cov(w, t, t)
@@ -319,7 +338,46 @@ def decompose(target: np.ndarray, moments: ConditionalMoments, metric: np.ndarra
         aggregate,
         float(np.var(overall_b, ddof=1)),
         np.var(per_b, axis=0, ddof=1),
+        overall_b,
+        per_b,
     )
+
+
+def extrapolate_to_full_data(full: VarianceDecomposition, part: VarianceDecomposition, fraction: float,
+                             ci: float = 0.95) -> VarianceDecomposition:
+    """One Richardson step along the learning curve: the estimate a fit on unlimited cells would give.
+
+    A model fitted on m cells recovers E[t|c] only up to an estimation error, and with the "cov"
+    estimator what survives of it is shrinkage (a mu, a < 1) toward the mean: the estimate is
+    ``V(m) ~ V_inf (1 - c / m)``, low by a term that falls with the training size (the rate of a
+    regular parametric fit; a slower, nonparametric rate leaves part of the bias, so the result
+    stays on the low side). With ``full`` fitted on m cells per fold and ``part`` on ``fraction``
+    x m (same folds, same bootstrap resamples), ``V_inf = V(m) + (V(m) - V(f m)) f / (1 - f)``;
+    the bootstrap replicates are combined the same way, so the interval carries the extra variance.
+    The part the representation cannot see is not recovered: the result is still a lower bound.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise AnalysisInputError(f"extrapolation fraction={fraction}: must be in (0, 1)")
+    if full.overall_boot.shape != part.overall_boot.shape or full.aggregate != part.aggregate:
+        raise AnalysisInputError("extrapolation needs two decompositions with the same bootstrap and aggregate")
+    w = fraction / (1.0 - fraction)
+
+    def step(a, b):
+        return a + w * (a - b)
+
+    per_dim, overall_b, per_b = step(full.per_dim, part.per_dim), step(full.overall_boot, part.overall_boot), \
+        step(full.per_dim_boot, part.per_dim_boot)
+    point = step(full.overall.estimate, part.overall.estimate)
+    lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
+    if len(overall_b) > 1:
+        overall = Estimate(point, *np.quantile(overall_b, [lo_q, hi_q]))
+        per_dim_ci, boot_var, per_var = (np.quantile(per_b, [lo_q, hi_q], axis=0), float(np.var(overall_b, ddof=1)),
+                                         np.var(per_b, axis=0, ddof=1))
+    else:
+        overall, per_dim_ci = Estimate(point, np.nan, np.nan), np.full((2, len(per_dim)), np.nan)
+        boot_var, per_var = np.nan, np.full(len(per_dim), np.nan)
+    return VarianceDecomposition(overall, per_dim, per_dim_ci, step(full.explained_cov, part.explained_cov),
+                                 full.target_var, full.aggregate, boot_var, per_var, overall_b, per_b)
 
 
 def per_readout_explained(explained_cov: np.ndarray, loadings: np.ndarray, readout_var: np.ndarray) -> np.ndarray:
@@ -353,6 +411,8 @@ class RefitEstimate(Estimate):
       total_var: within_var + (1 + 1/R) between_var.
       df: degrees of freedom of the t reference (inf when between_var = 0).
       repeat_estimates: the R per-repeat estimates.
+      learning_curve: with extrapolation, the mean over repeats of the cross-fitted estimate at
+        each training share, {fraction: estimate} (1.0 = the plain cross-fit); empty without.
     """
 
     repeats: int = 1
@@ -361,11 +421,15 @@ class RefitEstimate(Estimate):
     total_var: float = np.nan
     df: float = np.inf
     repeat_estimates: tuple[float, ...] = ()
+    learning_curve: dict[float, float] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "repeats": int(self.repeats), "within_var": float(self.within_var),
-                "between_var": float(self.between_var), "total_var": float(self.total_var), "df": float(self.df),
-                "repeat_estimates": [float(x) for x in self.repeat_estimates]}
+        out = {**super().to_dict(), "repeats": int(self.repeats), "within_var": float(self.within_var),
+               "between_var": float(self.between_var), "total_var": float(self.total_var), "df": float(self.df),
+               "repeat_estimates": [float(x) for x in self.repeat_estimates]}
+        if self.learning_curve:
+            out["learning_curve"] = {f"{k:g}": float(v) for k, v in self.learning_curve.items()}
+        return out
 
 
 def combine_repeats(estimates: np.ndarray, boot_vars: np.ndarray, ci: float = 0.95) -> dict[str, np.ndarray]:
@@ -427,7 +491,7 @@ class RefitDecomposition:
 
 def refit_decompose(target: np.ndarray, cond: np.ndarray, fit_fn_for: Callable[[int], FitFn], repeats: int,
                     num_samples: int, n_folds: int = 5, seed: int = 0, strata: np.ndarray | None = None,
-                    ci: float = 0.95, **decompose_kw) -> RefitDecomposition:
+                    ci: float = 0.95, extrapolate_fraction: float = 0.0, **decompose_kw) -> RefitDecomposition:
     """Cross-fit and decompose ``repeats`` times, each with a new fold split and model, and combine.
 
     Args:
@@ -436,22 +500,36 @@ def refit_decompose(target: np.ndarray, cond: np.ndarray, fit_fn_for: Callable[[
       repeats: R >= 1. Repeat r uses fold / sampling / bootstrap seed ``seed + r``.
       num_samples, n_folds, strata: as in ``cross_fit_moments``.
       ci: confidence level.
+      extrapolate_fraction: f in (0, 1) also cross-fits every repeat with each fold's model fitted on
+        a share f of its training cells and extrapolates the pair to unlimited training data
+        (``extrapolate_to_full_data``; twice the fits); 0 = the plain cross-fit.
       **decompose_kw: metric, resid_sq, aggregate, n_boot, estimator (see ``decompose``).
     Returns:
-      RefitDecomposition.
+      RefitDecomposition (``moments``: those of the plain cross-fits).
     """
     if repeats < 1:
         raise AnalysisInputError(f"repeats={repeats}: need at least one cross-fit")
-    decs, moms = [], []
+    if not 0.0 <= extrapolate_fraction < 1.0:
+        raise AnalysisInputError(f"extrapolate_fraction={extrapolate_fraction}: must be in [0, 1)")
+    decs, moms, curve = [], [], {1.0: [], extrapolate_fraction: []}
     for r in range(repeats):
         mom = cross_fit_moments(cond, fit_fn_for(r), num_samples, n_folds, seed + r, strata)
-        decs.append(decompose(target, mom, ci=ci, seed=seed + r, **decompose_kw))
+        dec = decompose(target, mom, ci=ci, seed=seed + r, **decompose_kw)
+        if extrapolate_fraction > 0:
+            part = decompose(target, cross_fit_moments(cond, fit_fn_for(r), num_samples, n_folds, seed + r, strata,
+                                                       train_fraction=extrapolate_fraction),
+                             ci=ci, seed=seed + r, **decompose_kw)
+            curve[1.0].append(dec.overall.estimate)
+            curve[extrapolate_fraction].append(part.overall.estimate)
+            dec = extrapolate_to_full_data(dec, part, extrapolate_fraction, ci)
+        decs.append(dec)
         moms.append(mom)
     overall = combine_repeats([d.overall.estimate for d in decs], [d.overall_boot_var for d in decs], ci)
     per_dim = combine_repeats(np.stack([d.per_dim for d in decs]), np.stack([d.per_dim_boot_var for d in decs]), ci)
     est = RefitEstimate(*(float(overall[k]) for k in ("estimate", "ci_low", "ci_high")), repeats=repeats,
                         within_var=float(overall["within_var"]), between_var=float(overall["between_var"]),
                         total_var=float(overall["total_var"]), df=float(overall["df"]),
-                        repeat_estimates=tuple(float(d.overall.estimate) for d in decs))
+                        repeat_estimates=tuple(float(d.overall.estimate) for d in decs),
+                        learning_curve={k: float(np.mean(v)) for k, v in curve.items() if v})
     return RefitDecomposition(est, per_dim["estimate"], np.stack([per_dim["ci_low"], per_dim["ci_high"]]),
                               np.mean([d.explained_cov for d in decs], axis=0), decs, moms)

@@ -28,6 +28,10 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     # (MAE, features) next to the headline "both" (0 = skip them). Cost: notes/uncertainty.md.
     c.refit_repeats = 3
     c.refit_repeats_side = 2
+    # Learning-curve correction: every cross-fit is repeated with each fold's model fitted on this
+    # share of its training cells and the pair extrapolated to unlimited training data
+    # (variance.extrapolate_to_full_data; doubles the joint fits; 0 = off). notes/science.md round 4.
+    c.extrapolate_fraction = 0.5
     c.estimator = "cov"  # "cov": Cov(held-out conditional mean, target); "var": finite-S-corrected Var
     c.seed = 0
     # inputs
@@ -46,7 +50,9 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c.pretrain.progress = True
     c.joint = joint.get_config("default")
     if name == "quick":
-        c.update(dict(n_folds=3, num_samples=8, n_boot=100, expr_comps=20, morph_comps=8))
+        # 2 re-fits (1 per side table) because each is two cross-fits with the extrapolation
+        c.update(dict(n_folds=3, num_samples=8, n_boot=100, expr_comps=20, morph_comps=8, refit_repeats=2,
+                      refit_repeats_side=1))
         c.pretrain.steps = 300
         c.joint = joint.get_config("analysis")
     return c
