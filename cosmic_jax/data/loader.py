@@ -312,7 +312,8 @@ def _batch_iterator_class():
             # shared-memory segment per array (create, fault in, map, unlink, resource-tracker
             # messages): 1.4-1.8x fewer CPU-seconds per crop over all processes measured on
             # 4 MB units (notes/loader.md), and no dependence on the size of /dev/shm.
-            it_ds = grain.experimental.WithOptionsIterDataset(it_ds, grain.experimental.DatasetOptions(min_shm_size=sys.maxsize))
+            no_shm = grain.experimental.DatasetOptions(min_shm_size=sys.maxsize)
+            it_ds = grain.experimental.WithOptionsIterDataset(it_ds, no_shm)
             it_ds = it_ds.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=self._worker_buffer),
                 worker_init_fn=_worker_init,
@@ -428,7 +429,8 @@ def make_train_iterator(
     identity = {"num_records": n, "global_batch": B, "seed": int(cfg.seed), "shuffle": bool(cfg.shuffle),
                 "stream_version": STREAM_VERSION}
     cls = _batch_iterator_class()
-    per = _transfer_batches(source, B // pc, cfg.worker_transfer_mb)
+    # getattr: configs saved before this setting existed (ConfigDicts) lack it
+    per = _transfer_batches(source, B // pc, getattr(cfg, "worker_transfer_mb", LoaderConfig.worker_transfer_mb))
     return cls(read, num_batches, _read_options(cfg.read_threads, cfg.prefetch), cfg.worker_count,
                cfg.worker_buffer_size, per, identity)
 
