@@ -225,6 +225,10 @@ class _EvalBatches(_Batches):
         return {"cell_id": np.asarray(cell_ids, dtype=str)}
 
 
+# Arrays below this size leave grain worker processes pickled in the queue, larger ones through
+# shared memory (see BatchIterator._build).
+_MIN_SHM_BYTES = 1 << 10
+
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
@@ -308,12 +312,12 @@ def _batch_iterator_class():
                 return
             units = _Transfers(self._read, self._next_batch, self._transfer_batches, self._num_batches)
             it_ds = grain.MapDataset.range(len(units)).map(units).to_iter_dataset(self._read_options)
-            # Pickled through the worker's queue rather than grain's default of a fresh
-            # shared-memory segment per array (create, fault in, map, unlink, resource-tracker
-            # messages): 1.4-1.8x fewer CPU-seconds per crop over all processes measured on
-            # 4 MB units (notes/loader.md), and no dependence on the size of /dev/shm.
-            no_shm = grain.experimental.DatasetOptions(min_shm_size=sys.maxsize)
-            it_ds = grain.experimental.WithOptionsIterDataset(it_ds, no_shm)
+            # Only arrays of a few hundred bytes (the batch sizes) travel pickled in the worker's
+            # queue; the rest go through grain's shared memory. Pickled, a unit of several MB
+            # fills the queue's 64 KiB pipe, and a worker whose queue is not drained then blocks
+            # on exit until grain kills it (25 s per worker in close() and set_state()).
+            small = grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_BYTES)
+            it_ds = grain.experimental.WithOptionsIterDataset(it_ds, small)
             it_ds = it_ds.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=self._worker_buffer),
                 worker_init_fn=_worker_init,
