@@ -126,7 +126,7 @@ class _Transfers:
     The crops travel as stored (``CropSource.read_stored``: uint16/uint8 pixels plus per-crop
     scale/offset, 2-4x smaller than float32) and :func:`_unpack_transfer` turns them into the
     batches in the receiving process. Fewer, larger transfers because every element costs grain
-    a fixed ~1 ms of CPU over both processes (queues, shared memory or pickling, bookkeeping),
+    a fixed ~1.4 ms of CPU over all processes (shared-memory segments, queues, bookkeeping),
     as much as reading ~50 crops. Each batch's content is still a pure function of its number.
     """
 
