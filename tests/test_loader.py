@@ -223,3 +223,37 @@ def test_corrupt_record_error_names_shard_and_record_from_workers(tmp_path):
                 take(it, 3)
         finally:
             it.close()
+
+
+@pytest.mark.parametrize("transfer_mb", [1e-9, 0.05, 4.0])  # 1, 3 and all batches per transfer
+def test_worker_transfers_split_into_the_in_process_batches(crops, raw, transfer_mb):
+    # Workers send several batches at once as stored pixels; the batches that come out are
+    # exactly the in-process ones, including a partial last batch, a resume in the middle of a
+    # transfer unit, and the eval pass with its cell ids.
+    kw = dict(num_epochs=2, drop_remainder=False, worker_transfer_mb=transfer_mb)
+    ref = list(make_train_iterator(crops, cfg(**kw), 0, 1))
+    assert len(ref) == 13 and len(ref[-1]["index"]) == 8
+    it = make_train_iterator(crops, cfg(worker_count=2, **kw), 0, 1)
+    try:
+        got = list(it)
+        assert it.get_state()["next_batch"] == 13
+        it.set_state({**it.get_state(), "next_batch": 4})
+        resumed = take(it, 3)
+    finally:
+        it.close()
+    assert_same_batches(got, ref)
+    assert_same_batches(resumed, ref[4:7])
+    for b in got:
+        assert b["image"].dtype == np.float32 and b["index"].dtype == np.int64 and set(b) == {"image", "index"}
+        np.testing.assert_array_equal(b["image"], raw[b["index"]])
+    ev = make_eval_iterator(crops, 32, worker_count=2)
+    try:
+        batches = list(ev)
+    finally:
+        ev.close()
+    plain = list(make_eval_iterator(crops, 32))
+    assert [len(b["index"]) for b in batches] == [32, 32, 32, 4]
+    for a, b in zip(batches, plain):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])

@@ -249,3 +249,44 @@ def test_manifest_with_missing_shard(single, tmp_path):
         records.CropSource(str(tmp_path))
     with pytest.raises(records.RecordError, match="no manifest"):
         records.CropSource(str(tmp_path / "sub")) if os.makedirs(tmp_path / "sub") is None else None
+
+
+@pytest.mark.parametrize("storage", ["uint16", "uint8", "float32", "int"])
+def test_read_stored_then_to_values_equals_read_images(tmp_path, storage):
+    # What grain workers send (stored pixels + per-crop scale/offset), converted after the
+    # transfer, must be bit-identical to an in-process read, in the requested order.
+    rng = np.random.default_rng(7)
+    if storage == "int":
+        imgs = rng.integers(0, 4096, (30, 6, 5, 2)).astype(np.uint16)
+        records.write_shards([records.encode_record(im, f"c{i}") for i, im in enumerate(imgs)], str(tmp_path),
+                             records_per_shard=8)
+    else:
+        imgs = (rng.random((30, 6, 5, 2)) * rng.uniform(0.1, 9, (30, 1, 1, 2))).astype(np.float32)
+        records.write_shards([records.encode_record(im, f"c{i}") for i, im in enumerate(imgs)], str(tmp_path),
+                             records_per_shard=8, float_storage=storage)
+    src = records.CropSource(str(tmp_path))
+    idx = [29, 3, 3, 17, 0, 8, 22, 7]
+    stored = src.read_stored(idx)
+    quantized = storage in ("uint16", "uint8")
+    assert set(stored) == ({"pixels", "scale", "offset"} if quantized else {"pixels"})
+    assert stored["pixels"].dtype == np.dtype("uint16" if storage == "int" else storage)
+    assert stored["pixels"].shape == (len(idx), 6, 5, 2)
+    if quantized:
+        assert stored["scale"].shape == stored["offset"].shape == (len(idx), 2)
+        np.testing.assert_array_equal(stored["offset"], imgs[idx].min(axis=(1, 2)))
+    got = records.to_values(**stored)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, src.read_images(idx))
+    if not quantized:
+        np.testing.assert_array_equal(got, imgs[idx].astype(np.float32))
+
+
+def test_read_stored_declines_crops_stored_differently(tmp_path):
+    imgs = np.random.default_rng(8).random((12, 4, 4, 1)).astype(np.float32)
+    recs = [records.encode_record(im, f"c{i}") for i, im in enumerate(imgs)]
+    records.write_shards(recs[:6], str(tmp_path), prefix="a", manifest_name="manifest-a.json", float_storage="uint8")
+    records.write_shards(recs[6:], str(tmp_path), prefix="b", manifest_name="manifest-b.json")
+    src = records.CropSource(str(tmp_path))
+    assert src.read_stored([1, 7]) is None  # one crop per job: no common codec
+    assert set(src.read_stored([1, 2])) == {"pixels", "scale", "offset"}
+    assert src.stored_bytes_per_crop() == 8 + 16 * 2  # the uint16 job's records are the larger

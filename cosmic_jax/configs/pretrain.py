@@ -49,6 +49,7 @@ def loader_config(global_batch: int = 128) -> ml_collections.ConfigDict:
     c.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
     c.worker_count = 0  # grain worker processes (0 = in-process)
     c.worker_buffer_size = 2
+    c.worker_transfer_mb = 4.0  # workers send batches in units of ~this many MB of stored pixels
     c.prefetch = 4
     c.read_threads = 2
     c.drop_remainder = True

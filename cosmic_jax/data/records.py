@@ -171,20 +171,36 @@ class PixelCodec:
         q = np.clip(np.rint((x - offset) / step), 0, qmax).astype(stored)
         return scale.astype("<f4").tobytes() + offset.astype("<f4").tobytes() + q.tobytes()
 
-    def decode(self, buf: bytes, n: int, dtype: Any = None) -> np.ndarray:
-        """``n`` concatenated pixel records -> (n, H, W, C) array of ``dtype`` (default: ``self.dtype``)."""
-        dtype = np.dtype(self.dtype if dtype is None else dtype)
+    def split(self, buf: bytes, n: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``n`` concatenated pixel records -> views ``(pixels (n, H, W, C) as stored, scale (n, C),
+        offset (n, C))``; scale and offset are None where pixels are not quantised."""
         rows = np.frombuffer(buf, np.uint8).reshape(n, self.record_bytes)
         h = self.header_bytes
         pixels = rows[:, h:].view(np.dtype(self.stored)).reshape(n, *self.shape)
         if not self.quantized:
-            return pixels.astype(dtype)  # a fresh, writable array
+            return pixels, None, None
         c = self.shape[2]
-        scale = rows[:, : 4 * c].view("<f4")[:, None, None, :]
-        offset = rows[:, 4 * c : h].view("<f4")[:, None, None, :]
-        out = np.multiply(pixels, scale, dtype=dtype)  # convert and scale in one pass
-        out += offset
-        return out
+        return pixels, rows[:, : 4 * c].view("<f4"), rows[:, 4 * c : h].view("<f4")
+
+    def decode(self, buf: bytes, n: int, dtype: Any = None) -> np.ndarray:
+        """``n`` concatenated pixel records -> (n, H, W, C) array of ``dtype`` (default: ``self.dtype``)."""
+        return to_values(*self.split(buf, n), dtype=self.dtype if dtype is None else dtype)
+
+
+def to_values(pixels: np.ndarray, scale: np.ndarray | None = None, offset: np.ndarray | None = None,
+              dtype: Any = np.float32) -> np.ndarray:
+    """Stored pixels (n, H, W, C) -> a fresh array of ``dtype``: ``pixels * scale + offset`` per crop
+    and channel (scale, offset: (n, C)) for quantised crops, a plain conversion otherwise.
+
+    The one definition of dequantisation, so that crops decoded in the reading process and crops
+    decoded after a transfer between processes (``CropSource.read_stored``) are bit-identical.
+    """
+    dtype = np.dtype(dtype)
+    if scale is None:
+        return pixels.astype(dtype)  # a fresh, writable array
+    out = np.multiply(pixels, scale[:, None, None, :], dtype=dtype)  # convert and scale in one pass
+    out += offset[:, None, None, :]
+    return out
 
 
 def _encode_meta_block(items: Sequence[tuple[str, dict[str, Any]]]) -> bytes:
@@ -397,6 +413,12 @@ class CropSource:
             readers[shard] = r
         return r
 
+    def stored_bytes_per_crop(self) -> int:
+        """Uncompressed bytes of one crop as ``read_stored`` returns it (float32 where it falls
+        back to ``read_images``); the largest over the dataset's jobs."""
+        float32 = 4 * int(np.prod(self.image_shape or (0,)))
+        return max((s.codec.record_bytes if s.codec else float32 for s in self._shards), default=float32)
+
     def verify(self) -> "CropSource":
         """Open every shard now and check its record count (errors name the shard).
 
@@ -438,7 +460,7 @@ class CropSource:
                 raise RecordError(f"{self._shards[shard].path} record {i}: cannot read ({type(e).__name__}: {e})") from e
         return out
 
-    def _decode(self, codec: PixelCodec, raw: list[bytes], shards, records, dtype) -> np.ndarray:
+    def _joined(self, codec: PixelCodec, raw: list[bytes], shards, records) -> bytes:
         buf = b"".join(raw)
         if len(buf) != len(raw) * codec.record_bytes:
             k = next(k for k, r in enumerate(raw) if len(r) != codec.record_bytes)
@@ -446,7 +468,35 @@ class CropSource:
                 f"{self._shards[shards[k]].path} record {records[k]}: cannot decode crop pixels ({len(raw[k])} "
                 f"bytes, expected {codec.record_bytes} for {codec.shape} {codec.stored}); corrupt shard?"
             )
-        return codec.decode(buf, len(raw), dtype)
+        return buf
+
+    def _decode(self, codec: PixelCodec, raw: list[bytes], shards, records, dtype) -> np.ndarray:
+        return codec.decode(self._joined(codec, raw, shards, records), len(raw), dtype)
+
+    def read_stored(self, indices) -> dict[str, np.ndarray] | None:
+        """Crops ``indices`` (any order, repeats allowed) as stored, not yet converted to values.
+
+        Returns ``{"pixels": (n, H, W, C) in the stored dtype}``, plus ``"scale"`` and ``"offset"``
+        (float32, (n, C)) for quantised crops, in the order of ``indices``; ``to_values(**result)``
+        then equals ``read_images(indices)`` exactly. ``None`` where the crops do not share one
+        pixel codec (format-1 shards, or jobs that stored floats differently): use
+        ``read_images``. For moving batches between processes: stored pixels are 2-4x smaller
+        than float32.
+        """
+        order, shard_of, local = self._sorted(indices)
+        codecs = {self._shards[s].codec for s in np.unique(shard_of).tolist()}
+        if len(codecs) != 1 or None in codecs:
+            return None
+        codec = codecs.pop()
+        shards, records = shard_of.tolist(), local.tolist()
+        raw = self._read_raw(shards, records)
+        parts = codec.split(self._joined(codec, raw, shards, records), len(raw))
+        out = {}
+        for name, part in zip(("pixels", "scale", "offset"), parts):
+            if part is not None:
+                out[name] = np.empty(part.shape, part.dtype)
+                out[name][order] = part
+        return out
 
     def read_images(self, indices, dtype: Any = np.float32) -> np.ndarray:
         """Crops ``indices`` (any order, repeats allowed) -> (n, H, W, C) array of ``dtype``.

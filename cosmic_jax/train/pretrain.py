@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_ckpts", "async_ckpt", "recon_every",
                      "recon_images", "probe_every", "probe_at_start", "probe_data", "probe_label",
                      "probe_max", "log_batch_indices", "progress", "optim.microbatch", "loader.worker_count",
-                     "loader.worker_buffer_size", "loader.prefetch", "loader.read_threads", "mesh.", "distributed.")
+                     "loader.worker_buffer_size", "loader.worker_transfer_mb", "loader.prefetch",
+                     "loader.read_threads", "mesh.", "distributed.")
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
