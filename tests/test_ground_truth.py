@@ -94,7 +94,8 @@ def test_by_representation_counts_only_what_each_representation_carries(tmp_path
         "--config.input_kind=lognorm", "--config.label_key=", "--config.response_key=", "--config.expr_comps=8",
         "--config.n_folds=2", "--config.num_samples=4", "--config.n_boot=50", "--config.refit_repeats=2",
         "--config.refit_repeats_side=1", "--config.morph_comps=4", "--config.joint.steps=20",
-        "--config.joint.num_devices=1", "--config.joint.progress=false"])  # "mae" and "features": one compile
+        "--config.joint.num_devices=1", "--config.joint.progress=false",
+        "--config.extrapolate_fraction=0"])  # "mae" and "features": one compile; extrapolation: test above
     summary = run_analyses(adata, cfg, str(tmp_path), x_morph=rng.normal(size=(n, 16)), features=feats)
     by_rep = summary["decomposition_by_representation"]
     assert list(by_rep) == ["both", "mae", "features"] and summary["headline_representation"] == "both"
