@@ -306,3 +306,15 @@ def test_umap_coordinates_are_cached_by_latent(tmp_path, monkeypatch):
     np.testing.assert_allclose(umap_coordinates(z + 1, 0, cache), (z[:, :2] + 1) * 2)
     umap_coordinates(z + 1, 1, cache)  # another seed is another layout
     assert len(calls) == 3
+
+
+def test_headline_shows_the_learning_curve_beside_the_extrapolated_estimate():
+    from cosmic_jax.workflows.report import headline_section
+
+    summary = {"expr_var_explained_by_morph": {**_ci(0.618), "learning_curve": {"1": 0.607, "0.5": 0.595}},
+               "morph_var_explained_by_expr": _ci(0.776)}
+    md = "\n".join(headline_section(summary))
+    assert _table_rows(md, "expression variance explained by morphology") == [
+        ["expression variance explained by morphology", "0.618", "0.568 – 0.668", "0.607 (1) / 0.595 (0.5)"]]
+    assert _table_rows(md, "morphology-feature variance explained by expression")[0][-1] == "–"
+    assert "before extrapolation" in md

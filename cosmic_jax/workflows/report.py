@@ -125,13 +125,19 @@ def header_section(workdir: str, summary: dict) -> list[str]:
 def headline_section(summary: dict) -> list[str]:
     truth = summary.get("truth") or {}
     has_truth = any(k in truth for k, _ in HEADLINE)
-    header = ["quantity", "estimate", "95% CI"] + (["truth", "CI covers truth"] if has_truth else [])
+    has_curve = any("learning_curve" in (summary.get(k) or {}) for k, _ in HEADLINE)
+    header = ["quantity", "estimate", "95% CI"] + (["before extrapolation (all / part of the training cells)"]
+                                                   if has_curve else [])
+    header += ["truth", "CI covers truth"] if has_truth else []
     rows = []
     for key, name in HEADLINE:
         if not summary.get(key):
             continue
         d = summary[key]
         row = [name, d.get("estimate"), _ci(d)]
+        if has_curve:
+            curve = sorted((d.get("learning_curve") or {}).items(), key=lambda kv: -float(kv[0]))
+            row += [" / ".join(f"{_num(v)} ({float(share):g})" for share, v in curve) or "–"]
         if has_truth:
             row += [truth.get(key), truth.get(f"{key}_ci_covers", "–")]
         rows.append(row)
