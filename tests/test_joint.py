@@ -229,3 +229,18 @@ def test_fit_resumes_bit_exactly_after_sigkill(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert a.loss_history == b.loss_history and a.loss_history["step"] == list(range(5, 41, 5))
     assert any(f.startswith("events") for f in os.listdir(tmp_path / "w" / "tb"))
+
+
+def test_fits_on_subsets_share_one_compile():
+    """pad_rows: the folds and half-size fits of a cross-fit share one compile."""
+    from cosmic_jax.train import joint as joint_train
+
+    m, e, _, _ = _toy(600, seed=3)
+    cfg = joint_cfg("quick", steps=20, batch_size=64, flow_width=32, flow_depth=1, enc_width=32, latent_dim=8,
+                    num_devices=1, log_every=10, progress=False)
+    fit_joint(m[:400], e[:400], cfg, seed=0, pad_rows=600)
+    before = joint_train._compiled.cache_info()
+    model = fit_joint(m[:200], e[:200], cfg, seed=0, pad_rows=600)
+    after = joint_train._compiled.cache_info()
+    assert after.misses == before.misses and after.hits == before.hits + 1
+    assert model.info["n_cells"] == 200 and all(np.isfinite(v).all() for v in model.loss_history.values())

@@ -82,6 +82,7 @@ class JointFits:
             t = time.perf_counter()
             lab = None if self.labels is None else self.labels[train]
             self.models[key] = fit_joint(self.m[train], self.e[train], self.config, seed=self.seed, labels=lab,
+                                         pad_rows=len(self.m),  # every fold and share: one compile
                                          desc=f"joint fit {self.name}{len(self.models) + 1}")
             self.fit_seconds += time.perf_counter() - t
         return self.models[key]

@@ -14,7 +14,8 @@ from cosmic_jax.train.joint import train_joint
 
 
 def fit_joint(m, e, config: ml_collections.ConfigDict | None = None, workdir: str | None = None,
-              seed: int | None = None, labels=None, desc: str = "joint fit", hooks: tuple = ()) -> JointModel:
+              seed: int | None = None, labels=None, desc: str = "joint fit", hooks: tuple = (),
+              pad_rows: int = 0) -> JointModel:
     """Fit encoders + both conditional flows on paired cells.
 
     Args:
@@ -27,6 +28,7 @@ def fit_joint(m, e, config: ml_collections.ConfigDict | None = None, workdir: st
       labels: optional (N,) cell labels; only used for the label-level retrieval diagnostic in `info`.
       desc: progress-bar label.
       hooks: periodic ``train.loop.Hook`` callbacks.
+      pad_rows: share one compile between fits on subsets of N cells (``train_joint``).
 
     Returns:
       the fitted `JointModel` (``loss_history``: loss, fm_expr, fm_morph, contrastive per logged window).
@@ -38,7 +40,7 @@ def fit_joint(m, e, config: ml_collections.ConfigDict | None = None, workdir: st
     ms = (m - stats["m"]["mean"]) / stats["m"]["std"]
     es = (e - stats["e"]["mean"]) / stats["e"]["std"]
     t0 = time.perf_counter()
-    params, history, info = train_joint(ms, es, cfg, seed, workdir=workdir, desc=desc, hooks=hooks)
+    params, history, info = train_joint(ms, es, cfg, seed, workdir=workdir, desc=desc, hooks=hooks, pad_rows=pad_rows)
     info.update({"n_cells": int(m.shape[0]), "seed": seed, "train_seconds": time.perf_counter() - t0})
     model = JointModel(cfg, params, stats, history, info)
     sub = np.random.default_rng(seed).permutation(len(m))[: min(len(m), 1024)]
