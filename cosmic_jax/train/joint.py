@@ -97,7 +97,7 @@ def train_joint(ms: np.ndarray, es: np.ndarray, cfg: ml_collections.ConfigDict, 
         subsets of one data set (cross-fit folds, the half-size fits of the learning-curve
         extrapolation) then share one compile (~8 s wall each on 2 cores). Padding rows are never
         drawn; the batch draw depends on the padded size, so a padded fit equals an unpadded one
-        in distribution, not bit for bit.
+        in distribution, not necessarily bit for bit.
 
     Returns:
       (params on the host, history {"step": [...], "loss": [...], ...} of the logged windows,
