@@ -238,6 +238,20 @@ def _weighted_cov(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return (w @ (x * y) / n - (w @ x / n) * (w @ y / n)) * n / (n - 1)
 
 
+def _from_replicates(point: float, per_dim: np.ndarray, explained_cov: np.ndarray, target_var: np.ndarray,
+                     aggregate: str, overall_b: np.ndarray, per_b: np.ndarray, ci: float) -> VarianceDecomposition:
+    """A decomposition with its intervals from bootstrap replicates (B,) / (B, D); B = 0: no CI."""
+    d = len(per_dim)
+    if len(overall_b) == 0:
+        return VarianceDecomposition(Estimate(point, np.nan, np.nan), per_dim, np.full((2, d), np.nan),
+                                     explained_cov, target_var, aggregate, np.nan, np.full(d, np.nan),
+                                     np.zeros(0), np.zeros((0, d)))
+    q = [(1 - ci) / 2, 1 - (1 - ci) / 2]
+    return VarianceDecomposition(Estimate(point, *np.quantile(overall_b, q)), per_dim,
+                                 np.quantile(per_b, q, axis=0), explained_cov, target_var, aggregate,
+                                 float(np.var(overall_b, ddof=1)), np.var(per_b, axis=0, ddof=1), overall_b, per_b)
+
+
 def decompose(target: np.ndarray, moments: ConditionalMoments, metric: np.ndarray | None = None,
               resid_sq: np.ndarray | None = None,
               aggregate: Literal["total", "mean_ratio"] = "total",
@@ -297,11 +311,8 @@ def decompose(target: np.ndarray, moments: ConditionalMoments, metric: np.ndarra
     else:
         point = np.sum(explained_cov * g) / (np.sum(t_cov * g) + mean_resid)
 
-    lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
     if n_boot <= 0:
-        return VarianceDecomposition(Estimate(point, np.nan, np.nan), per_dim, np.full((2, d), np.nan),
-                                     explained_cov, target_var, aggregate, np.nan, np.full(d, np.nan),
-                                     np.zeros(0), np.zeros((0, d)))
+        return _from_replicates(point, per_dim, explained_cov, target_var, aggregate, np.zeros(0), np.zeros((0, d)), ci)
     rng = np.random.default_rng(seed)
     w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (B, N) counts
     var_t = _weighted_cov(w, t, t)
@@ -329,18 +340,7 @@ def decompose(target: np.ndarray, moments: ConditionalMoments, metric: np.ndarra
         else:
             num_b = quad_cov(m.mean, m.mean) - np.sum(m.within_cov * g) / s
         overall_b = num_b / (quad_cov(t, t) + resid_b)
-    return VarianceDecomposition(
-        Estimate(point, *np.quantile(overall_b, [lo_q, hi_q])),
-        per_dim,
-        np.quantile(per_b, [lo_q, hi_q], axis=0),
-        explained_cov,
-        target_var,
-        aggregate,
-        float(np.var(overall_b, ddof=1)),
-        np.var(per_b, axis=0, ddof=1),
-        overall_b,
-        per_b,
-    )
+    return _from_replicates(point, per_dim, explained_cov, target_var, aggregate, overall_b, per_b, ci)
 
 
 def extrapolate_to_full_data(full: VarianceDecomposition, part: VarianceDecomposition, fraction: float,
@@ -365,19 +365,9 @@ def extrapolate_to_full_data(full: VarianceDecomposition, part: VarianceDecompos
     def step(a, b):
         return a + w * (a - b)
 
-    per_dim, overall_b, per_b = step(full.per_dim, part.per_dim), step(full.overall_boot, part.overall_boot), \
-        step(full.per_dim_boot, part.per_dim_boot)
-    point = step(full.overall.estimate, part.overall.estimate)
-    lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
-    if len(overall_b) > 1:
-        overall = Estimate(point, *np.quantile(overall_b, [lo_q, hi_q]))
-        per_dim_ci, boot_var, per_var = (np.quantile(per_b, [lo_q, hi_q], axis=0), float(np.var(overall_b, ddof=1)),
-                                         np.var(per_b, axis=0, ddof=1))
-    else:
-        overall, per_dim_ci = Estimate(point, np.nan, np.nan), np.full((2, len(per_dim)), np.nan)
-        boot_var, per_var = np.nan, np.full(len(per_dim), np.nan)
-    return VarianceDecomposition(overall, per_dim, per_dim_ci, step(full.explained_cov, part.explained_cov),
-                                 full.target_var, full.aggregate, boot_var, per_var, overall_b, per_b)
+    return _from_replicates(step(full.overall.estimate, part.overall.estimate), step(full.per_dim, part.per_dim),
+                            step(full.explained_cov, part.explained_cov), full.target_var, full.aggregate,
+                            step(full.overall_boot, part.overall_boot), step(full.per_dim_boot, part.per_dim_boot), ci)
 
 
 def per_readout_explained(explained_cov: np.ndarray, loadings: np.ndarray, readout_var: np.ndarray) -> np.ndarray:
