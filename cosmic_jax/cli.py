@@ -17,7 +17,7 @@ import sys
 
 from cosmic_jax.commands import analyze, embed, fit_joint, pretrain, report
 from cosmic_jax.configs.overrides import ConfigError, load_config
-from cosmic_jax.runtime import reexec_with_hugepage_malloc
+from cosmic_jax.runtime import enable_compilation_cache, reexec_with_hugepage_malloc
 
 _COMMANDS = (pretrain, embed, fit_joint, analyze, report)
 ENTRY_POINT_GROUP = "cosmic.commands"
@@ -55,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             args.cfg = load_config(config_module, args.config, extra)
         elif extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        if argv is None and args.command in _XLA_HEAVY_COMMANDS:
-            reexec_with_hugepage_malloc()  # before jax starts; see cosmic_jax/runtime.py
+        if args.command in _XLA_HEAVY_COMMANDS:
+            enable_compilation_cache()  # before jax is imported; see cosmic_jax/runtime.py
+            if argv is None:
+                reexec_with_hugepage_malloc()
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError, ConfigError) as e:
         # Input errors (and a diverged run's non-finite loss) already name the file/record/key/step

@@ -1,12 +1,15 @@
-"""Test setup: 8 forced host CPU devices before jax is imported, absl flags marked parsed."""
+"""Test setup: 8 forced host CPU devices before jax is imported, absl flags marked parsed, and the
+`cosmic` commands' compilation cache kept out of the user's ~/.cache."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
     + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["COSMIC_XLA_CACHE"] = os.path.join(tempfile.gettempdir(), "cosmic_jax_test_xla_cache")
 
 import pytest  # noqa: E402
 import tifffile  # noqa: E402

@@ -130,3 +130,35 @@ def test_apply_cpu_devices_auto_is_quiet_once_jax_started(monkeypatch):
     assert os.environ.get("XLA_FLAGS") is None
     with pytest.raises(RuntimeError, match="after JAX started"):
         apply_cpu_devices(2, 128)  # asked for explicitly: an error, not silently ignored
+
+
+def test_compilation_cache_folder_opt_out_and_reuse(monkeypatch, tmp_path):
+    from cosmic_jax.runtime import CACHE_ENV, JAX_CACHE_ENV, enable_compilation_cache
+
+    monkeypatch.delenv(JAX_CACHE_ENV, raising=False)
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "")  # restored after the test
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    default = str(tmp_path / "xdg" / "cosmic_jax" / "xla")
+    assert enable_compilation_cache() == default and os.environ[JAX_CACHE_ENV] == default
+    monkeypatch.delenv(JAX_CACHE_ENV)
+    monkeypatch.setenv(CACHE_ENV, "off")
+    assert enable_compilation_cache() is None and JAX_CACHE_ENV not in os.environ
+    monkeypatch.setenv(JAX_CACHE_ENV, "/somewhere/else")  # the user's own JAX setting wins
+    assert enable_compilation_cache() == "/somewhere/else"
+
+    # a fresh process with the cache on writes even a quickly compiled program, a second one reuses it
+    cache = tmp_path / "cache"
+    prog = ("from cosmic_jax.runtime import enable_compilation_cache; enable_compilation_cache()\n"
+            "import jax, jax.numpy as jnp\n"
+            "print(float(jax.jit(lambda x: jnp.tanh(x @ x).sum())(jnp.ones((64, 64)))))")
+    env = {k: v for k, v in os.environ.items()
+           if k not in (JAX_CACHE_ENV, "XLA_FLAGS", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")}
+    env[CACHE_ENV] = str(cache)
+    outs = []
+    for _ in range(2):
+        r = subprocess.run([sys.executable, "-c", prog], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.append((r.stdout, sorted(p.name for p in cache.iterdir())))
+    assert outs[0][1] and outs[0] == outs[1]  # written once, read (not rewritten) the second time
