@@ -1,5 +1,7 @@
-"""Test setup: 8 forced host CPU devices before jax is imported, absl flags marked parsed, and the
-`cosmic` commands' compilation cache kept out of the user's ~/.cache."""
+"""Test setup before jax is imported: 8 forced host CPU devices, one persistent compilation cache in
+a temporary folder for the test process and every `cosmic` command it starts (programs compiled
+by several tests or commands compile once; nothing goes to the user's ~/.cache); absl flags marked
+parsed."""
 
 import os
 import tempfile
@@ -9,7 +11,8 @@ os.environ["XLA_FLAGS"] = (
     + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["COSMIC_XLA_CACHE"] = os.path.join(tempfile.gettempdir(), "cosmic_jax_test_xla_cache")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), "cosmic_jax_test_xla_cache")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import pytest  # noqa: E402
 import tifffile  # noqa: E402

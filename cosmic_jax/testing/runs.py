@@ -14,9 +14,10 @@ import jax
 from cosmic_jax.train.loop import Hook
 from cosmic_jax.train.metrics import read_metrics
 
-# Shared by the in-process runs and their subprocesses (same programs, compiled once); tests/conftest.py
-# points the `cosmic` commands' cache (COSMIC_XLA_CACHE) here too.
-COMPILE_CACHE = os.environ.get("COSMIC_XLA_CACHE") or os.path.join(tempfile.gettempdir(), "cosmic_jax_test_xla_cache")
+# Shared by the in-process runs and their subprocesses (same programs, compiled once); the folder
+# tests/conftest.py sets for the whole test session.
+COMPILE_CACHE = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(tempfile.gettempdir(),
+                                                                            "cosmic_jax_test_xla_cache")
 
 
 def sigkill_hooks(kill_at: int) -> tuple[Hook, ...]:
