@@ -104,7 +104,9 @@ LOWER_BOUND_NOTE = (
     "representation discards cannot be counted, so the expression share explained by morphology is a "
     "lower bound of the image's share (compare MAE alone, measured features alone and both). The "
     "morphology side is the share of the representation's own targets (measured features, or the MAE "
-    "embedding's whitened PCs for 'mae') explained by expression.")
+    "embedding's whitened PCs for 'mae') explained by expression; it too is a lower bound: where the "
+    "expression signal shared with morphology is weak per gene, E[morphology | counts] is learned only "
+    "in part from a few thousand cells (experiments/morph_attainability.py).")
 CI_METHOD = (
     "95% CI from R re-fits of the whole K-fold cross-fit (new fold split and model seeds each), combined "
     "by Rubin's rules: estimate = mean over re-fits; variance = mean bootstrap-over-cells variance "
