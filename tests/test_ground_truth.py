@@ -7,7 +7,7 @@ plus features measured from the crops (the 8 core features, the targets, and the
 `morph_features.PROFILE_NAMES` as extra input). Nothing of the generator's internals (render
 parameters, latents) reaches the analysis; the truth is read only by `cosmic_jax.evaluation`
 afterwards. Both commands run in a subprocess with one CPU device, as a user's run has (the suite
-forces 8 host devices, which halves the speed of the joint fits on this 2-core box). Targets (issue
+forces 8 host devices, under which a one-device joint fit ran ~1.8x slower on this 2-core box). Targets (issue
 11, item 2): overall within 0.03 of the truth in both directions, per-gene Spearman >= 0.95, >= 80 %
 of genes within 0.05, at expression truths spanning 0.1-0.7.
 
