@@ -82,7 +82,10 @@ def compare(summary: dict, out_dir: str, truth: dict) -> dict:
 
 def coverage_summary(results: list[tuple[dict, dict]]) -> dict:
     """Calibration over many datasets from ``(summary, truth comparison)`` pairs: per headline
-    quantity the CI coverage, the bootstrap-only coverage, mean error, RMSE and mean CI width."""
+    quantity the CI coverage, the bootstrap-only coverage, the coverage of estimate +- 1.96 x the
+    total standard error (what the CI would be with a normal instead of Rubin's t reference: with
+    few re-fits the t degrees of freedom, not the variance, set much of the CI's width), mean
+    error, RMSE, mean CI width and the median t degrees of freedom."""
     out: dict[str, Any] = {"n_datasets": len(results)}
     for k in HEADLINE:
         ok = [(s[k], c) for s, c in results if s.get(k) and f"{k}_error" in c]
@@ -92,6 +95,10 @@ def coverage_summary(results: list[tuple[dict, dict]]) -> dict:
         out[k] = {"coverage": float(np.mean([c[f"{k}_ci_covers"] for _, c in ok])),
                   "bootstrap_only_coverage": float(np.mean([c.get(f"{k}_bootstrap_only_ci_covers", np.nan)
                                                             for _, c in ok])),
+                  "normal_reference_coverage": float(np.mean([
+                      abs(c[f"{k}_error"]) <= Z95 * np.sqrt(e["total_var"]) if "total_var" in e else np.nan
+                      for e, c in ok])),
                   "mean_error": float(err.mean()), "rmse": float(np.sqrt(np.mean(err**2))),
-                  "mean_ci_width": float(np.mean([e["ci_high"] - e["ci_low"] for e, _ in ok]))}
+                  "mean_ci_width": float(np.mean([e["ci_high"] - e["ci_low"] for e, _ in ok])),
+                  "median_df": float(np.median([e.get("df", np.inf) for e, _ in ok]))}
     return out
