@@ -249,6 +249,9 @@ def test_manifest_with_missing_shard(single, tmp_path):
         records.CropSource(str(tmp_path))
     with pytest.raises(records.RecordError, match="no manifest"):
         records.CropSource(str(tmp_path / "sub")) if os.makedirs(tmp_path / "sub") is None else None
+    os.symlink(single[0], tmp_path / "sub" / "crops")  # a paired dataset's folder: the error names its crops
+    with pytest.raises(records.RecordError, match=f"crop dataset is {tmp_path / 'sub' / 'crops'}: pass that"):
+        records.CropSource(str(tmp_path / "sub"))
 
 
 @pytest.mark.parametrize("storage", ["uint16", "uint8", "float32", "int"])

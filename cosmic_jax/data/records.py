@@ -295,6 +295,9 @@ def read_manifests(data_dir: str) -> list[dict[str, Any]]:
     if not paths:
         if not os.path.isdir(data_dir):
             raise FileNotFoundError(f"crop dataset directory not found: {data_dir}")
+        inner = os.path.join(data_dir, "crops")
+        if glob.glob(os.path.join(inner, MANIFEST_GLOB)):  # the folder of `cosmic data synthetic|paired`
+            raise RecordError(f"{data_dir}: no {MANIFEST_GLOB} here; its crop dataset is {inner}: pass that")
         raise RecordError(f"{data_dir}: no {MANIFEST_GLOB} found; is this a cosmic crop dataset?")
     out = []
     for p in paths:
