@@ -17,7 +17,7 @@ step, keeps every core busy: vit_s8_64 on 2 cores went from ~42 to ~46 img/s (no
 Compilation cache: every `cosmic` run compiles the same programs again (the MAE step, the
 embedder, the joint fit and its ODE solves for data of one shape); JAX's persistent cache keeps
 them on disk, which saves ~15 s of a 100 s `cosmic analyze --quick` on 3,000 cells when run again
-(BUILD_NOTES, "Test suite time").
+(BUILD_NOTES, status of sessions 7-8).
 """
 
 from __future__ import annotations
