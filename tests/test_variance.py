@@ -158,6 +158,18 @@ def test_combine_repeats_is_rubins_rule():
         V.combine_repeats(q, u[:2])
 
 
+def test_combined_interval_stays_inside_zero_one():
+    """Two re-fits far apart give a wide t interval; a fraction's interval ends at 0 and 1, unbounded
+    quantities keep theirs."""
+    q, u = np.array([[0.90, 0.05], [0.99, 0.12]]), np.full((2, 2), 1e-4)
+    c = V.combine_repeats(q, u)
+    raw = V.combine_repeats(q, u, bounds=None)
+    assert raw["ci_high"][0] > 1.0 and raw["ci_low"][1] < 0.0
+    assert c["ci_high"][0] == 1.0 and c["ci_low"][1] == 0.0
+    np.testing.assert_allclose([c["ci_low"][0], c["ci_high"][1]], [raw["ci_low"][0], raw["ci_high"][1]])
+    np.testing.assert_allclose(c["estimate"], raw["estimate"])
+
+
 def _refit_noisy_fit_fn(toy, sd: float, seed: int):
     """fit_fn_for(r): every fold fit draws its own shrinkage a ~ N(1, sd) of the exact conditional
     mean, as a flexible model fitted from a random start does (the cov estimator reads a x truth)."""

@@ -247,8 +247,9 @@ def _from_replicates(point: float, per_dim: np.ndarray, explained_cov: np.ndarra
                                      explained_cov, target_var, aggregate, np.nan, np.full(d, np.nan),
                                      np.zeros(0), np.zeros((0, d)))
     q = [(1 - ci) / 2, 1 - (1 - ci) / 2]
-    return VarianceDecomposition(Estimate(point, *np.quantile(overall_b, q)), per_dim,
-                                 np.quantile(per_b, q, axis=0), explained_cov, target_var, aggregate,
+    # the percentile interval of a fraction, clipped to the [0, 1] a fraction can take (as combine_repeats)
+    return VarianceDecomposition(Estimate(point, *np.clip(np.quantile(overall_b, q), 0.0, 1.0)), per_dim,
+                                 np.clip(np.quantile(per_b, q, axis=0), 0.0, 1.0), explained_cov, target_var, aggregate,
                                  float(np.var(overall_b, ddof=1)), np.var(per_b, axis=0, ddof=1), overall_b, per_b)
 
 
@@ -422,7 +423,8 @@ class RefitEstimate(Estimate):
         return out
 
 
-def combine_repeats(estimates: np.ndarray, boot_vars: np.ndarray, ci: float = 0.95) -> dict[str, np.ndarray]:
+def combine_repeats(estimates: np.ndarray, boot_vars: np.ndarray, ci: float = 0.95,
+                    bounds: tuple[float, float] | None = (0.0, 1.0)) -> dict[str, np.ndarray]:
     """Rubin's rules over R repeats of a cross-fitted estimate (elementwise over trailing dims).
 
     Each repeat r re-fits every fold model (new fold split, new model seed) and gives an estimate
@@ -434,12 +436,15 @@ def combine_repeats(estimates: np.ndarray, boot_vars: np.ndarray, ci: float = 0.
       estimate = mean(q_r),  T = W + (1 + 1/R) B,
       CI = estimate +- t_{df} sqrt(T),  df = (R - 1) (1 + W / ((1 + 1/R) B))^2,
 
-    the t reference widening the interval when B, estimated from few repeats, dominates.
+    the t reference widening the interval when B, estimated from few repeats, dominates. A fraction
+    of variance lies in [0, 1]: the estimate and both ends are clipped to ``bounds``, which keeps
+    the coverage (the truth is inside them) and only removes values no fraction can take.
 
     Args:
       estimates: (R, ...) per-repeat estimates.
       boot_vars: (R, ...) per-repeat bootstrap variances.
       ci: confidence level.
+      bounds: (low, high) the quantity can take; None: unbounded.
     Returns:
       dict of arrays (shape ...): estimate, ci_low, ci_high, within_var, between_var, total_var, df.
     """
@@ -456,7 +461,10 @@ def combine_repeats(estimates: np.ndarray, boot_vars: np.ndarray, ci: float = 0.
     with np.errstate(divide="ignore", invalid="ignore"):
         df = np.where(inflated > 0, (r - 1) * (1.0 + within / np.where(inflated > 0, inflated, 1.0)) ** 2, np.inf)
     half = stats.t.ppf(0.5 + ci / 2, df) * np.sqrt(total)
-    return {"estimate": point, "ci_low": point - half, "ci_high": point + half, "within_var": within,
+    low, high = point - half, point + half
+    if bounds is not None:
+        point, low, high = (np.clip(v, *bounds) for v in (point, low, high))
+    return {"estimate": point, "ci_low": low, "ci_high": high, "within_var": within,
             "between_var": between, "total_var": total, "df": df}
 
 
