@@ -22,12 +22,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	XLA_FLAGS= $(BIN)/python experiments/demo.py --out demo_out
 
-## test: the whole CPU suite (8 forced host devices for the sharding tests)
+## test: the whole CPU suite (8 forced host devices for the sharding tests), one test file at a time
+## in each of TEST_WORKERS processes (pytest-xdist; TEST_WORKERS=0 runs it in this process)
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=15 tests
+	$(BIN)/python -m pytest -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile tests
 
 ## clean: the demo's and benchmarks' outputs (the venv stays; `make distclean` removes it too)
 clean:
