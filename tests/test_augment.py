@@ -105,6 +105,28 @@ def test_train_step_augments_with_the_step_key():
     assert float(m["loss"]) != float(raw["loss"])
 
 
+def test_train_step_decodes_stored_crops_on_the_device():
+    """A batch as stored (uint16 + per-crop scale / offset) trains like its float32 values."""
+    from cosmic_jax.configs import mae as mae_configs
+    from cosmic_jax.configs import optim as optim_configs
+    from cosmic_jax.models.mae import model_config
+    from cosmic_jax.train.optim import resolve
+
+    mc = mae_configs.get_config("vit_test")
+    mc.update(depth=1, image_size=16)
+    state = create_train_state(model_config(mc), resolve(optim_configs.get_config(lr=1e-3), 10), jax.random.key(0))
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 65535, (4, 16, 16, 1)).astype(np.uint16)
+    scale, offset = rng.uniform(1e-5, 2e-5, (4, 1)).astype(np.float32), rng.uniform(0, 0.1, (4, 1)).astype(np.float32)
+    step = jax.jit(train_step)
+    _, stored = step(state, {"pixels": pixels, "scale": scale, "offset": offset}, jax.random.key(1))
+    _, values = step(state, {"image": pixels * scale[:, None, None] + offset[:, None, None]}, jax.random.key(1))
+    assert float(stored["loss"]) == pytest.approx(float(values["loss"]), rel=1e-5)
+    assert float(stored["loss"]) != pytest.approx(float(step(state, {"pixels": pixels}, jax.random.key(1))[1]["loss"]))
+    with pytest.raises(KeyError, match="neither 'image' nor 'pixels'"):
+        step(state, {"index": np.arange(4)}, jax.random.key(1))
+
+
 def test_non_square_crops_refused_for_rot90():
     with pytest.raises(ValueError, match=r"rot90 augmentation needs square crops, got shape \(4, 6, 1\)"):
         augment_batch(jnp.zeros((2, 4, 6, 1)), jax.random.key(0), AugmentConfig())

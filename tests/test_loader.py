@@ -1,9 +1,11 @@
 """The grain input pipeline: order, epochs, sharding, resume, workers, errors."""
 
+import jax
 import numpy as np
 import pytest
 
 from cosmic_jax.data import records
+from cosmic_jax.data.device_decode import batch_images
 from cosmic_jax.data.loader import LoaderConfig, make_eval_iterator, make_train_iterator
 from cosmic_jax.data.records import CropSource, RecordError
 
@@ -257,3 +259,23 @@ def test_worker_transfers_split_into_the_in_process_batches(crops, raw, transfer
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_device_decode_hands_over_the_stored_crops(crops, workers):
+    # No process converts: the batches hold the stored integer pixels with their per-crop scale
+    # and offset, the same crops in the same order as the float32 stream; the train step's
+    # conversion on the device gives the host's values up to one float32 rounding.
+    ref = take(make_train_iterator(crops, cfg(), 0, 1), 9)
+    it = make_train_iterator(crops, cfg(worker_count=workers, device_decode=True), 0, 1)
+    try:
+        got = take(it, 9)
+    finally:
+        it.close()
+    for b, r in zip(got, ref):
+        assert set(b) == {"pixels", "scale", "offset", "index"} and b["pixels"].dtype == np.uint16
+        assert b["scale"].shape == b["offset"].shape == (16, SHAPE[-1])
+        np.testing.assert_array_equal(b["index"], r["index"])
+        np.testing.assert_array_equal(records.to_values(b["pixels"], b["scale"], b["offset"]), r["image"])
+        on_device = np.asarray(jax.jit(batch_images)({k: b[k] for k in ("pixels", "scale", "offset")}))
+        np.testing.assert_allclose(on_device, r["image"], rtol=0, atol=2 * np.finfo(np.float32).eps)

@@ -54,6 +54,9 @@ def loader_config(global_batch: int = 128) -> ml_collections.ConfigDict:
     c.read_threads = 2
     c.drop_remainder = True
     c.augment = augment_config()
+    # crops reach the train step as stored (uint8/uint16 + per-crop scale/offset) and become float32
+    # on the device: a third less host CPU per crop, half the bytes to the accelerator
+    c.device_decode = True
     return c
 
 

@@ -12,6 +12,11 @@ every batch is a pure function of its number ``k`` and whole batches are read at
          integer pixels plus per-crop scale/offset and the receiving process converts them
          to float32 (bit-identical to an in-process read)
 
+With ``device_decode`` (what ``cosmic pretrain`` uses) no process converts: batches hold the
+crops as stored, ``{"pixels": uint8/uint16 (b, H, W, C), "scale", "offset": float32 (b, C),
+"index"}``, and the train step makes the float32 images on the device
+(``cosmic_jax.data.device_decode``).
+
 Strided positions mean that process i's k-th batch holds global positions
 ``[k * B, (k + 1) * B)`` with ``p = i (mod P)``: the union over processes of step k is exactly
 the single-process global batch k, and each process sees a disjoint 1/P of every epoch.
@@ -67,6 +72,9 @@ class LoaderConfig:
         every step must see the same batch shape).
       augment: random augmentations of training crops, applied on the device by the train
         step (the loader itself returns crops as stored).
+      device_decode: batches hold the crops as stored (``"pixels"``, ``"scale"``, ``"offset"``)
+        for the train step to convert on the device, instead of float32 ``"image"`` (crops
+        without one common integer codec still come as ``"image"``).
     """
 
     global_batch: int = 128
@@ -80,6 +88,7 @@ class LoaderConfig:
     read_threads: int = 2
     drop_remainder: bool = True
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
+    device_decode: bool = False
 
 
 def open_source(data_dir_or_source: Any):
@@ -106,7 +115,10 @@ def _ensure_absl_flags_parsed() -> None:
 
 
 class _Batches:
-    """Batch number k -> batch k: ``records(k)`` picks the crops, ``extras(rec)`` adds fields."""
+    """Batch number k -> batch k: ``records(k)`` picks the crops, ``extras(rec)`` adds fields;
+    ``stored``: the crops as stored (``LoaderConfig.device_decode``) instead of float32."""
+
+    stored = False
 
     def records(self, k: int) -> np.ndarray:
         raise NotImplementedError
@@ -114,9 +126,14 @@ class _Batches:
     def extras(self, rec: np.ndarray) -> dict[str, np.ndarray]:
         return {}
 
+    def crops(self, rec: np.ndarray) -> dict[str, np.ndarray]:
+        """The crops as stored, else (or where they share no integer codec) float32 ``"image"``."""
+        stored = self.source.read_stored(rec) if self.stored else None
+        return stored if stored is not None else {"image": self.source.read_images(rec)}
+
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         rec = self.records(int(k))
-        return {"image": self.source.read_images(rec), "index": rec, **self.extras(rec)}
+        return {**self.crops(rec), "index": rec, **self.extras(rec)}
 
 
 class _Transfers:
@@ -147,12 +164,13 @@ class _Transfers:
         return {**crops, "index": rec, **self.batches.extras(rec), "sizes": sizes}
 
 
-def _unpack_transfer(unit: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+def _unpack_transfer(unit: dict[str, np.ndarray], convert: bool = True) -> list[dict[str, np.ndarray]]:
     """A :class:`_Transfers` element -> its batches, with float32 ``"image"`` exactly as an
-    in-process read gives (one ``to_values`` conversion for all of them)."""
+    in-process read gives (one ``to_values`` conversion for all of them); ``convert=False``
+    keeps the stored pixels (``device_decode``)."""
     unit = dict(unit)
     cuts = np.cumsum(unit.pop("sizes"))[:-1]
-    if "pixels" in unit:
+    if convert and "pixels" in unit:
         unit = {"image": to_values(unit.pop("pixels"), unit.pop("scale", None), unit.pop("offset", None)), **unit}
     parts = {key: np.split(value, cuts) for key, value in unit.items()}
     return [{key: parts[key][i] for key in unit} for i in range(len(cuts) + 1)]
@@ -330,7 +348,8 @@ def _batch_iterator_class():
                 if self._inner is None:
                     self._build()
                 element = next(self._inner)
-                self._pending.extend([element] if self._workers == 0 else _unpack_transfer(element))
+                self._pending.extend([element] if self._workers == 0
+                                     else _unpack_transfer(element, convert=not self._read.stored))
             batch = self._pending.popleft()
             self._next_batch += 1
             return batch
@@ -395,7 +414,8 @@ def make_train_iterator(
     Returns:
       A grain ``DatasetIterator`` (``get_state()``/``set_state()`` with a small JSON state;
       ``close()`` to stop worker processes) yielding
-      ``{"image": float32 (b, H, W, C), "index": int64 (b,)}`` with
+      ``{"image": float32 (b, H, W, C), "index": int64 (b,)}`` (with ``cfg.device_decode`` the
+      stored ``"pixels"``, ``"scale"``, ``"offset"`` instead of ``"image"``) with
       ``b = cfg.global_batch // process_count``. It ends after ``cfg.num_epochs`` epochs
       (never when None).
     """
@@ -430,6 +450,7 @@ def make_train_iterator(
         total = cfg.num_epochs * n
         num_batches = -(-len(range(pi, total, pc)) // (B // pc))
     read = _TrainBatches(source, B, pi, pc, cfg.seed, cfg.shuffle, total)
+    read.stored = bool(getattr(cfg, "device_decode", False))  # configs saved before it existed lack it
     identity = {"num_records": n, "global_batch": B, "seed": int(cfg.seed), "shuffle": bool(cfg.shuffle),
                 "stream_version": STREAM_VERSION}
     cls = _batch_iterator_class()

@@ -20,6 +20,7 @@ import ml_collections
 import optax
 
 from cosmic_jax.data.augment import augment_batch
+from cosmic_jax.data.device_decode import batch_images
 from cosmic_jax.models.mae import MAE, MAEConfig
 from cosmic_jax.train.optim import make_schedule
 from cosmic_jax.train.sharding import strided_chunks
@@ -109,7 +110,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, a
 
     Args:
       state: TrainState.
-      batch: {"image": (B, H, W, C) float32}; other keys are ignored.
+      batch: {"image": (B, H, W, C) float32}, or the crops as stored (``"pixels"`` with
+        ``"scale"``/``"offset"``: ``LoaderConfig.device_decode``), converted here; other keys are ignored.
       rng: base PRNG key (the step number is folded in here).
       augment: augmentation settings (``configs.pretrain.augment_config`` or
         ``data.augment.AugmentConfig``): the batch is augmented on the device first, with
@@ -120,10 +122,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array, a
       (new_state, metrics) with metrics {"loss", "grad_norm", "lr"} float32 scalars; lr is the
       learning rate used for this update (under accumulation: of the pending update).
     """
-    if "image" not in batch:
-        raise KeyError(f"batch has no 'image' key (keys: {sorted(batch)})")
+    images = batch_images(batch)
     step_rng = jax.random.fold_in(rng, state.step)
-    images = batch["image"]
     if augment is not None:
         images = augment_batch(images, augment_key(rng, state.step), augment)
     loss, grads = _loss_and_grads(state.params, state.model_cfg, images, step_rng,

@@ -22,7 +22,7 @@ import numpy as np
 from cosmic_jax.configs import overrides as cfg_io
 from cosmic_jax.configs import pretrain as pretrain_configs
 from cosmic_jax.data.loader import make_train_iterator
-from cosmic_jax.data.records import CropSource
+from cosmic_jax.data.records import CropSource, to_values
 from cosmic_jax.models.mae import MAE, model_config, param_logical_specs
 from cosmic_jax.train import optim
 from cosmic_jax.train import sharding as shd
@@ -34,11 +34,12 @@ from cosmic_jax.train.probe import load_probe_set, probe_scores
 
 log = logging.getLogger(__name__)
 
-# Keys a resumed run may change: how long, how often to log/save/probe, on which devices.
+# Keys a resumed run may change: how long, how often to log/save/probe, on which devices, where crops
+# become float32 (host or device: the same values up to one float32 rounding).
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_ckpts", "async_ckpt", "recon_every",
                      "recon_images", "probe_every", "probe_at_start", "probe_data", "probe_label",
                      "probe_max", "log_batch_indices", "progress", "optim.microbatch", "loader.worker_count",
-                     "loader.worker_buffer_size", "loader.worker_transfer_mb", "loader.prefetch",
+                     "loader.worker_buffer_size", "loader.worker_transfer_mb", "loader.prefetch", "loader.device_decode",
                      "loader.read_threads", "mesh.", "distributed.")
 
 
@@ -162,7 +163,8 @@ class _BatchIndexLog:
 
 def describe_bad_records(batch) -> str:
     """The records of a host batch whose pixels are not finite (for the NaN error), else its range."""
-    images = np.asarray(batch["image"])
+    images = (np.asarray(batch["image"]) if "image" in batch else
+              to_values(*(np.asarray(batch[k]) if k in batch else None for k in ("pixels", "scale", "offset"))))
     index = np.asarray(batch.get("index", np.arange(len(images))))
     bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))
     if bad.size:
