@@ -2,10 +2,13 @@
 
 Loader mode (default): writes a synthetic crop dataset (default 8192 nucleus-like 64x64x1
 float crops in [0, 1] with a zero background, stored by the checkout's ``records.write_shards``
-defaults), then for each worker count times ``--batches`` batches of ``--batch`` after
-``--warmup`` batches on a fresh iterator, ``--reps`` times, and reports crops per second (wall)
-and crops per CPU-second of the reading processes (this process plus its grain workers) and of
-this process alone, median and spread, and the bytes per crop on disk.
+defaults), then for each worker count and decode place times ``--batches`` batches of ``--batch``
+after ``--warmup`` batches on a fresh iterator, ``--reps`` times (the settings alternating within
+each rep), and reports crops per second (wall) and crops per CPU-second of the reading processes
+(this process plus its grain workers) and of this process alone, median and spread, and the bytes
+per crop on disk. ``--decode device`` (the key ``workers=N``) is what ``cosmic pretrain`` uses:
+batches as stored, made float32 in the train step; ``host`` (``workers=N,host_decode``): float32
+made by the reading processes.
 
     .venv/bin/python experiments/bench_loader.py --workers 0 --json out.json
     .venv/bin/python experiments/bench_loader.py --workers 0 2 --reps 5
@@ -67,12 +70,15 @@ def cpu_seconds(proc: psutil.Process) -> float:
 
 
 def time_pipeline(data_dir: str, workers: int, batch: int, batches: int, warmup: int, threads: int,
-                  seed: int) -> tuple[float, float, float]:
+                  seed: int, device_decode: bool = False) -> tuple[float, float, float]:
     """(wall-clock crops/s, crops per CPU-second of the reading processes, crops per CPU-second
     of this process alone) over ``batches`` batches after ``warmup`` batches on a fresh iterator."""
     from cosmic_jax.data.loader import LoaderConfig, make_train_iterator
 
+    # setattr: checkouts from before device_decode existed are timed with the same script
     cfg = LoaderConfig(global_batch=batch, seed=seed, worker_count=workers, read_threads=threads)
+    if device_decode:
+        cfg.device_decode = True
     it = make_train_iterator(data_dir, cfg, process_index=0, process_count=1)
     proc = psutil.Process()
     try:
@@ -81,7 +87,7 @@ def time_pipeline(data_dir: str, workers: int, batch: int, batches: int, warmup:
         t0, c0, m0 = time.perf_counter(), cpu_seconds(proc), time.process_time()
         n = 0
         for _ in range(batches):
-            n += next(it)["image"].shape[0]
+            n += len(next(it)["index"])
         main = n / max(time.process_time() - m0, 1e-9)
         return n / (time.perf_counter() - t0), n / max(cpu_seconds(proc) - c0, 1e-9), main
     finally:
@@ -168,16 +174,21 @@ def run_on_dataset(args, results: dict, tmp: str) -> None:
         print(f"{res['config']} batch {args.batch}: {c['median']:.3f} CPU-s/step (min {c['min']:.3f}, "
               f"max {c['max']:.3f}); wall {w['median']:.3f} s/step over {res['steps_timed']} steps")
         return
-    for w in args.workers:
-        runs = [time_pipeline(data_dir, w, args.batch, args.batches, args.warmup, args.threads, seed=r)
-                for r in range(args.reps)]
-        rates, cpu, main = [r[0] for r in runs], [r[1] for r in runs], [r[2] for r in runs]
-        res = results[f"workers={w}"] = {
+    settings = [(w, d) for w in args.workers for d in args.decode]
+    runs: dict = {s: [] for s in settings}
+    for r in range(args.reps):
+        for w, d in (settings if r % 2 == 0 else settings[::-1]):
+            runs[w, d].append(time_pipeline(data_dir, w, args.batch, args.batches, args.warmup, args.threads,
+                                            seed=r, device_decode=d == "device"))
+    for (w, d), got in runs.items():
+        rates, cpu, main = [r[0] for r in got], [r[1] for r in got], [r[2] for r in got]
+        key = f"workers={w}" + (",host_decode" if d == "host" else "")
+        res = results[key] = {
             "median": float(np.median(rates)), "min": min(rates), "max": max(rates), "reps": rates,
             "per_cpu_second": float(np.median(cpu)), "per_cpu_second_min": min(cpu),
             "per_cpu_second_max": max(cpu), "per_cpu_second_reps": cpu,
             "main_per_cpu_second": float(np.median(main)), "main_per_cpu_second_reps": main}
-        print(f"workers={w}: median {res['median']:,.0f} crops/s (min {min(rates):,.0f}, max {max(rates):,.0f}); "
+        print(f"{key}: median {res['median']:,.0f} crops/s (min {min(rates):,.0f}, max {max(rates):,.0f}); "
               f"{res['per_cpu_second']:,.0f} crops per CPU-second (min {min(cpu):,.0f}, max {max(cpu):,.0f}), "
               f"main process alone {res['main_per_cpu_second']:,.0f}; {args.reps} reps")
 
@@ -195,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="read threads per reading process")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    p.add_argument("--decode", nargs="+", choices=("device", "host"), default=["device", "host"],
+                   help="where crops become float32: in the train step (cosmic pretrain) or the reading processes")
     p.add_argument("--train-steps", type=int, default=0, help="> 0: time train steps instead of the loader")
     p.add_argument("--train-config", default="vit_t8_64")
     p.add_argument("--step-reps", type=int, default=0,

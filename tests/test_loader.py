@@ -6,7 +6,7 @@ import pytest
 
 from cosmic_jax.data import records
 from cosmic_jax.data.device_decode import batch_images
-from cosmic_jax.data.loader import LoaderConfig, make_eval_iterator, make_train_iterator
+from cosmic_jax.data.loader import LoaderConfig, make_eval_iterator, make_train_iterator, train_batch_spec
 from cosmic_jax.data.records import CropSource, RecordError
 
 N = 100  # not a multiple of the batch sizes below, so batches span epoch boundaries
@@ -272,6 +272,11 @@ def test_device_decode_hands_over_the_stored_crops(crops, workers):
         got = take(it, 9)
     finally:
         it.close()
+    def spec(batch):
+        return {k: (v.shape[1:], v.dtype) for k, v in batch.items()}
+
+    assert spec(ref[0]) == train_batch_spec(crops, cfg())  # what the train step is compiled for
+    assert spec(got[0]) == train_batch_spec(crops, cfg(device_decode=True))
     for b, r in zip(got, ref):
         assert set(b) == {"pixels", "scale", "offset", "index"} and b["pixels"].dtype == np.uint16
         assert b["scale"].shape == b["offset"].shape == (16, SHAPE[-1])

@@ -51,7 +51,7 @@ def _reference(data_dir):
     losses = {}
     for s in range(1, STEPS + 1):
         parts = [next(it) for it in its]
-        batch = {k: np.concatenate([p[k] for p in parts]) for k in ("image", "index")}
+        batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # crops as stored: device_decode
         state, m = step(state, shd.shard_batch(batch, mesh), train_rng)
         losses[s] = float(m["loss"])
     return losses, jax.device_get(state.params)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cosmic_jax.data import records
+from cosmic_jax.data.loader import LoaderConfig, make_train_iterator, train_batch_spec
 from data_builders import nuclei
 
 
@@ -294,3 +295,9 @@ def test_read_stored_declines_crops_stored_differently(tmp_path):
     assert src.read_stored([1, 7]) is None  # one crop per job: no common codec
     assert set(src.read_stored([1, 2])) == {"pixels", "scale", "offset"}
     assert src.stored_bytes_per_crop() == 8 + 16 * 2  # the uint16 job's records are the larger
+    # so the loader hands every batch over as float32 images, device_decode or not (one step shape)
+    assert src.codec is None
+    cfg = LoaderConfig(global_batch=4, device_decode=True)
+    assert set(train_batch_spec(src, cfg)) == {"image", "index"}
+    batch = next(make_train_iterator(src, cfg, 0, 1))
+    assert set(batch) == {"image", "index"} and batch["image"].dtype == np.float32

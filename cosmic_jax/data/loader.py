@@ -450,7 +450,7 @@ def make_train_iterator(
         total = cfg.num_epochs * n
         num_batches = -(-len(range(pi, total, pc)) // (B // pc))
     read = _TrainBatches(source, B, pi, pc, cfg.seed, cfg.shuffle, total)
-    read.stored = bool(getattr(cfg, "device_decode", False))  # configs saved before it existed lack it
+    read.stored = _hands_over_stored(source, cfg)
     identity = {"num_records": n, "global_batch": B, "seed": int(cfg.seed), "shuffle": bool(cfg.shuffle),
                 "stream_version": STREAM_VERSION}
     cls = _batch_iterator_class()
@@ -458,6 +458,26 @@ def make_train_iterator(
     per = _transfer_batches(source, B // pc, getattr(cfg, "worker_transfer_mb", LoaderConfig.worker_transfer_mb))
     return cls(read, num_batches, _read_options(cfg.read_threads, cfg.prefetch), cfg.worker_count,
                cfg.worker_buffer_size, per, identity)
+
+
+def _hands_over_stored(source: CropSource, cfg) -> bool:
+    # getattr: configs saved before device_decode existed lack it; every batch must have one
+    # structure (one compiled step), so only where all crops share one codec
+    return bool(getattr(cfg, "device_decode", False)) and source.codec is not None
+
+
+def train_batch_spec(data_dir_or_source: Any, cfg: LoaderConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """What each training batch of ``make_train_iterator(data_dir_or_source, cfg)`` holds, per crop:
+    ``{name: (shape after the batch axis, dtype)}`` (to compile the train step ahead of time)."""
+    source, _ = open_source(data_dir_or_source)
+    spec = {"index": ((), np.dtype(np.int64))}
+    codec = source.codec
+    if not _hands_over_stored(source, cfg):
+        return {"image": (tuple(source.image_shape), np.dtype(np.float32)), **spec}
+    channels = (codec.shape[-1],)
+    quantised = {"scale": (channels, np.dtype(np.float32)), "offset": (channels, np.dtype(np.float32))}
+    return {"pixels": (codec.shape, np.dtype(codec.stored).newbyteorder("=")),
+            **(quantised if codec.quantized else {}), **spec}
 
 
 def make_eval_iterator(

@@ -416,6 +416,13 @@ class CropSource:
             readers[shard] = r
         return r
 
+    @property
+    def codec(self) -> PixelCodec | None:
+        """The pixel codec of every non-empty shard; None where jobs stored crops differently (or
+        in format 1), so ``read_stored`` may return None."""
+        codecs = {s.codec for s in self._shards if s.num_records}
+        return codecs.pop() if len(codecs) == 1 else None
+
     def stored_bytes_per_crop(self) -> int:
         """Uncompressed bytes of one crop as ``read_stored`` returns it (float32 where it falls
         back to ``read_images``); the largest over the dataset's jobs."""

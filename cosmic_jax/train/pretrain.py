@@ -21,7 +21,7 @@ import numpy as np
 
 from cosmic_jax.configs import overrides as cfg_io
 from cosmic_jax.configs import pretrain as pretrain_configs
-from cosmic_jax.data.loader import make_train_iterator
+from cosmic_jax.data.loader import make_train_iterator, train_batch_spec
 from cosmic_jax.data.records import CropSource, to_values
 from cosmic_jax.models.mae import MAE, model_config, param_logical_specs
 from cosmic_jax.train import optim
@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 RESUMABLE_CHANGES = ("steps", "log_every", "ckpt_every", "keep_ckpts", "async_ckpt", "recon_every",
                      "recon_images", "probe_every", "probe_at_start", "probe_data", "probe_label",
                      "probe_max", "log_batch_indices", "progress", "optim.microbatch", "loader.worker_count",
-                     "loader.worker_buffer_size", "loader.worker_transfer_mb", "loader.prefetch", "loader.device_decode",
-                     "loader.read_threads", "mesh.", "distributed.")
+                     "loader.worker_buffer_size", "loader.worker_transfer_mb", "loader.prefetch",
+                     "loader.device_decode", "loader.read_threads", "mesh.", "distributed.")
 
 
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
@@ -244,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, data_dir: str, workdir
     step_fn = shd.jit_step(functools.partial(train_step, augment=cfg_io.frozen(config.loader.augment)), mesh,
                            shardings)
     if jax.process_count() > 1:
-        step_fn = _compile_in_lockstep(step_fn, state, mesh, gb, want, train_rng)
+        step_fn = _compile_in_lockstep(step_fn, state, mesh, gb, train_batch_spec(data_dir, config.loader), train_rng)
     try:
         state = train_loop(
             state, step_fn, data_iter, num_steps=config.steps, rng=train_rng,
@@ -261,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, data_dir: str, workdir
     return {"step": int(jax.device_get(state.step)), "start_step": start, "state": state, "mesh": mesh}
 
 
-def _compile_in_lockstep(step_fn, state, mesh, global_batch: int, image_shape, rng):
+def _compile_in_lockstep(step_fn, state, mesh, global_batch: int, batch_spec, rng):
     """Compile the step ahead of time, then wait for every process before the first collective.
 
     CPU (gloo) collectives give up after 30 s if a peer is still compiling; a barrier on the
@@ -270,10 +270,8 @@ def _compile_in_lockstep(step_fn, state, mesh, global_batch: int, image_shape, r
     from jax._src import distributed  # the client's barrier has no public API
 
     bs = shd.batch_sharding(mesh)
-    batch = {
-        "image": jax.ShapeDtypeStruct((global_batch, *image_shape), np.float32, sharding=bs),
-        "index": jax.ShapeDtypeStruct((global_batch,), jax.dtypes.canonicalize_dtype(np.int64), sharding=bs),
-    }
+    batch = {k: jax.ShapeDtypeStruct((global_batch, *shape), jax.dtypes.canonicalize_dtype(dtype), sharding=bs)
+             for k, (shape, dtype) in batch_spec.items()}
     compiled = step_fn.lower(state, batch, rng).compile()
     client = distributed.global_state.client
     if client is not None:
