@@ -284,3 +284,11 @@ def test_device_decode_hands_over_the_stored_crops(crops, workers):
         np.testing.assert_array_equal(records.to_values(b["pixels"], b["scale"], b["offset"]), r["image"])
         on_device = np.asarray(jax.jit(batch_images)({k: b[k] for k in ("pixels", "scale", "offset")}))
         np.testing.assert_allclose(on_device, r["image"], rtol=0, atol=2 * np.finfo(np.float32).eps)
+
+
+def test_device_decode_keeps_float32_for_crops_stored_as_float32(tmp_path):
+    recs = (records.encode_record(np.full((4, 4, 1), i, np.float32), f"c{i}") for i in range(8))
+    records.write_shards(recs, str(tmp_path), float_storage="float32")
+    spec = train_batch_spec(str(tmp_path), cfg(global_batch=4, device_decode=True))
+    batch = next(make_train_iterator(str(tmp_path), cfg(global_batch=4, device_decode=True), 0, 1))
+    assert set(spec) == set(batch) == {"image", "index"} and batch["image"].dtype == np.float32

@@ -74,7 +74,7 @@ class LoaderConfig:
         step (the loader itself returns crops as stored).
       device_decode: batches hold the crops as stored (``"pixels"``, ``"scale"``, ``"offset"``)
         for the train step to convert on the device, instead of float32 ``"image"`` (crops
-        without one common integer codec still come as ``"image"``).
+        without one common 8- or 16-bit codec still come as ``"image"``).
     """
 
     global_batch: int = 128
@@ -461,9 +461,12 @@ def make_train_iterator(
 
 
 def _hands_over_stored(source: CropSource, cfg) -> bool:
-    # getattr: configs saved before device_decode existed lack it; every batch must have one
-    # structure (one compiled step), so only where all crops share one codec
-    return bool(getattr(cfg, "device_decode", False)) and source.codec is not None
+    # getattr: configs saved before device_decode existed lack it. Every batch must have one
+    # structure (one compiled step), so only where all crops share one codec; and only 8/16-bit
+    # pixels, which are what saves bytes (and what jax holds without 64-bit mode).
+    codec = source.codec
+    return (bool(getattr(cfg, "device_decode", False)) and codec is not None
+            and np.dtype(codec.stored).itemsize <= 2)
 
 
 def train_batch_spec(data_dir_or_source: Any, cfg: LoaderConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
