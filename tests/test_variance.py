@@ -249,6 +249,29 @@ def test_learning_curve_extrapolation_removes_shrinkage_bias_and_keeps_coverage(
     assert covered["ext"] >= 7 and covered["ext"] > covered["plain"], covered
 
 
+def test_rate_band_widens_the_interval_toward_a_slower_learning_curve():
+    """The estimate keeps the 1/m extrapolation; the CI also covers the m^-1/2 one, on the side the
+    learning curve rises toward (the toy's plain cross-fit reads low, so upward)."""
+    toy = GaussianToy(0.5, seed=57, dm=12)
+    m, e = toy.draw(1200)
+    fit_fn_for = lambda r: _fixed_penalty_ridge_fit_fn(m, e, 300.0)  # noqa: E731
+    kw = dict(n_boot=200, extrapolate_fraction=0.5)
+    x = V.refit_decompose(e, m, fit_fn_for, 2, 2, 3, 7, **kw)
+    band = V.refit_decompose(e, m, fit_fn_for, 2, 2, 3, 7, band_rate=0.5, **kw)
+    assert band.overall.estimate == x.overall.estimate and not x.overall.slow_rate
+    q1, qh = x.overall.learning_curve[1.0], x.overall.learning_curve[0.5]
+    w = 0.5**0.5 / (1 - 0.5**0.5)  # 2.414: the step at rate 1/2, against 1 at rate 1
+    assert band.overall.slow_rate["rate"] == 0.5
+    assert band.overall.slow_rate["estimate"] == pytest.approx(q1 + w * (q1 - qh))
+    gap = band.overall.slow_rate["estimate"] - band.overall.estimate
+    assert gap > 0 and band.overall.ci_low == x.overall.ci_low
+    assert band.overall.ci_high == pytest.approx(x.overall.ci_high + gap)
+    assert np.all(band.per_dim_ci[0] <= x.per_dim_ci[0]) and np.all(band.per_dim_ci[1] >= x.per_dim_ci[1])
+    assert band.overall.to_dict()["slow_rate"]["rate"] == 0.5
+    with pytest.raises(V.AnalysisInputError, match="band_rate"):
+        V.refit_decompose(e, m, fit_fn_for, 1, 2, 3, band_rate=0.0, **kw)
+
+
 def test_extrapolation_rejects_bad_fractions():
     toy = GaussianToy(0.5, seed=1)
     m, e = toy.draw(200)

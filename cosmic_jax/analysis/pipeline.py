@@ -113,16 +113,23 @@ CI_METHOD = (
     "(within_var) + (1 + 1/R) x variance between re-fits (between_var); t reference with Rubin's df.")
 
 
-def ci_method(extrapolate_fraction: float) -> str:
+def ci_method(extrapolate_fraction: float, band_rate: float = 1.0) -> str:
     """How the intervals were made, for the summary."""
     if extrapolate_fraction <= 0:
         return CI_METHOD
     f = extrapolate_fraction
-    return CI_METHOD + (
+    text = CI_METHOD + (
         f" Each re-fit (and each of its bootstrap replicates) is extrapolated to unlimited training data "
         f"from two cross-fits, the fold models fitted on all and on {f:g} of their training cells: "
         f"q = q(1) + (q(1) - q({f:g})) x {f / (1 - f):g} (a fit on finite data shrinks E[t|c]; the "
         f"estimates at both shares are kept as 'learning_curve').")
+    if band_rate < 1.0:
+        w = f**band_rate / (1 - f**band_rate)
+        text += (f" That step assumes the learning curve of a parametric fit (shrinkage ~ 1/m); a flexible fit "
+                 f"can learn slower, so the interval also reaches, on its side, the estimate extrapolated at "
+                 f"~ m^-{band_rate:g} (step x {w:.3g}; kept as 'slow_rate'): it moves by their gap. A fraction's "
+                 f"interval is clipped to [0, 1].")
+    return text
 
 
 @dataclasses.dataclass
@@ -169,11 +176,15 @@ def representations(x_morph: np.ndarray | None, features: MorphFeatures | None, 
     return reps
 
 
+def _band_rate(cfg) -> float:
+    return float(cfg.get("extrapolate_band_rate", 1.0))  # configs saved before it existed: no band
+
+
 def expression_decomposition(expr, m, fit_fn_for, repeats: int, cfg, strata):
     """Expression variance explained by morphology over ``repeats`` re-fits: overall (gene space), per gene."""
     dec = V.refit_decompose(expr.scores, m, fit_fn_for, repeats, cfg.num_samples, cfg.n_folds, cfg.seed, strata,
                             metric=expr.metric, resid_sq=expr.resid_sq, n_boot=cfg.n_boot, estimator=cfg.estimator,
-                            extrapolate_fraction=cfg.extrapolate_fraction)
+                            extrapolate_fraction=cfg.extrapolate_fraction, band_rate=_band_rate(cfg))
     return dec, V.per_readout_explained(dec.explained_cov, expr.loadings, expr.gene_var)
 
 
@@ -181,7 +192,7 @@ def morphology_decomposition(targets: np.ndarray, e: np.ndarray, fit_fn_for, rep
     """Morphology-target variance explained by expression (mean over targets of the ratios)."""
     return V.refit_decompose(targets, e, fit_fn_for, repeats, cfg.num_samples, cfg.n_folds, cfg.seed, strata,
                              aggregate="mean_ratio", n_boot=cfg.n_boot, estimator=cfg.estimator,
-                             extrapolate_fraction=cfg.extrapolate_fraction)
+                             extrapolate_fraction=cfg.extrapolate_fraction, band_rate=_band_rate(cfg))
 
 
 def decompose_representation(rep: Representation, expr, labels, cfg) -> tuple[dict, list, Any, np.ndarray, Any]:
@@ -281,7 +292,7 @@ def run_analyses(adata, cfg: ml_collections.ConfigDict, out_dir: str, x_morph: n
     summary["decomposition_baselines"] = {k: by_rep[head.name][k] for k in ("ridge", "knn")}
     summary["decomposition_by_representation"] = by_rep
     summary["decomposition_note"] = LOWER_BOUND_NOTE
-    summary["ci_method"] = ci_method(cfg.extrapolate_fraction)
+    summary["ci_method"] = ci_method(cfg.extrapolate_fraction, _band_rate(cfg))
     write_csv(os.path.join(out_dir, "per_gene.csv"),
               [{"gene": str(g), "explained_fraction": float(f), "total_var": float(v)}
                for g, f, v in zip(expr.gene_names, per_gene, expr.gene_var)])

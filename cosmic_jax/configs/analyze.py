@@ -32,6 +32,10 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     # share of its training cells and the pair extrapolated to unlimited training data
     # (variance.extrapolate_to_full_data; doubles the joint fits; 0 = off). notes/science.md round 4.
     c.extrapolate_fraction = 0.5
+    # How fast a fit's learning curve rises is not known (1 = parametric, the estimate's assumption;
+    # a flexible fit on few cells is slower): the CI also covers the extrapolation at this slower
+    # rate (variance.refit_decompose band_rate; 1 = off). notes/science.md round 7.
+    c.extrapolate_band_rate = 0.5
     c.estimator = "cov"  # "cov": Cov(held-out conditional mean, target); "var": finite-S-corrected Var
     c.seed = 0
     # inputs

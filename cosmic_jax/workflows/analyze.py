@@ -110,6 +110,9 @@ def analyze(data_dir: str | None, workdir: str, cfg: ml_collections.ConfigDict, 
     """
     if not 0.0 <= cfg.extrapolate_fraction < 1.0:  # before any pretraining or embedding is spent
         raise AnalysisInputError(f"--config.extrapolate_fraction={cfg.extrapolate_fraction}: must be in [0, 1) (0 = off)")
+    if not 0.0 < cfg.extrapolate_band_rate <= 1.0:
+        raise AnalysisInputError(
+            f"--config.extrapolate_band_rate={cfg.extrapolate_band_rate}: must be in (0, 1] (1 = off)")
     workdir = os.path.abspath(workdir)
     data_dir = os.path.abspath(data_dir) if data_dir else None
     h5ad = os.path.abspath(h5ad or os.path.join(data_dir, "cells.h5ad"))
