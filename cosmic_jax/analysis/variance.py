@@ -345,7 +345,7 @@ def decompose(target: np.ndarray, moments: ConditionalMoments, metric: np.ndarra
 
 
 def extrapolate_to_full_data(full: VarianceDecomposition, part: VarianceDecomposition, fraction: float,
-                             ci: float = 0.95, rate: float = 1.0) -> VarianceDecomposition:
+                             ci: float = 0.95) -> VarianceDecomposition:
     """One Richardson step along the learning curve: the estimate a fit on unlimited cells would give.
 
     A model fitted on m cells recovers E[t|c] only up to an estimation error, and with the "cov"
@@ -355,17 +355,13 @@ def extrapolate_to_full_data(full: VarianceDecomposition, part: VarianceDecompos
     stays on the low side). With ``full`` fitted on m cells per fold and ``part`` on ``fraction``
     x m (same folds, same bootstrap resamples), ``V_inf = V(m) + (V(m) - V(f m)) f / (1 - f)``;
     the bootstrap replicates are combined the same way, so the interval carries the extra variance.
-    ``rate`` a < 1 assumes ``V(m) ~ V_inf - c m^-a`` instead: ``V_inf = V(m) + (V(m) - V(f m))
-    f^a / (1 - f^a)`` (a slower learning curve, a larger step).
     The part the representation cannot see is not recovered: the result is still a lower bound.
     """
     if not 0.0 < fraction < 1.0:
         raise AnalysisInputError(f"extrapolation fraction={fraction}: must be in (0, 1)")
-    if not 0.0 < rate <= 1.0:
-        raise AnalysisInputError(f"learning-curve rate={rate}: must be in (0, 1]")
     if full.overall_boot.shape != part.overall_boot.shape or full.aggregate != part.aggregate:
         raise AnalysisInputError("extrapolation needs two decompositions with the same bootstrap and aggregate")
-    w = fraction**rate / (1.0 - fraction**rate)
+    w = fraction / (1.0 - fraction)
 
     def step(a, b):
         return a + w * (a - b)
@@ -532,7 +528,11 @@ def refit_decompose(target: np.ndarray, cond: np.ndarray, fit_fn_for: Callable[[
         raise AnalysisInputError(f"extrapolate_fraction={extrapolate_fraction}: must be in [0, 1)")
     if not 0.0 < band_rate <= 1.0:
         raise AnalysisInputError(f"band_rate={band_rate}: must be in (0, 1]")
-    decs, slow, moms, curve = [], [], [], {1.0: [], extrapolate_fraction: []}
+    decs, moms, curve = [], [], {1.0: [], extrapolate_fraction: []}
+    # at rate a the step is (q(1) - q(f)) f^a / (1 - f^a): this much more than the rate-1 step
+    extra_step = (extrapolate_fraction**band_rate / (1 - extrapolate_fraction**band_rate)
+                  - extrapolate_fraction / (1 - extrapolate_fraction)) if extrapolate_fraction > 0 else 0.0
+    gaps_overall, gaps_dim = [], []
     for r in range(repeats):
         mom = cross_fit_moments(cond, fit_fn_for(r), num_samples, n_folds, seed + r, strata)
         dec = decompose(target, mom, ci=ci, seed=seed + r, **decompose_kw)
@@ -542,23 +542,23 @@ def refit_decompose(target: np.ndarray, cond: np.ndarray, fit_fn_for: Callable[[
                              ci=ci, seed=seed + r, **decompose_kw)
             curve[1.0].append(dec.overall.estimate)
             curve[extrapolate_fraction].append(part.overall.estimate)
-            if band_rate < 1.0:
-                slow.append(extrapolate_to_full_data(dec, part, extrapolate_fraction, ci, band_rate))
+            gaps_overall.append(extra_step * (dec.overall.estimate - part.overall.estimate))
+            gaps_dim.append(extra_step * (dec.per_dim - part.per_dim))
             dec = extrapolate_to_full_data(dec, part, extrapolate_fraction, ci)
         decs.append(dec)
         moms.append(mom)
     overall, per_dim = _combine(decs, ci)
     slow_rate = {}
-    if slow:
+    if band_rate < 1.0 and gaps_overall:
         # The rate is a modelling choice, not a sampling error: the interval moves by the gap between
         # the two extrapolations on the side it points to (as a bound on the bias of rate 1), with
         # the rate-1 interval's own width (the slow one's 2.4x step would mostly widen it by noise).
-        gaps = (np.mean([a.overall.estimate - b.overall.estimate for a, b in zip(slow, decs)]),
-                np.mean([a.per_dim - b.per_dim for a, b in zip(slow, decs)], axis=0))
+        gaps = (np.mean(gaps_overall), np.mean(gaps_dim, axis=0))
         for combined, gap in zip((overall, per_dim), gaps):
             combined["ci_low"] = np.clip(combined["ci_low"] + np.minimum(gap, 0.0), 0.0, 1.0)
             combined["ci_high"] = np.clip(combined["ci_high"] + np.maximum(gap, 0.0), 0.0, 1.0)
-        slow_rate = {"rate": float(band_rate), "estimate": float(np.mean([d.overall.estimate for d in slow]))}
+        slow_rate = {"rate": float(band_rate),
+                     "estimate": float(np.mean([d.overall.estimate for d in decs]) + gaps[0])}
     est = RefitEstimate(*(float(overall[k]) for k in ("estimate", "ci_low", "ci_high")), repeats=repeats,
                         within_var=float(overall["within_var"]), between_var=float(overall["between_var"]),
                         total_var=float(overall["total_var"]), df=float(overall["df"]),

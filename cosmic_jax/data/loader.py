@@ -126,14 +126,16 @@ class _Batches:
     def extras(self, rec: np.ndarray) -> dict[str, np.ndarray]:
         return {}
 
-    def crops(self, rec: np.ndarray) -> dict[str, np.ndarray]:
-        """The crops as stored, else (or where they share no integer codec) float32 ``"image"``."""
-        stored = self.source.read_stored(rec) if self.stored else None
-        return stored if stored is not None else {"image": self.source.read_images(rec)}
-
     def __call__(self, k: int) -> dict[str, np.ndarray]:
         rec = self.records(int(k))
-        return {**self.crops(rec), "index": rec, **self.extras(rec)}
+        return {**_read_crops(self.source, rec, self.stored), "index": rec, **self.extras(rec)}
+
+
+def _read_crops(source: CropSource, rec: np.ndarray, stored: bool) -> dict[str, np.ndarray]:
+    """Crops ``rec`` as stored (``CropSource.read_stored``) when ``stored``, else (or where they
+    share no pixel codec) float32 ``"image"``."""
+    crops = source.read_stored(rec) if stored else None
+    return crops if crops is not None else {"image": source.read_images(rec)}
 
 
 class _Transfers:
@@ -157,9 +159,7 @@ class _Transfers:
         first = self.start + int(j) * self.per
         recs = [self.batches.records(k) for k in range(first, min(first + self.per, self.stop))]
         rec = np.concatenate(recs)
-        crops = self.batches.source.read_stored(rec)
-        if crops is None:  # crops without one common pixel codec: send float32
-            crops = {"image": self.batches.source.read_images(rec)}
+        crops = _read_crops(self.batches.source, rec, stored=True)  # float32 without one common codec
         sizes = np.array([len(r) for r in recs], np.int64)
         return {**crops, "index": rec, **self.batches.extras(rec), "sizes": sizes}
 
