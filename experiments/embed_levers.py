@@ -14,10 +14,10 @@ and the same for the 8 hand features alone and for both, so every row can be com
 
   python experiments/embed_levers.py --data DIR [--data DIR ...] --out OUT \
       --train base:steps=300 --train p4:steps=300,model.patch_size=4 \
-      --read L-1.mean L0.meanstd.tta --inputs pca8w --evals probe,feat,krr
+      --read L-1.mean L0.meanstd.tta --inputs pca8w --evals probe,feat,krr [--orient both]
 
-Train variant ``name:key=value,...`` = `cosmic_jax.configs.pretrain` overrides on the "test" config
-(the one `cosmic analyze --quick` pretrains). Read-out ``L<layers>.<pool>[.tta]``: blocks joined by
+Train variant ``name:key=value,...`` = `cosmic_jax.configs.pretrain` overrides on the "small" config
+(the one `cosmic analyze` pretrains). Read-out ``L<layers>.<pool>[.tta]``: blocks joined by
 "+" or "all" (-1 = last, after the final LayerNorm), pool in mean | cls | std | meanstd | meancls | meanstdmax | mom | meanstdmom (mom = rotation-invariant
 spatial second moments of each token channel, see spatial_moments), ``.tta``
 averages the pooled vector over the 8 dihedral transforms. Morphology input: ``pca<k>[w]`` (k PCs,
@@ -30,7 +30,6 @@ Rows go to OUT/results.jsonl; OUT/models/<dataset>/<variant> caches the MAEs.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -51,7 +50,7 @@ def dihedral(images: np.ndarray, k: int, flip: bool) -> np.ndarray:
 class Dataset:
     """Crops, cell types, hand features, expression embedding and truth of one paired dataset."""
 
-    def __init__(self, path: str, expr_comps: int = 20, seed: int = 0):
+    def __init__(self, path: str, expr_comps: int = 20, seed: int = 0, oriented_dir: str | None = None):
         import anndata
 
         from cosmic_jax.analysis.expression import embed_expression
@@ -61,6 +60,12 @@ class Dataset:
 
         self.path, self.name = path, os.path.basename(path.rstrip("/"))
         self.crops_dir = os.path.join(path, "crops")
+        measured_dir = self.crops_dir  # the hand features: always the crops as given (as the analysis)
+        if oriented_dir:  # the MAE pretrains on and embeds the oriented copy (analyze.orient)
+            from cosmic_jax.data.orient import write_oriented
+
+            self.crops_dir = write_oriented(self.crops_dir, oriented_dir)
+            self.name += "+orient"
         adata = anndata.read_h5ad(os.path.join(path, "cells.h5ad"))
         ids = cell_ids(adata)
         src = CropSource(self.crops_dir)
@@ -69,7 +74,7 @@ class Dataset:
         self.images = np.stack([src[int(i)]["image"] for i in order]).astype(np.float32)
         self.labels = np.asarray(adata.obs["cell_type"]).astype(str)
         t = time.process_time()
-        feats = measure_crops(self.crops_dir)  # measured from the pixels, as the analysis does
+        feats = measure_crops(measured_dir)  # measured from the pixels, as the analysis does
         self.feature_cpu_s = time.process_time() - t
         forder = match_ids(ids, feats.cell_ids, "features")
         self.feats = standardize_features(feats.raw[forder], feats.names, ids)
@@ -84,22 +89,6 @@ class Dataset:
 
 
 # ----------------------------------------------------------------------------- pretraining
-def allow_prototype_fields() -> None:
-    """Let ``model.patch_stats_loss=W`` through (a MAEConfig field to come; mae.py reads it with
-    getattr) by swapping in a subclass of MAEConfig that has it."""
-    import cosmic_jax.configs.mae as cm
-
-    if "patch_stats_loss" in cm._FIELDS:
-        return
-
-    @dataclasses.dataclass(frozen=True)
-    class MAEConfigProto(cm.MAEConfig):
-        patch_stats_loss: float = 0.0
-
-    cm.MAEConfig = MAEConfigProto
-    cm._FIELDS = {f.name: f for f in dataclasses.fields(MAEConfigProto)}
-
-
 def parse_train(spec: str) -> tuple[str, list[str]]:
     name, _, rest = spec.partition(":")
     return name, [kv for kv in rest.split(",") if kv]
@@ -107,7 +96,8 @@ def parse_train(spec: str) -> tuple[str, list[str]]:
 
 def pretrain(ds: Dataset, name: str, overrides: list[str], out: str, seed: int) -> tuple[str, dict]:
     """Train (or reuse) one MAE on the dataset's crops; returns (workdir, timing)."""
-    from cosmic_jax.configs.pretrain import get_config
+    from cosmic_jax.configs import pretrain as pretrain_configs
+    from cosmic_jax.configs.overrides import load_config
     from cosmic_jax.train.pretrain import train_and_evaluate
 
     work = os.path.join(out, "models", ds.name, name)
@@ -120,7 +110,7 @@ def pretrain(ds: Dataset, name: str, overrides: list[str], out: str, seed: int) 
     steps = int(float(ov.get("steps", 300)))
     base = [f"steps={steps}", f"model.image_size={h}", f"model.channels={c}", f"seed={seed}",
             "progress=false", "recon_every=0", f"ckpt_every={steps}", "log_every=50"]
-    cfg = get_config("test", base + overrides)
+    cfg = load_config(pretrain_configs, "small", [f"--config.{kv}" for kv in base + overrides])
     t, w = time.process_time(), time.perf_counter()
     train_and_evaluate(cfg, ds.crops_dir, work)
     timing = {"pretrain_cpu_s": time.process_time() - t, "pretrain_wall_s": time.perf_counter() - w,
@@ -163,13 +153,14 @@ class TokenReader:
     def __init__(self, work: str, images: np.ndarray, batch: int = 250):
         import jax
 
-        from cosmic_jax.models.mae import MAE
-        from cosmic_jax.train.checkpoint import load_for_inference
+        from cosmic_jax.models.mae import MAE, grid as mae_grid
+        from cosmic_jax.train.pretrain import load_for_inference
 
         self.cfg, params, _, _ = load_for_inference(work)
         self.params, self.images, self.batch = params, images, batch
         self.model = MAE(self.cfg)
         self.cls = 1 if self.cfg.cls_token else 0
+        self.grid = mae_grid(self.cfg)
         layers = tuple(range(self.cfg.depth))
         # One forward per transform: the tokens of every block, pooled here in numpy.
         self._fn = jax.jit(lambda p, x: self.model.apply({"params": p}, x, method=MAE.encode, layer=layers,
@@ -189,7 +180,7 @@ class TokenReader:
                 out["mean"].append(tok.mean(2))
                 out["std"].append(tok.std(2))
                 out["max"].append(tok.max(2))
-                r1, r2 = spatial_moments(tok, self.cfg.grid)
+                r1, r2 = spatial_moments(tok, self.grid)
                 out["mom"].append(np.concatenate([r1, r2], axis=-1))
                 out["cls"].append(h[:, :, 0] if self.cls else tok.mean(2))
             self.cache[t] = {k_: np.concatenate(v, axis=1).astype(np.float64) for k_, v in out.items()}
@@ -368,9 +359,11 @@ def main(argv=None) -> int:
                         "input), krr / flow (decomposition)")
     p.add_argument("--baseline", action="store_true", help="also evaluate the 8 hand features alone")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--orient", choices=("no", "yes", "both"), default="no",
+                   help="pretrain on and embed the crops rotated onto their nucleus's major axis "
+                        "(cosmic_jax.data.orient; OUT/oriented/<dataset>), as given, or both")
     a = p.parse_args(argv)
     evals = set(a.evals.split(","))
-    allow_prototype_fields()
     os.makedirs(a.out, exist_ok=True)
     res_path = os.path.join(a.out, "results.jsonl")
 
@@ -381,8 +374,10 @@ def main(argv=None) -> int:
                  if not isinstance(v, dict) or k.startswith("expr_")}
         print(json.dumps(short), flush=True)
 
-    for path in a.data:
-        ds = Dataset(path, seed=a.seed)
+    variants = {"no": [False], "yes": [True], "both": [False, True]}[a.orient]
+    for path, orient in ((p_, o) for p_ in a.data for o in variants):
+        name = os.path.basename(path.rstrip("/"))
+        ds = Dataset(path, seed=a.seed, oriented_dir=os.path.join(a.out, "oriented", name) if orient else None)
         base = {"data": ds.name, "truth_expr": ds.truth["expr_var_explained_by_morph"]}
         if a.baseline:
             emit({**base, "model": "features", "read": "-", "feature_cpu_s": ds.feature_cpu_s,

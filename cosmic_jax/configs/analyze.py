@@ -49,6 +49,10 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     # measured from crops: also the generic profile (morph_features.PROFILE_NAMES) as extra
     # morphology input (never a target); notes/science.md round 3
     c.morph_profile = True
+    # pretrain and embed on copies of the crops rotated onto their nucleus's major axis and centred
+    # (W/oriented_crops; data/orient.py): the MAE then reads elongation and texture without spending
+    # itself on the angle (notes/science.md round 8). The measured features use the crops as given.
+    c.orient = True
     c.pretrain = pretrain.get_config("small")
     c.pretrain.steps = 2000
     c.pretrain.progress = True

@@ -126,7 +126,7 @@ def _masked_median(x: np.ndarray, where: np.ndarray) -> np.ndarray:
 
 
 @dataclasses.dataclass
-class _Moments:
+class Moments:
     area: np.ndarray  # (N,)
     cy: np.ndarray  # (N,) mask centroid
     cx: np.ndarray
@@ -140,7 +140,7 @@ class _Moments:
     d2: np.ndarray  # (N, H, W) squared normalised radius of the moments ellipse (1 at its edge)
 
 
-def _moments(mask: np.ndarray) -> _Moments:
+def moments(mask: np.ndarray) -> Moments:
     """Moments ellipse of each (N, H, W) mask; the same second moments (with the 1/12 pixel term) as
     skimage regionprops' inertia tensor."""
     n, h, w = mask.shape
@@ -159,7 +159,7 @@ def _moments(mask: np.ndarray) -> _Moments:
     # uniform ellipse: cov = diag(a^2, b^2) / 4
     det = np.maximum(mu20 * mu02 - mu11**2, 1e-9)
     d2 = (mu02[:, None, None] * dx**2 - 2 * mu11[:, None, None] * dx * dy + mu20[:, None, None] * dy**2)
-    return _Moments(area, cy, cx, dy, dx, mu20, mu02, mu11, half_tr + disc, np.maximum(half_tr - disc, 1e-9),
+    return Moments(area, cy, cx, dy, dx, mu20, mu02, mu11, half_tr + disc, np.maximum(half_tr - disc, 1e-9),
                     d2 / (4 * det[:, None, None]))
 
 
@@ -241,7 +241,7 @@ def measure_batch(crops: np.ndarray, names: list[str] | None = None, mask: np.nd
     n, h, w = imgs.shape
 
     m = mask.astype(np.float64)
-    mo = _moments(mask)
+    mo = moments(mask)
     area = mo.area
     elongation = np.sqrt(mo.l1 / mo.l2)
 
@@ -428,7 +428,7 @@ def profile_batch(crops: np.ndarray, names: list[str] | None = None, mask: np.nd
     imgs, mask = checked_masks(crops, names, "profile_batch", mask)
     n, h, w = imgs.shape
     m = mask.astype(np.float64)
-    mo = _moments(mask)
+    mo = moments(mask)
     area, cy, cx = mo.area, mo.cy, mo.cx
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
     major, minor = 4 * np.sqrt(mo.l1), 4 * np.sqrt(mo.l2)

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -321,6 +322,18 @@ def read_manifests(data_dir: str) -> list[dict[str, Any]]:
         if len(values) > 1:
             raise RecordError(f"{data_dir}: manifests disagree on {key}: {sorted(values)}")
     return out
+
+
+def dataset_fingerprint(data_dir: str) -> str:
+    """A digest that changes whenever the dataset is rewritten: its manifests and every file's name,
+    size and modification time (caches of derived data key on it)."""
+    h = hashlib.sha256()
+    for m in read_manifests(data_dir):
+        h.update(json.dumps({k: v for k, v in m.items() if k != "_path"}, sort_keys=True).encode())
+    for name in sorted(os.listdir(data_dir)):
+        st = os.stat(os.path.join(data_dir, name))
+        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

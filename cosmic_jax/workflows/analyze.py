@@ -4,8 +4,9 @@
   1. the expression AnnData (``DATA/cells.h5ad``; every per-cell array is matched to its rows by
      cell id, ``cosmic_jax.data.cells``);
   2. the morphology representation: ``obsm[cfg.morph_key]`` when given, else the MAE embedding of
-     ``DATA/crops`` from ``--mae RUN`` (a reused pretraining run), or from ``W/mae``, pretrained
-     there with ``cfg.pretrain`` when it holds no checkpoint;
+     ``DATA/crops`` (with ``cfg.orient``, of their oriented copy ``W/oriented_crops``) from ``--mae
+     RUN`` (a reused pretraining run), or from ``W/mae``, pretrained there on the same crops with
+     ``cfg.pretrain`` when it holds no checkpoint;
   3. the measured morphology features: ``obsm[cfg.features_key]`` when given, else measured from
      the crops (cached in ``W/features.npz``);
   4. ``analysis.pipeline.run_analyses`` -> ``W/analysis/`` (summary.json, CSV tables,
@@ -32,7 +33,8 @@ from cosmic_jax.analysis.variance import AnalysisInputError
 from cosmic_jax.configs import overrides as cfg_io
 from cosmic_jax.data.anndata_io import read_h5ad, write_h5ad
 from cosmic_jax.data.cells import cell_ids, match_ids
-from cosmic_jax.data.records import CropSource
+from cosmic_jax.data.orient import write_oriented
+from cosmic_jax.data.records import CropSource, dataset_fingerprint
 from cosmic_jax.embed.embedder import Embedder
 from cosmic_jax.train.checkpoint import checkpoint_steps
 from cosmic_jax.train.pretrain import train_and_evaluate
@@ -63,8 +65,9 @@ def ensure_mae(crops_dir: str, workdir: str, cfg: ml_collections.ConfigDict, mae
 
 
 def morphology_embedding(adata, ids: np.ndarray, crops_dir: str, mae_dir: str, cache: str) -> np.ndarray:
-    """MAE embedding (N, D) in AnnData row order, cached in ``cache`` (npz keyed by cell id and MAE)."""
-    source = f"{os.path.abspath(mae_dir)}@{checkpoint_steps(mae_dir)[-1]}"
+    """MAE embedding (N, D) in AnnData row order, cached in ``cache`` (npz keyed by cell id, MAE and
+    crop dataset)."""
+    source = f"{os.path.abspath(mae_dir)}@{checkpoint_steps(mae_dir)[-1]}|{dataset_fingerprint(crops_dir)}"
     if os.path.exists(cache):
         with np.load(cache, allow_pickle=False) as z:
             if str(z["source"]) == source and np.array_equal(z["cell_ids"].astype(str), ids):
@@ -72,6 +75,13 @@ def morphology_embedding(adata, ids: np.ndarray, crops_dir: str, mae_dir: str, c
     emb = Embedder.from_checkpoint(mae_dir).embed_anndata(adata, crops=crops_dir, key="X_cosmic")
     np.savez(cache, X_cosmic=emb, cell_ids=ids.astype("U"), source=np.str_(source))
     return emb
+
+
+def oriented_crops(crops_dir: str, workdir: str) -> str:
+    """``W/oriented_crops``: the crops rotated onto their nucleus's major axis (kept while the source
+    is unchanged)."""
+    return write_oriented(crops_dir, os.path.join(workdir, "oriented_crops"),
+                          progress=lambda done, total: log.info("orienting the crops for the MAE: %d / %d", done, total))
 
 
 def measured_features(ids: np.ndarray, crops_dir: str, cache: str, profile: bool = True) -> MorphFeatures:
@@ -130,8 +140,9 @@ def analyze(data_dir: str | None, workdir: str, cfg: ml_collections.ConfigDict, 
     if cfg.morph_key:
         x_morph = _obsm(adata, cfg.morph_key, h5ad)
     elif crops_dir:
-        mae_dir = ensure_mae(crops_dir, workdir, cfg, mae)
-        x_morph = morphology_embedding(adata, ids, crops_dir, mae_dir, os.path.join(workdir, "embeddings.npz"))
+        mae_crops = oriented_crops(crops_dir, workdir) if cfg.orient else crops_dir
+        mae_dir = ensure_mae(mae_crops, workdir, cfg, mae)
+        x_morph = morphology_embedding(adata, ids, mae_crops, mae_dir, os.path.join(workdir, "embeddings.npz"))
     features = None
     if cfg.features_key:
         raw = _obsm(adata, cfg.features_key, h5ad)
@@ -143,7 +154,8 @@ def analyze(data_dir: str | None, workdir: str, cfg: ml_collections.ConfigDict, 
     summary = run_analyses(adata, cfg, out_dir, x_morph=x_morph, features=features, where=h5ad)
     summary["data"] = h5ad
     if mae_dir:
-        summary["morphology_embedding"] = {"key": "X_cosmic", "mae": mae_dir, "dim": int(x_morph.shape[1])}
+        summary["morphology_embedding"] = {"key": "X_cosmic", "mae": mae_dir, "dim": int(x_morph.shape[1]),
+                                           "oriented_crops": bool(cfg.orient)}
     truth = evaluation.load_truth(data_dir)
     if truth:
         summary["truth"] = evaluation.compare(summary, out_dir, truth)
