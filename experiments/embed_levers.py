@@ -50,7 +50,8 @@ def dihedral(images: np.ndarray, k: int, flip: bool) -> np.ndarray:
 class Dataset:
     """Crops, cell types, hand features, expression embedding and truth of one paired dataset."""
 
-    def __init__(self, path: str, expr_comps: int = 20, seed: int = 0, oriented_dir: str | None = None):
+    def __init__(self, path: str, expr_comps: int = 20, seed: int = 0, oriented_dir: str | None = None,
+                 fill: float | None = None):
         import anndata
 
         from cosmic_jax.analysis.expression import embed_expression
@@ -64,8 +65,8 @@ class Dataset:
         if oriented_dir:  # the MAE pretrains on and embeds the oriented copy (analyze.orient)
             from cosmic_jax.data.orient import write_oriented
 
-            self.crops_dir = write_oriented(self.crops_dir, oriented_dir)
-            self.name += "+orient"
+            self.crops_dir = write_oriented(self.crops_dir, oriented_dir, fill=fill)
+            self.name += "+orient" + (f"+fill{fill}" if fill else "")
         adata = anndata.read_h5ad(os.path.join(path, "cells.h5ad"))
         ids = cell_ids(adata)
         src = CropSource(self.crops_dir)
@@ -362,6 +363,9 @@ def main(argv=None) -> int:
     p.add_argument("--orient", choices=("no", "yes", "both"), default="no",
                    help="pretrain on and embed the crops rotated onto their nucleus's major axis "
                         "(cosmic_jax.data.orient; OUT/oriented/<dataset>), as given, or both")
+    p.add_argument("--fill", type=float, default=None,
+                   help="with --orient: also magnify each dataset so its 95th-percentile nucleus spans this "
+                        "share of the crop side")
     a = p.parse_args(argv)
     evals = set(a.evals.split(","))
     os.makedirs(a.out, exist_ok=True)
@@ -377,7 +381,8 @@ def main(argv=None) -> int:
     variants = {"no": [False], "yes": [True], "both": [False, True]}[a.orient]
     for path, orient in ((p_, o) for p_ in a.data for o in variants):
         name = os.path.basename(path.rstrip("/"))
-        ds = Dataset(path, seed=a.seed, oriented_dir=os.path.join(a.out, "oriented", name) if orient else None)
+        ds = Dataset(path, seed=a.seed, oriented_dir=os.path.join(a.out, "oriented", name) if orient else None,
+                     fill=a.fill)
         base = {"data": ds.name, "truth_expr": ds.truth["expr_var_explained_by_morph"]}
         if a.baseline:
             emit({**base, "model": "features", "read": "-", "feature_cpu_s": ds.feature_cpu_s,

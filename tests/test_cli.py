@@ -13,8 +13,8 @@ def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
     assert err.startswith("cosmic embed: error: ") and str(missing) in err and "\n" not in err
 
 
-@pytest.mark.parametrize("setting", ["extrapolate_fraction=1.0", "extrapolate_band_rate=0.0"])
-def test_bad_extrapolation_setting_is_refused_before_any_work(tmp_path, capsys, setting):
+@pytest.mark.parametrize("setting", ["extrapolate_fraction=1.0", "extrapolate_band_rate=0.0", "orient_fill=3.0"])
+def test_bad_analysis_setting_is_refused_before_any_work(tmp_path, capsys, setting):
     work = tmp_path / "w"
     rc = main(["analyze", "--data", str(tmp_path), "--workdir", str(work), "--quick", f"--config.{setting}"])
     err = capsys.readouterr().err.strip()

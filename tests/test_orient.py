@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from cosmic_jax.data import morph_features
-from cosmic_jax.data.orient import major_axis_angle, orient_batch, write_oriented
+from cosmic_jax.data.orient import major_axis_angle, major_axis_length, orient_batch, write_oriented
 from cosmic_jax.data.records import CropSource, encode_record, write_shards
 from data_builders import render
 
@@ -112,3 +112,23 @@ def test_oriented_copy_refuses_to_replace_a_folder_that_is_not_a_crop_dataset(tm
     with pytest.raises(FileExistsError, match="not a crop dataset"):
         write_oriented(src, str(out))
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_fill_magnifies_the_dataset_by_one_factor(tmp_path, nuclei):
+    src, out = str(tmp_path / "crops"), str(tmp_path / "oriented")
+    _write(src, nuclei)
+    write_oriented(src, out, fill=0.85)
+    big = CropSource(out).read_images(np.arange(len(nuclei)))[..., 0]
+    before, after = major_axis_length(nuclei), major_axis_length(big)
+    assert abs(np.percentile(after, 95) / 64 - 0.85) < 0.03  # the 95th-percentile nucleus spans 85 %
+    ratio = after / before  # one factor for every nucleus: relative sizes kept
+    assert np.percentile(before, 95) < 0.7 * 64 and ratio.min() > 1.2
+    assert ratio.std() / ratio.mean() < 0.02
+    stamp = os.stat(os.path.join(out, "manifest.json")).st_mtime_ns
+    write_oriented(src, out, fill=0.85)
+    assert os.stat(os.path.join(out, "manifest.json")).st_mtime_ns == stamp
+    write_oriented(src, out)  # another setting: rebuilt at the original scale
+    np.testing.assert_allclose(major_axis_length(CropSource(out).read_images(np.arange(4))[..., 0]),
+                               before[:4], rtol=0.05)
+    with pytest.raises(ValueError, match="fill=3"):
+        write_oriented(src, out, fill=3.0)

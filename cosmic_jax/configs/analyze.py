@@ -53,6 +53,9 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     # (W/oriented_crops; data/orient.py): the MAE then reads elongation and texture without spending
     # itself on the angle (notes/science.md round 8). The measured features use the crops as given.
     c.orient = True
+    # ... and magnified by one factor per dataset so its 95th-percentile nucleus spans this share of
+    # the crop side (more patches on the nucleus, relative sizes kept; 0 = keep the scale)
+    c.orient_fill = 0.85
     c.pretrain = pretrain.get_config("small")
     c.pretrain.steps = 2000
     c.pretrain.progress = True

@@ -4,7 +4,8 @@ centroid sits at the crop centre.
 A nucleus has no orientation, yet a ViT's patch tokens see every angle as a different image: the
 MAE spends capacity on the angle and its pooled tokens read elongation and texture less directly.
 Rotating to the moments ellipse removes the continuous angle; the 8-fold dihedral averaging of the
-embedding removes what is left (which end of the axis, which side). Measured in notes/science.md
+embedding removes what is left (which end of the axis, which side). One magnification per dataset
+(``fill``) can also bring its nuclei to a common share of the crop. Measured in notes/science.md
 round 8 (MAE alone: cell type, hand-feature R^2 and expression share all rise).
 
 ``orient_batch`` works on arrays; ``write_oriented`` makes an oriented copy of a crop dataset
@@ -33,13 +34,14 @@ def major_axis_angle(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def orient_batch(crops: np.ndarray, mask: np.ndarray | None = None,
-                 label_of: Callable[[int], str] | None = None) -> np.ndarray:
+                 label_of: Callable[[int], str] | None = None, scale: float = 1.0) -> np.ndarray:
     """Rotate each crop about its nucleus's centroid onto the major axis and move it to the centre.
 
     Args:
       crops: (N, H, W) or (N, H, W, C) images (C > 1: the nucleus is segmented on the channel sum).
       mask: (N, H, W) nucleus masks (default: segmented here as the measured features do).
       label_of: ``i -> name`` of crop i for error messages (a constant crop has no nucleus).
+      scale: magnification about the centre (one value for a whole dataset keeps relative sizes).
 
     Returns:
       float32 crops of the input's shape. Bilinear interpolation; pixels that come from outside
@@ -62,7 +64,7 @@ def orient_batch(crops: np.ndarray, mask: np.ndarray | None = None,
     for i in range(n):
         cos, sin = np.cos(angle[i]), np.sin(angle[i])
         # input (y, x) = centroid + the output's offset from the centre rotated by the angle
-        rot = np.array([[cos, sin], [-sin, cos]])
+        rot = np.array([[cos, sin], [-sin, cos]]) / scale
         offset = np.array([cy[i], cx[i]]) - rot @ centre
         for ch in range(c):
             out[i, ..., ch] = ndimage.affine_transform(x4[i, ..., ch], rot, offset=offset, order=1,
@@ -70,33 +72,51 @@ def orient_batch(crops: np.ndarray, mask: np.ndarray | None = None,
     return out if x.ndim == 4 else out[..., 0]
 
 
-def _is_copy_of(out_dir: str, src_dir: str, fingerprint: str) -> bool:
+def _is_copy_of(out_dir: str, made: dict) -> bool:
     try:
         manifests = read_manifests(out_dir)
     except (OSError, ValueError):
         return False
-    return all(m.get("oriented_from") == src_dir and m.get("source_fingerprint") == fingerprint for m in manifests)
+    return all(m.get(k) == v for m in manifests for k, v in made.items())
 
 
-def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Callable[[int, int], None] | None = None
-                   ) -> str:
+def major_axis_length(crops: np.ndarray) -> np.ndarray:
+    """(N,) major-axis length (moments ellipse) of each crop's segmented nucleus, in pixels."""
+    x = np.asarray(crops, np.float32)
+    return 4 * np.sqrt(moments(segment_batch(x.sum(-1) if x.ndim == 4 else x)).l1)
+
+
+def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Callable[[int, int], None] | None = None,
+                   fill: float | None = None) -> str:
     """An oriented copy of crop dataset ``src_dir`` in ``out_dir`` (same order, cell ids, metadata).
 
-    Kept as is when ``out_dir`` already holds the oriented copy of this very source (the manifest
-    records the source's path and fingerprint); otherwise rebuilt in a staging folder that replaces
-    ``out_dir`` only once complete. ``progress(done, total)`` is called after every chunk.
+    ``fill``: also magnify every crop by one factor, so that the dataset's 95th-percentile nucleus
+    (major axis) spans this share of the crop side (None = keep the scale). Relative sizes are kept;
+    the ViT's patches then fall on the nucleus rather than on the background (the factor is in the
+    manifest as ``scale``).
+
+    Kept as is when ``out_dir`` already holds the oriented copy of this very source with the same
+    ``fill`` (the manifest records the source's path and fingerprint); otherwise rebuilt in a staging
+    folder that replaces ``out_dir`` only once complete. ``progress(done, total)`` is called after
+    every chunk.
 
     Returns:
       ``out_dir``.
     """
     src_dir, out_dir = os.path.abspath(src_dir), os.path.abspath(out_dir)
-    fingerprint = dataset_fingerprint(src_dir)
-    if _is_copy_of(out_dir, src_dir, fingerprint):
+    if fill is not None and not 0.0 < fill <= 2.0:
+        raise ValueError(f"fill={fill}: the 95th-percentile nucleus's share of the crop side must be in (0, 2]")
+    made = {"oriented_from": src_dir, "source_fingerprint": dataset_fingerprint(src_dir), "fill": fill}
+    if _is_copy_of(out_dir, made):
         return out_dir
     if os.path.exists(out_dir) and os.listdir(out_dir) and not any(
             n.startswith(MANIFEST_GLOB.split("*")[0]) for n in os.listdir(out_dir)):
         raise FileExistsError(f"{out_dir}: exists and is not a crop dataset; refusing to replace it")
     src = CropSource(src_dir)
+    scale = 1.0
+    if fill:
+        sample = np.linspace(0, len(src) - 1, min(len(src), 2000)).astype(np.int64)
+        scale = fill * src.image_shape[1] / float(np.percentile(major_axis_length(src.read_images(sample)), 95))
     stage = f"{out_dir}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
 
@@ -104,13 +124,13 @@ def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Call
         for start in range(0, len(src), chunk):
             ids = np.arange(start, min(start + chunk, len(src)))
             cell_ids, metas = src.read_meta(ids)
-            images = orient_batch(src.read_images(ids), label_of=lambda i: f"{src_dir}: cell {cell_ids[i]}")
+            images = orient_batch(src.read_images(ids), label_of=lambda i: f"{src_dir}: cell {cell_ids[i]}", scale=scale)
             for image, cell_id, meta in zip(images, cell_ids, metas):
                 yield encode_record(image, cell_id, meta)
             if progress:
                 progress(int(ids[-1]) + 1, len(src))
 
-    write_shards(records(), stage, extra={"oriented_from": src_dir, "source_fingerprint": fingerprint})
+    write_shards(records(), stage, extra={**made, "scale": scale})
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)  # the replacement is complete in `stage`
     os.replace(stage, out_dir)

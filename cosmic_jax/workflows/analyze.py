@@ -77,10 +77,10 @@ def morphology_embedding(adata, ids: np.ndarray, crops_dir: str, mae_dir: str, c
     return emb
 
 
-def oriented_crops(crops_dir: str, workdir: str) -> str:
-    """``W/oriented_crops``: the crops rotated onto their nucleus's major axis (kept while the source
-    is unchanged)."""
-    return write_oriented(crops_dir, os.path.join(workdir, "oriented_crops"),
+def oriented_crops(crops_dir: str, workdir: str, fill: float) -> str:
+    """``W/oriented_crops``: the crops rotated onto their nucleus's major axis and magnified to
+    ``fill`` (0 = not magnified); kept while the source and the setting are unchanged."""
+    return write_oriented(crops_dir, os.path.join(workdir, "oriented_crops"), fill=fill or None,
                           progress=lambda done, total: log.info("orienting the crops for the MAE: %d / %d", done, total))
 
 
@@ -120,6 +120,8 @@ def analyze(data_dir: str | None, workdir: str, cfg: ml_collections.ConfigDict, 
     """
     if not 0.0 <= cfg.extrapolate_fraction < 1.0:  # before any pretraining or embedding is spent
         raise AnalysisInputError(f"--config.extrapolate_fraction={cfg.extrapolate_fraction}: must be in [0, 1) (0 = off)")
+    if cfg.orient and not 0.0 <= cfg.orient_fill <= 2.0:
+        raise AnalysisInputError(f"--config.orient_fill={cfg.orient_fill}: must be in [0, 2] (0 = keep the scale)")
     if not 0.0 < cfg.extrapolate_band_rate <= 1.0:
         raise AnalysisInputError(
             f"--config.extrapolate_band_rate={cfg.extrapolate_band_rate}: must be in (0, 1] (1 = off)")
@@ -140,7 +142,7 @@ def analyze(data_dir: str | None, workdir: str, cfg: ml_collections.ConfigDict, 
     if cfg.morph_key:
         x_morph = _obsm(adata, cfg.morph_key, h5ad)
     elif crops_dir:
-        mae_crops = oriented_crops(crops_dir, workdir) if cfg.orient else crops_dir
+        mae_crops = oriented_crops(crops_dir, workdir, cfg.orient_fill) if cfg.orient else crops_dir
         mae_dir = ensure_mae(mae_crops, workdir, cfg, mae)
         x_morph = morphology_embedding(adata, ids, mae_crops, mae_dir, os.path.join(workdir, "embeddings.npz"))
     features = None

@@ -117,7 +117,7 @@ def header_section(workdir: str, summary: dict) -> list[str]:
              f"({n.get('n_comps', '?')} expression PCs).", ""]
     emb = summary.get("morphology_embedding")
     if isinstance(emb, dict):
-        pose = " of the crops rotated onto each nucleus's major axis" if emb.get("oriented_crops") else ""
+        pose = " of the crops rotated onto each nucleus's major axis (`oriented_crops`)" if emb.get("oriented_crops") else ""
         lines += [f"Morphology: the {emb.get('dim', '?')}-dimensional MAE embedding `{emb.get('key', '?')}`{pose} from "
                   f"`{emb.get('mae', '?')}`, plus the measured morphology features.", ""]
     return lines
