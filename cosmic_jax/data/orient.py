@@ -14,6 +14,7 @@ round 8 (MAE alone: cell type, hand-feature R^2 and expression share all rise).
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from typing import Callable
@@ -31,6 +32,12 @@ def major_axis_angle(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarr
     (x to the right, y down) and the mask centroid of each."""
     mo = moments(mask)
     return 0.5 * np.arctan2(2 * mo.mu11, mo.mu20 - mo.mu02), mo.cy, mo.cx
+
+
+def major_axis_length(crops: np.ndarray) -> np.ndarray:
+    """(N,) major-axis length (moments ellipse) of each crop's segmented nucleus, in pixels."""
+    x = np.asarray(crops, np.float32)
+    return 4 * np.sqrt(moments(segment_batch(x.sum(-1) if x.ndim == 4 else x)).l1)
 
 
 def orient_batch(crops: np.ndarray, mask: np.ndarray | None = None,
@@ -58,7 +65,7 @@ def orient_batch(crops: np.ndarray, mask: np.ndarray | None = None,
         raise ValueError(f"masks have shape {mask.shape}, crops {(n, h, w)}")
     angle, cy, cx = major_axis_angle(mask)
     border = np.concatenate([x4[:, 0], x4[:, -1], x4[:, 1:-1, 0], x4[:, 1:-1, -1]], axis=1)
-    fill = np.median(border, axis=1)  # (N, C)
+    background = np.median(border, axis=1)  # (N, C)
     centre = np.array([(h - 1) / 2, (w - 1) / 2])
     out = np.empty_like(x4)
     for i in range(n):
@@ -68,7 +75,7 @@ def orient_batch(crops: np.ndarray, mask: np.ndarray | None = None,
         offset = np.array([cy[i], cx[i]]) - rot @ centre
         for ch in range(c):
             out[i, ..., ch] = ndimage.affine_transform(x4[i, ..., ch], rot, offset=offset, order=1,
-                                                       mode="constant", cval=float(fill[i, ch]))
+                                                       mode="constant", cval=float(background[i, ch]))
     return out if x.ndim == 4 else out[..., 0]
 
 
@@ -78,12 +85,6 @@ def _is_copy_of(out_dir: str, made: dict) -> bool:
     except (OSError, ValueError):
         return False
     return all(m.get(k) == v for m in manifests for k, v in made.items())
-
-
-def major_axis_length(crops: np.ndarray) -> np.ndarray:
-    """(N,) major-axis length (moments ellipse) of each crop's segmented nucleus, in pixels."""
-    x = np.asarray(crops, np.float32)
-    return 4 * np.sqrt(moments(segment_batch(x.sum(-1) if x.ndim == 4 else x)).l1)
 
 
 def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Callable[[int, int], None] | None = None,
@@ -109,8 +110,7 @@ def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Call
     made = {"oriented_from": src_dir, "source_fingerprint": dataset_fingerprint(src_dir), "fill": fill}
     if _is_copy_of(out_dir, made):
         return out_dir
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not any(
-            n.startswith(MANIFEST_GLOB.split("*")[0]) for n in os.listdir(out_dir)):
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not glob.glob(os.path.join(out_dir, MANIFEST_GLOB)):
         raise FileExistsError(f"{out_dir}: exists and is not a crop dataset; refusing to replace it")
     src = CropSource(src_dir)
     scale = 1.0
