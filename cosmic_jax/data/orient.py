@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from cosmic_jax.data.morph_features import moments, segment_batch
-from cosmic_jax.data.records import (MANIFEST_GLOB, CropSource, dataset_fingerprint, encode_record, read_manifests,
+from cosmic_jax.data.records import (MANIFEST_GLOB, CropSource, dataset_fingerprint, read_manifests, source_records,
                                      write_shards)
 
 
@@ -120,17 +120,10 @@ def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Call
     stage = f"{out_dir}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
 
-    def records():
-        for start in range(0, len(src), chunk):
-            ids = np.arange(start, min(start + chunk, len(src)))
-            cell_ids, metas = src.read_meta(ids)
-            images = orient_batch(src.read_images(ids), label_of=lambda i: f"{src_dir}: cell {cell_ids[i]}", scale=scale)
-            for image, cell_id, meta in zip(images, cell_ids, metas):
-                yield encode_record(image, cell_id, meta)
-            if progress:
-                progress(int(ids[-1]) + 1, len(src))
+    def orient(images, cell_ids):
+        return orient_batch(images, label_of=lambda i: f"{src_dir}: cell {cell_ids[i]}", scale=scale)
 
-    write_shards(records(), stage, extra={**made, "scale": scale})
+    write_shards(source_records(src, orient, np.float32, chunk, progress), stage, extra={**made, "scale": scale})
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)  # the replacement is complete in `stage`
     os.replace(stage, out_dir)

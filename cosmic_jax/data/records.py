@@ -44,7 +44,7 @@ import logging
 import math
 import os
 import threading
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import msgpack
 import numpy as np
@@ -626,14 +626,23 @@ def repack(src_dir: str, out_dir: str, float_storage: str = "uint16", records_pe
     if glob.glob(os.path.join(out_dir, MANIFEST_GLOB)):
         raise FileExistsError(f"{out_dir}: already holds a crop dataset; repack into an empty folder")
     src = CropSource(src_dir)
+    return write_shards(source_records(src, chunk=chunk), out_dir, records_per_shard=records_per_shard,
+                        float_storage=float_storage, extra={"repacked_from": os.path.abspath(src_dir)})
 
-    def records() -> Iterator[bytes]:
-        for start in range(0, len(src), chunk):
-            ids = np.arange(start, min(start + chunk, len(src)))
-            images = src.read_images(ids, src.dtype)
-            cell_ids, metas = src.read_meta(ids)
-            for image, cell_id, meta in zip(images, cell_ids, metas):
-                yield encode_record(image, cell_id, meta)
 
-    return write_shards(records(), out_dir, records_per_shard=records_per_shard, float_storage=float_storage,
-                        extra={"repacked_from": os.path.abspath(src_dir)})
+def source_records(src: CropSource, transform: Callable[[np.ndarray, list[str]], np.ndarray] | None = None,
+                   dtype: Any = None, chunk: int = 1024, progress: Callable[[int, int], None] | None = None
+                   ) -> Iterator[bytes]:
+    """A dataset's crops as :func:`encode_record` records, in order, read ``chunk`` at a time (for
+    rewriting it): cell ids and metadata kept, pixels as ``dtype`` (default the stored dtype) passed
+    through ``transform(images, cell_ids)`` if given; ``progress(done, total)`` after every chunk."""
+    for start in range(0, len(src), chunk):
+        ids = np.arange(start, min(start + chunk, len(src)))
+        images = src.read_images(ids, dtype or src.dtype)
+        cell_ids, metas = src.read_meta(ids)
+        if transform is not None:
+            images = transform(images, cell_ids)
+        for image, cell_id, meta in zip(images, cell_ids, metas):
+            yield encode_record(image, cell_id, meta)
+        if progress:
+            progress(start + len(ids), len(src))
