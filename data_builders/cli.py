@@ -1,4 +1,4 @@
-"""``cosmic data nuclei | paired | tfds | synthetic``: dataset builders on the command line.
+"""``cosmic data nuclei | paired | orient | tfds | synthetic``: dataset builders on the command line.
 
 Registered with ``cosmic`` through the ``cosmic.commands`` entry point. Settings use the one config
 system (``--config.crop.size=96``, ``--config.segment.noise_k=4``; ``configs/nuclei.py``); flags are
@@ -12,6 +12,7 @@ import argparse
 import json
 
 from cosmic_jax.commands import add_config, setup_logging
+from cosmic_jax.configs import analyze as analyze_configs
 from cosmic_jax.configs import nuclei as nuclei_configs
 
 
@@ -80,6 +81,17 @@ def register(subparsers) -> None:
     add_config(q, nuclei_configs, "paired")
     q.set_defaults(func=run_paired)
 
+    o = sub.add_parser("orient", help="an oriented copy of a crop dataset, to pretrain an MAE in the pose "
+                                      "`cosmic analyze` embeds (reuse it with --mae)")
+    o.add_argument("--crops", required=True, help="crop dataset folder")
+    o.add_argument("--out", required=True, help="output folder (an earlier oriented copy there is replaced once the new "
+                                                 "one is complete; anything else is refused)")
+    fill = analyze_configs.get_config().orient_fill
+    o.add_argument("--fill", type=float, default=fill, metavar="F",
+                   help=f"magnify so the 95th-percentile nucleus spans F of the crop side (default {fill}, as "
+                        "`cosmic analyze`; 0 = keep the scale)")
+    o.set_defaults(func=run_orient)
+
     t = sub.add_parser("tfds", help="re-pack a crop dataset as a TFDS (array_record) dataset")
     t.add_argument("--crops", required=True, help="crop dataset folder (cosmic data nuclei --out)")
     t.add_argument("--out", required=True, help="TFDS data_dir")
@@ -126,6 +138,17 @@ def run_paired(args) -> int:
         float_storage=args.cfg.float_storage,
     )  # fmt: skip
     print(json.dumps(summary))
+    return 0
+
+
+def run_orient(args) -> int:
+    from cosmic_jax.data.orient import dataset_pose, write_oriented
+
+    setup_logging()
+    if not 0.0 <= args.fill <= 2.0:
+        raise ValueError(f"--fill {args.fill}: must be in [0, 2] (0 = keep the scale)")
+    out = write_oriented(args.crops, args.out, fill=args.fill or None)
+    print(json.dumps({"out": args.out, **dataset_pose(out)}))
     return 0
 
 

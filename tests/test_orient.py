@@ -109,7 +109,7 @@ def test_oriented_copy_refuses_to_replace_a_folder_that_is_not_a_crop_dataset(tm
     _write(src, nuclei[:4])
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not a crop dataset"):
+    with pytest.raises(FileExistsError, match="not an oriented crop dataset"):
         write_oriented(src, str(out))
     assert (out / "keep.txt").read_text() == "mine"
 

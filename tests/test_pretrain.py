@@ -15,6 +15,7 @@ import pytest
 
 from cosmic_jax.configs import pretrain
 from cosmic_jax.configs.overrides import load_config
+from cosmic_jax.data.orient import AS_CUT, write_oriented
 from cosmic_jax.testing.crops import write_blob_dataset
 from cosmic_jax.testing.runs import enable_compile_cache, losses_by_step, read_jsonl, run_worker, subprocess_env
 from data_builders.probe_crops import write_chromatin_dataset
@@ -147,6 +148,7 @@ def test_config_json_and_load_for_inference(ref):
     model_cfg, params, step, info = load_for_inference(ref["workdir"])
     assert model_cfg == model_config(pretrain.get_config("test").model)
     assert step == STEPS and info["steps"] == [10, 20, 30, 40]
+    assert info["pose"] == AS_CUT  # pretrained on crops as cut: the Embedder feeds crops as they are
     want = jax.device_get(ref["out"]["state"].params)
     leaves = jax.tree.leaves(params)
     assert all(len(x.devices()) == 1 for x in leaves)
@@ -154,6 +156,16 @@ def test_config_json_and_load_for_inference(ref):
     _, p20, s20, _ = load_for_inference(ref["workdir"], step=20)
     assert s20 == 20
     assert not np.array_equal(p20["decoder_pred"]["kernel"], want["decoder_pred"]["kernel"])
+
+
+def test_resume_on_crops_in_another_pose_is_refused(ref, data, tmp_path):
+    from cosmic_jax.train.pretrain import load_run_config, train_and_evaluate
+
+    oriented = write_oriented(data["train"], str(tmp_path / "oriented"))
+    before = sorted(os.listdir(ref["workdir"]))
+    with pytest.raises(ValueError, match="pretrained on crops in pose"):
+        train_and_evaluate(load_run_config(ref["workdir"]), oriented, ref["workdir"])
+    assert sorted(os.listdir(ref["workdir"])) == before
 
 
 @pytest.mark.slow

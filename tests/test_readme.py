@@ -76,6 +76,8 @@ def test_readme_command_line_and_api_run_as_written(tmp_path):
     mine, masked = CropSource(path("data/mine")), CropSource(path("data/mine_masked"))
     assert sorted(mine.cell_ids()) == sorted(masked.cell_ids()) and len(mine) > 50  # the saved labels round-trip
     assert sorted(CropSource(path("data/big")).cell_ids()) == sorted(mine.cell_ids())  # 2 jobs = 1 dataset
+    with open(path("runs/mae/pose.json")) as f:
+        assert json.load(f)["oriented"]  # pretrained on the oriented copy; the embeddings below orient
     emb = np.load(path("emb.npy"))
     assert emb.shape[0] == len(nuclei) and np.isfinite(emb).all()
     np.testing.assert_allclose(np.load(path("emb_export.npy")), emb, atol=2e-4)
@@ -91,7 +93,7 @@ def test_readme_command_line_and_api_run_as_written(tmp_path):
     assert os.path.exists(path("runs/joint/model/joint_model.json"))
 
     api = _blocks(_section("Python API"), "python")[0]
-    # the example's embedding of the oriented crops is the one the analysis used
+    # the example embeds the crops as cut; put into the MAE's pose they give the analysis's embedding
     check = ("\nref = anndata.read_h5ad('runs/analysis/analysis/cells.h5ad').obsm['X_cosmic']"
              "\nprint('API', z.shape, adata.obsm['X_cosmic'].shape, abs(adata.obsm['X_cosmic'] - ref).max())")
     r = subprocess.run([sys.executable, "-c", api + check], cwd=cwd, env=env, capture_output=True, text=True,

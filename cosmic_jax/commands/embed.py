@@ -22,6 +22,7 @@ from cosmic_jax.configs import embed as embed_configs
 from cosmic_jax.runtime import apply_cpu_devices
 
 OUTPUT_KINDS = (".npy", ".h5ad")
+ORIENT = {"auto": None, "yes": True, "no": False}
 
 
 def register(subparsers) -> None:
@@ -56,6 +57,9 @@ def _make_embedder(args):
     from cosmic_jax.embed.embedder import Embedder, parse_layers
 
     cfg = args.cfg
+    if str(cfg.orient) not in ORIENT:
+        raise ValueError(f"--config.orient={cfg.orient}: use one of {', '.join(ORIENT)}")
+    orient = ORIENT[str(cfg.orient)]
     if args.export:
         if args.step is not None:
             raise ValueError("--step applies to --checkpoint only; an export holds one step")
@@ -64,9 +68,9 @@ def _make_embedder(args):
         if baked:
             raise ValueError(f"{args.export}: an export has its read-out (layer, pool, dihedral) baked in; "
                              f"drop {' '.join(baked)}")
-        return Embedder.from_export(args.export, batch_size=cfg.batch_size)
+        return Embedder.from_export(args.export, batch_size=cfg.batch_size, orient=orient)
     return Embedder.from_checkpoint(args.checkpoint, step=args.step, layer=parse_layers(cfg.layer), pool=cfg.pool,
-                                    dihedral=cfg.dihedral, batch_size=cfg.batch_size)
+                                    dihedral=cfg.dihedral, batch_size=cfg.batch_size, orient=orient)
 
 
 def run_embed(args: argparse.Namespace) -> int:

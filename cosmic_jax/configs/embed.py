@@ -20,6 +20,10 @@ def get_config(name: str = "default") -> ml_collections.ConfigDict:
     c.layer = "default"
     c.pool = "mean_std"  # "mean_std" of the patch tokens, their "mean", or the "cls" token
     c.dihedral = True  # average over the 8 rotations / reflections (a nucleus has no orientation)
+    # put the crops into the pose the MAE was pretrained in (rotated onto the nucleus's major axis and
+    # magnified as its pose.json / export says): "auto" = when it was pretrained on oriented crops and
+    # the input is not an oriented copy already, "yes", "no" (feed the crops as they are)
+    c.orient = "auto"
     c.batch_size = 256
     # CPU hosts: split into N XLA devices, each batch spread over them (-1 = auto: one per core while
     # each gets >= 64 images; 1 = one device). Other backends use all their local devices.

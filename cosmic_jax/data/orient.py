@@ -10,21 +10,66 @@ round 8 (MAE alone: cell type, hand-feature R^2 and expression share all rise).
 
 ``orient_batch`` works on arrays; ``write_oriented`` makes an oriented copy of a crop dataset
 (``cosmic analyze`` pretrains and embeds on it, see ``configs/analyze.py`` ``orient``).
+
+The pose an MAE was pretrained in belongs to the model: ``cosmic pretrain`` records its crops' pose
+(``dataset_pose``) in ``W/pose.json``, exports carry it, and the Embedder puts crops given as they
+were cut into that pose before the forward (``Embedder(orient=...)``).
 """
 
 from __future__ import annotations
 
-import glob
+import json
 import os
 import shutil
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from scipy import ndimage
 
 from cosmic_jax.data.morph_features import moments, segment_batch
-from cosmic_jax.data.records import (MANIFEST_GLOB, CropSource, dataset_fingerprint, read_manifests, source_records,
-                                     write_shards)
+from cosmic_jax.data.records import CropSource, dataset_fingerprint, read_manifests, source_records, write_shards
+
+
+POSE_FILE = "pose.json"
+AS_CUT = {"oriented": False, "scale": 1.0, "fill": None}  # crops as the crop builder wrote them
+
+
+def dataset_pose(data_dir: str) -> dict[str, Any]:
+    """The pose of a crop dataset's crops: ``{"oriented", "scale", "fill"}`` (``AS_CUT`` unless it is a
+    ``write_oriented`` copy)."""
+    m = read_manifests(os.path.abspath(data_dir))[0]
+    if "oriented_from" not in m:
+        return dict(AS_CUT)
+    return {"oriented": True, "scale": float(m.get("scale", 1.0)), "fill": m.get("fill")}
+
+
+def read_run_pose(workdir: str) -> dict[str, Any] | None:
+    """The pose recorded by a pretraining run in ``W/pose.json`` (None: the run predates the record)."""
+    path = os.path.join(workdir, POSE_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            pose = json.load(f)
+        return {"oriented": bool(pose["oriented"]), "scale": float(pose["scale"]), "fill": pose.get("fill")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable pose record ({e!r})") from None
+
+
+def check_run_pose(workdir: str, pose: dict[str, Any]) -> None:
+    """A resumed run must keep pretraining on crops in the pose it started with."""
+    old = read_run_pose(workdir)
+    if old is not None and (old["oriented"] != pose["oriented"] or not np.isclose(old["scale"], pose["scale"])):
+        raise ValueError(f"{workdir}: was pretrained on crops in pose {old}, these are in pose {pose}; "
+                         "resume with crops in the same pose or use a fresh workdir")
+
+
+def write_run_pose(workdir: str, pose: dict[str, Any]) -> None:
+    """Record in ``W/pose.json`` the pose of the crops a run pretrains on."""
+    tmp = os.path.join(workdir, f".{POSE_FILE}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(pose, f)
+    os.replace(tmp, os.path.join(workdir, POSE_FILE))
 
 
 def major_axis_angle(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,12 +124,20 @@ def orient_batch(crops: np.ndarray, mask: np.ndarray | None = None,
     return out if x.ndim == 4 else out[..., 0]
 
 
+def fill_scale(src: CropSource, fill: float) -> float:
+    """The magnification that makes a crop dataset's 95th-percentile nucleus (major axis, over up to
+    2,000 evenly spaced crops) span ``fill`` of the crop side."""
+    sample = np.linspace(0, len(src) - 1, min(len(src), 2000)).astype(np.int64)
+    return fill * src.image_shape[1] / float(np.percentile(major_axis_length(src.read_images(sample)), 95))
+
+
 def _is_copy_of(out_dir: str, made: dict) -> bool:
+    """Whether ``out_dir`` is an oriented copy whose manifests agree with ``made``."""
     try:
         manifests = read_manifests(out_dir)
     except (OSError, ValueError):
         return False
-    return all(m.get(k) == v for m in manifests for k, v in made.items())
+    return all("oriented_from" in m and all(m.get(k) == v for k, v in made.items()) for m in manifests)
 
 
 def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Callable[[int, int], None] | None = None,
@@ -98,7 +151,8 @@ def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Call
 
     Kept as is when ``out_dir`` already holds the oriented copy of this very source with the same
     ``fill`` (the manifest records the source's path and fingerprint); otherwise rebuilt in a staging
-    folder that replaces ``out_dir`` only once complete. ``progress(done, total)`` is called after
+    folder that replaces ``out_dir`` only once complete. Anything in ``out_dir`` other than an
+    earlier oriented copy is refused, never replaced. ``progress(done, total)`` is called after
     every chunk.
 
     Returns:
@@ -108,15 +162,14 @@ def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Call
     if fill is not None and not 0.0 < fill <= 2.0:
         raise ValueError(f"fill={fill}: the 95th-percentile nucleus's share of the crop side must be in (0, 2]")
     made = {"oriented_from": src_dir, "source_fingerprint": dataset_fingerprint(src_dir), "fill": fill}
+    if out_dir == src_dir:
+        raise ValueError(f"{out_dir}: the oriented copy cannot replace its own source; pick another folder")
     if _is_copy_of(out_dir, made):
         return out_dir
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not glob.glob(os.path.join(out_dir, MANIFEST_GLOB)):
-        raise FileExistsError(f"{out_dir}: exists and is not a crop dataset; refusing to replace it")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not _is_copy_of(out_dir, {}):
+        raise FileExistsError(f"{out_dir}: exists and is not an oriented crop dataset; refusing to replace it")
     src = CropSource(src_dir)
-    scale = 1.0
-    if fill:
-        sample = np.linspace(0, len(src) - 1, min(len(src), 2000)).astype(np.int64)
-        scale = fill * src.image_shape[1] / float(np.percentile(major_axis_length(src.read_images(sample)), 95))
+    scale = fill_scale(src, fill) if fill else 1.0
     stage = f"{out_dir}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
 

@@ -5,6 +5,10 @@ stored in the crop dataset, cast to float32 and NOT rescaled here (a uint8 crop 
 0..255 stays 0..255). If the model config has ``pixel_mean`` / ``pixel_std`` the model itself
 normalises; that rule travels with the config and the export.
 
+Pose: an MAE pretrained on oriented crops (``cosmic_jax/data/orient.py``; ``cosmic analyze`` does
+that) records the pose in its run and export; by default crops are put into that pose here before
+the forward, unless a crop dataset is already an oriented copy.
+
 Every call runs the same compiled function on batches of exactly ``batch_size`` images (the last
 batch is zero-padded and the padding rows are dropped), so any N costs one compile, and the
 result does not depend on how the images were chunked.
@@ -12,6 +16,7 @@ result does not depend on how the images were chunked.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -24,6 +29,7 @@ import cosmic_jax
 from cosmic_jax.data.cells import cell_ids as cell_ids_of
 from cosmic_jax.data.cells import match_ids
 from cosmic_jax.data.loader import make_eval_iterator
+from cosmic_jax.data.orient import dataset_pose, fill_scale, orient_batch
 from cosmic_jax.data.records import CropSource
 from cosmic_jax.embed.artifact import flatten_params, load_export
 from cosmic_jax.models.mae import MAE
@@ -49,6 +55,8 @@ DEFAULT_BATCH = 256
 # (notes/embed.md). Identical outputs (each image's forward is independent).
 DEFAULT_MICRO_BATCH = 32
 _PROGRESS_MIN_BATCHES = 8  # a bar for less than this is noise
+
+log = logging.getLogger(__name__)
 
 
 class EmbedInputError(ValueError):
@@ -86,6 +94,14 @@ class Embedder:
         f32) -> (n, D)`` to run instead of the model built from ``model_cfg``; ``params`` are then its
         flat weights and layer/pool/dihedral describe what the program computes
         (:meth:`from_export` sets this up).
+      pose: the pose of the crops the model was pretrained on (``{"oriented", "scale", "fill"}``, from
+        the run's ``pose.json`` or the export; None = unknown, treated as crops as cut).
+      orient: put crops into the model's pose before the forward (rotate onto the nucleus's major
+        axis, centre, magnify); None (default) = when the model was pretrained on oriented crops.
+        A crop dataset is magnified as the analysis does (its 95th-percentile nucleus to the pose's
+        ``fill``), an array by the pose's ``scale``; a crop dataset that is already an oriented copy
+        is used as it is. Arrays are always oriented: pass ``orient=False`` for arrays read from an
+        oriented copy.
       step: training step the params come from (metadata only).
       source: where the params come from, e.g. a workdir or export dir (metadata only).
       progress: tqdm bar: None = only for long inputs, True/False = always/never.
@@ -103,6 +119,8 @@ class Embedder:
         micro_batch: int = DEFAULT_MICRO_BATCH,
         devices: int | None = None,
         program: jax.export.Exported | None = None,
+        pose: dict[str, Any] | None = None,
+        orient: bool | None = None,
         step: int | None = None,
         source: str | None = None,
         progress: bool | None = None,
@@ -137,6 +155,10 @@ class Embedder:
         param_shardings = state_shardings(params, mesh)
         self.params = jax.device_put(params, param_shardings)
         self.program = program
+        self.pose = dict(pose) if pose else None
+        trained_oriented = bool(self.pose and self.pose["oriented"])
+        self.orient = trained_oriented if orient is None else bool(orient)
+        self.orient_scale = float(self.pose["scale"]) if trained_oriented else 1.0
         self.step = step
         self.source = source
         self.progress = progress
@@ -184,9 +206,9 @@ class Embedder:
         # `import cosmic_jax.embed` takes 2.1 s with it at the top, 0.9 s without (CPU s, 3 runs).
         from cosmic_jax.train.pretrain import load_for_inference
 
-        model_cfg, params, got_step, _info = load_for_inference(path, step=step)
+        model_cfg, params, got_step, info = load_for_inference(path, step=step)
         return cls(model_cfg, params, layer=layer, pool=pool, dihedral=dihedral, step=int(got_step),
-                   source=f"checkpoint:{os.path.abspath(path)}", **kw)
+                   pose=info["pose"], source=f"checkpoint:{os.path.abspath(path)}", **kw)
 
     @classmethod
     def from_export(
@@ -203,7 +225,8 @@ class Embedder:
         bundle = load_export(path)
         exported = {k: bundle.config["embedding"][k] for k in ("layer", "pool", "dihedral")}
         asked = {k: v for k, v in (("layer", layer), ("pool", pool), ("dihedral", dihedral)) if v is not None}
-        common = dict(step=bundle.config.get("training_step"), source=f"export:{os.path.abspath(path)}", **kw)
+        common = dict(step=bundle.config.get("training_step"), pose=bundle.config["input"].get("pose"),
+                      source=f"export:{os.path.abspath(path)}", **kw)
         if not asked:
             return cls(bundle.model_cfg, flatten_params(bundle.params), **exported, program=bundle.program, **common)
         # another read-out: the model from config + weights (the program computes only its own)
@@ -220,6 +243,8 @@ class Embedder:
             "model": self.model_name,
             "step": -1 if self.step is None else int(self.step),
             **self.readout(),
+            "orient": self.orient,
+            "orient_scale": self.orient_scale,
             "dim": int(self.dim),
             "input_shape": list(self.input_shape),
             "source": self.source or "in-memory",
@@ -239,7 +264,8 @@ class Embedder:
 
     def __repr__(self) -> str:
         return (f"Embedder(model={self.model_name!r}, step={self.step}, layer={self.layer}, "
-                f"pool={self.pool!r}, dihedral={self.dihedral}, dim={self.dim}, batch_size={self.batch_size}, "
+                f"pool={self.pool!r}, dihedral={self.dihedral}, orient={self.orient}, dim={self.dim}, "
+                f"batch_size={self.batch_size}, "
                 f"devices={self.num_devices})")
 
     # ------------------------------------------------------------------ validation
@@ -305,6 +331,31 @@ class Embedder:
             )
         return x
 
+    # ------------------------------------------------------------------ pose
+    def _pose(self, x: np.ndarray, label_of: Callable[[int], str], scale: float | None) -> np.ndarray:
+        """Validated float32 crops -> rotated, centred and magnified by ``scale`` (None: as they are)."""
+        if scale is None:
+            return x
+        try:
+            return orient_batch(x, label_of=label_of, scale=scale)
+        except ValueError as e:  # a crop with no nucleus has no axis to turn onto
+            raise EmbedInputError(f"{e}; embed it with orient=False (--config.orient=no) or drop it") from None
+
+    def _dataset_scale(self, src: CropSource, data_dir: str) -> float | None:
+        """The magnification that puts the crops of ``data_dir`` into the model's pose; None when they
+        are to be embedded as they are (orient off, or already an oriented copy)."""
+        if not self.orient:
+            return None
+        pose = dataset_pose(data_dir)
+        fill = self.pose.get("fill") if self.pose else None
+        if pose["oriented"]:
+            if pose["fill"] != fill:
+                log.warning("%s: an oriented copy made with fill %s, the model was pretrained with fill %s; "
+                            "embedding it as it is", data_dir, pose["fill"], fill)
+            return None
+        # per dataset, as write_oriented does for the analysis: the same cells give the same embedding
+        return fill_scale(src, fill) if fill else self.orient_scale
+
     # ------------------------------------------------------------------ embedding
     def _run(self, chunks: Iterable[np.ndarray], n_total: int, desc: str, progress: bool | None) -> np.ndarray:
         """Embed validated float32 chunks of <= batch_size images; returns (n_total, D)."""
@@ -364,7 +415,8 @@ class Embedder:
 
         def chunks() -> Iterator[np.ndarray]:
             for s in range(0, len(x), b):
-                yield self.check_images(x[s:s + b], offset=s)
+                yield self._pose(self.check_images(x[s:s + b], offset=s), lambda i, s=s: f"images: index {s + i}",
+                                 self.orient_scale if self.orient else None)
 
         return self._run(chunks(), len(x), "embed", progress)
 
@@ -385,6 +437,7 @@ class Embedder:
             return np.zeros((0, self.dim), np.float32), []
         # Shape errors before any work, naming the dataset (the loader would fail inside grain).
         self.check_images(np.zeros((1, *src.image_shape), np.float32), where=f"crop dataset {data_dir}")
+        scale = self._dataset_scale(src, data_dir)
         ids: list[str] = []
 
         def chunks() -> Iterator[np.ndarray]:
@@ -397,7 +450,7 @@ class Embedder:
                     bad = [c for c, img in zip(batch_ids, batch["image"]) if not np.isfinite(img).all()]
                     raise EmbedInputError(f"{e}; cell_id(s) {bad[:5]}" if bad else str(e)) from e
                 ids.extend(batch_ids)
-                yield x
+                yield self._pose(x, lambda i: f"crop dataset {data_dir}: cell {batch_ids[i]}", scale)
 
         emb = self._run(chunks(), n, f"embed {os.path.basename(data_dir.rstrip('/'))}", progress)
         return emb, ids

@@ -4,7 +4,8 @@ An export directory holds::
 
     manifest.json        format name + version, what each file is, sha256 + size of every file
     config.json          model name, full MAEConfig, input shape (H, W, C) + dtype + normalisation
-                         rule, embedding read-out (layer/pool/dihedral), training step, calling convention
+                         rule + pose, embedding read-out (layer/pool/dihedral), training step,
+                         calling convention
     encoder.safetensors  encoder weights, a flat dict keyed by '/'.join(param path)
     encoder.stablehlo    the encoder forward serialised with ``jax.export``: takes
                          (flat weights dict, float32 images (b, H, W, C)) -> float32 (b, D),
@@ -170,6 +171,13 @@ def export_embedder(
             ),
             "pixel_mean": cfg.pixel_mean,
             "pixel_std": cfg.pixel_std,
+            # host-side, before the program: what the encoder was pretrained on (data/orient.py)
+            "pose": embedder.pose,
+            "pose_rule": (
+                "rotate each crop about its nucleus's centroid onto the moments-ellipse major axis, move "
+                f"it to the centre and magnify x{embedder.pose['scale']:.6g} about the centre "
+                "(cosmic_jax.data.orient.orient_batch; Embedder.from_export does it)"
+                if embedder.pose and embedder.pose["oriented"] else "crops as cut, no pose change"),
         },
         "output": {"shape": ["b", embedder.dim], "dtype": "float32"},
         # matmul dtype inside the forward (params and I/O are float32 either way)

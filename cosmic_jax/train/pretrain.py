@@ -22,6 +22,7 @@ import numpy as np
 from cosmic_jax.configs import overrides as cfg_io
 from cosmic_jax.configs import pretrain as pretrain_configs
 from cosmic_jax.data.loader import make_train_iterator, train_batch_spec
+from cosmic_jax.data.orient import check_run_pose, dataset_pose, read_run_pose, write_run_pose
 from cosmic_jax.data.records import CropSource, to_values
 from cosmic_jax.models.mae import MAE, model_config, param_logical_specs
 from cosmic_jax.train import optim
@@ -67,7 +68,8 @@ def load_for_inference(workdir: str, step: int | None = None) -> tuple[Any, Any,
 
     Returns:
       (model_cfg, params, step, info): the frozen model config, the MAE parameter pytree and a dict
-      with ``config`` (the whole run config as a dict), ``workdir`` and ``steps`` (all saved steps).
+      with ``config`` (the whole run config as a dict), ``workdir``, ``steps`` (all saved steps) and
+      ``pose`` (the pose of the crops it was pretrained on; None for runs that predate the record).
     """
     workdir = os.path.abspath(workdir)
     cfg = load_run_config(workdir)
@@ -76,7 +78,8 @@ def load_for_inference(workdir: str, step: int | None = None) -> tuple[Any, Any,
     except ValueError as e:
         raise CheckpointError(f"{os.path.join(workdir, CONFIG_FILE)}: {e}") from None
     params, step = load_params(workdir, step)
-    info = {"config": cfg_io.to_dict(cfg), "workdir": workdir, "steps": checkpoint_steps(workdir)}
+    info = {"config": cfg_io.to_dict(cfg), "workdir": workdir, "steps": checkpoint_steps(workdir),
+            "pose": read_run_pose(workdir)}
     return model_cfg, params, step, info
 
 
@@ -185,7 +188,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, data_dir: str, workdir
     Args:
       config: run config (``configs/pretrain.py``, e.g. via ``configs.overrides.load_config``).
       data_dir: crop dataset directory (``cosmic_jax.data.records`` format).
-      workdir: output dir: config.json, checkpoints/, metrics.jsonl, tb/, recon/.
+      workdir: output dir: config.json, pose.json, checkpoints/, metrics.jsonl, tb/, recon/.
       extra_hooks: more periodic callbacks for the loop (e.g. custom evaluations).
 
     Returns:
@@ -213,6 +216,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, data_dir: str, workdir
     if gb % mesh.devices.size:
         raise ValueError(f"loader.global_batch={gb} must be divisible by the {mesh.devices.size} devices")
     _check_resume(workdir, config)
+    pose = dataset_pose(data_dir)
+    check_run_pose(workdir, pose)
 
     init_rng, train_rng, hook_rng = run_rngs(config.seed)
     init_fn = functools.partial(create_train_state, model_cfg, optim_cfg)
@@ -228,6 +233,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, data_dir: str, workdir
         state, _ = shd.create_sharded_state(init_fn, mesh, init_rng, param_specs=param_logical_specs(model_cfg))
     if jax.process_index() == 0:
         cfg_io.save(config, os.path.join(workdir, CONFIG_FILE))  # only once the run is known to start
+        write_run_pose(workdir, pose)  # the Embedder puts new crops into this pose
 
     hooks = []
     if config.recon_every > 0:

@@ -33,7 +33,7 @@ from cosmic_jax.analysis.variance import AnalysisInputError
 from cosmic_jax.configs import overrides as cfg_io
 from cosmic_jax.data.anndata_io import read_h5ad, write_h5ad
 from cosmic_jax.data.cells import cell_ids, match_ids
-from cosmic_jax.data.orient import write_oriented
+from cosmic_jax.data.orient import read_run_pose, write_oriented
 from cosmic_jax.data.records import CropSource, dataset_fingerprint
 from cosmic_jax.embed.embedder import Embedder
 from cosmic_jax.train.checkpoint import checkpoint_steps
@@ -47,10 +47,10 @@ def ensure_mae(crops_dir: str, workdir: str, cfg: ml_collections.ConfigDict, mae
     if mae:
         if not checkpoint_steps(mae):
             raise FileNotFoundError(f"--mae {mae}: holds no pretraining checkpoint (make one with `cosmic pretrain`)")
-        return os.path.abspath(mae)
+        return _same_pose(os.path.abspath(mae), cfg, f"--mae {mae}")
     for cand in (workdir, os.path.join(workdir, "mae")):
         if checkpoint_steps(cand) and os.path.exists(os.path.join(cand, "config.json")):
-            return cand
+            return _same_pose(cand, cfg, cand)
     h, w, c = CropSource(crops_dir).image_shape
     if h != w:
         raise AnalysisInputError(f"{crops_dir}: crops are {h}x{w}; the MAE needs square crops")
@@ -62,6 +62,17 @@ def ensure_mae(crops_dir: str, workdir: str, cfg: ml_collections.ConfigDict, mae
              workdir, pre.model.name, pre.steps, mae_dir)
     train_and_evaluate(pre, crops_dir, mae_dir)
     return mae_dir
+
+
+def _same_pose(run: str, cfg: ml_collections.ConfigDict, what: str) -> str:
+    """``run``, if it was pretrained on crops in the pose this analysis embeds (``cfg.orient``)."""
+    pose = read_run_pose(run)
+    if pose is not None and pose["oriented"] != bool(cfg.orient):
+        said = "oriented crops" if pose["oriented"] else "crops as cut"
+        raise AnalysisInputError(f"{what}: was pretrained on {said}, this analysis embeds "
+                                 f"{'oriented crops' if cfg.orient else 'crops as cut'}: pass "
+                                 f"--config.orient={str(pose['oriented']).lower()} or pretrain on crops in this pose")
+    return run
 
 
 def morphology_embedding(adata, ids: np.ndarray, crops_dir: str, mae_dir: str, cache: str) -> np.ndarray:
