@@ -14,7 +14,7 @@ from cosmic_jax.cli import main
 from cosmic_jax.configs import analyze as analyze_configs
 from cosmic_jax.configs import overrides as cfg_io
 from cosmic_jax.configs import pretrain as pretrain_configs
-from cosmic_jax.data.orient import AS_CUT, dataset_pose, write_oriented, write_run_pose
+from cosmic_jax.data.orient import AS_CUT, dataset_pose, scale_into, write_oriented, write_run_pose
 from cosmic_jax.data.records import CropSource, encode_record, write_shards
 from cosmic_jax.embed import Embedder
 from cosmic_jax.embed.export import export_embedder, load_export
@@ -124,3 +124,13 @@ def test_data_orient_command_and_what_it_refuses(crops, tmp_path, capsys):
     assert "not an oriented crop dataset" in capsys.readouterr().err
     assert CropSource(crops["src"]).cell_ids() == before and dataset_pose(crops["src"]) == AS_CUT
     assert main(["data", "orient", "--crops", crops["src"], "--out", out, "--fill", "3"]) == 2
+
+
+def test_scale_into_a_pose(crops):
+    """The magnification shared by the Embedder and the pretraining probe: the pose's fill measured on
+    the dataset at hand, nothing for an oriented copy or a pose as cut."""
+    pose = dataset_pose(crops["oriented"])
+    assert scale_into(pose, crops["src"]) == pytest.approx(pose["scale"])  # the same crops: the same factor
+    assert scale_into({**pose, "fill": None}, crops["src"]) == pose["scale"]
+    assert scale_into(pose, crops["oriented"]) is None and scale_into(AS_CUT, crops["src"]) is None
+    assert scale_into(None, crops["src"]) is None

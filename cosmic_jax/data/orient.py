@@ -19,6 +19,7 @@ were cut into that pose before the forward (``Embedder(orient=...)``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from typing import Any, Callable
@@ -29,6 +30,8 @@ from scipy import ndimage
 from cosmic_jax.data.morph_features import moments, segment_batch
 from cosmic_jax.data.records import CropSource, dataset_fingerprint, read_manifests, source_records, write_shards
 
+
+log = logging.getLogger(__name__)
 
 POSE_FILE = "pose.json"
 AS_CUT = {"oriented": False, "scale": 1.0, "fill": None}  # crops as the crop builder wrote them
@@ -129,6 +132,22 @@ def fill_scale(src: CropSource, fill: float) -> float:
     2,000 evenly spaced crops) span ``fill`` of the crop side."""
     sample = np.linspace(0, len(src) - 1, min(len(src), 2000)).astype(np.int64)
     return fill * src.image_shape[1] / float(np.percentile(major_axis_length(src.read_images(sample)), 95))
+
+
+def scale_into(pose: dict[str, Any] | None, data_dir: str) -> float | None:
+    """The magnification that brings the crops of ``data_dir`` into ``pose`` once they are oriented
+    (as ``write_oriented`` does: the pose's ``fill`` measured on this dataset, else its ``scale``);
+    None when they are to be used as they are (``pose`` is as cut, or the dataset is an oriented copy
+    already: a different ``fill`` is logged, not redone)."""
+    if not (pose and pose["oriented"]):
+        return None
+    have = dataset_pose(data_dir)
+    if have["oriented"]:
+        if have["fill"] != pose.get("fill"):
+            log.warning("%s: an oriented copy made with fill %s, the model's pose has fill %s; used as it is",
+                        data_dir, have["fill"], pose.get("fill"))
+        return None
+    return fill_scale(CropSource(data_dir), pose["fill"]) if pose.get("fill") else float(pose["scale"])
 
 
 def _is_copy_of(out_dir: str, made: dict) -> bool:

@@ -16,7 +16,6 @@ result does not depend on how the images were chunked.
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -29,7 +28,7 @@ import cosmic_jax
 from cosmic_jax.data.cells import cell_ids as cell_ids_of
 from cosmic_jax.data.cells import match_ids
 from cosmic_jax.data.loader import make_eval_iterator
-from cosmic_jax.data.orient import dataset_pose, fill_scale, orient_batch
+from cosmic_jax.data.orient import AS_CUT, orient_batch, scale_into
 from cosmic_jax.data.records import CropSource
 from cosmic_jax.embed.artifact import flatten_params, load_export
 from cosmic_jax.models.mae import MAE
@@ -55,8 +54,6 @@ DEFAULT_BATCH = 256
 # (notes/embed.md). Identical outputs (each image's forward is independent).
 DEFAULT_MICRO_BATCH = 32
 _PROGRESS_MIN_BATCHES = 8  # a bar for less than this is noise
-
-log = logging.getLogger(__name__)
 
 
 class EmbedInputError(ValueError):
@@ -159,6 +156,8 @@ class Embedder:
         trained_oriented = bool(self.pose and self.pose["oriented"])
         self.orient = trained_oriented if orient is None else bool(orient)
         self.orient_scale = float(self.pose["scale"]) if trained_oriented else 1.0
+        # the pose crops are put into (orient forced on a model trained as cut: rotated, not magnified)
+        self._into = (self.pose if trained_oriented else dict(AS_CUT, oriented=True)) if self.orient else None
         self.step = step
         self.source = source
         self.progress = progress
@@ -341,21 +340,6 @@ class Embedder:
         except ValueError as e:  # a crop with no nucleus has no axis to turn onto
             raise EmbedInputError(f"{e}; embed it with orient=False (--config.orient=no) or drop it") from None
 
-    def _dataset_scale(self, src: CropSource, data_dir: str) -> float | None:
-        """The magnification that puts the crops of ``data_dir`` into the model's pose; None when they
-        are to be embedded as they are (orient off, or already an oriented copy)."""
-        if not self.orient:
-            return None
-        pose = dataset_pose(data_dir)
-        fill = self.pose.get("fill") if self.pose else None
-        if pose["oriented"]:
-            if pose["fill"] != fill:
-                log.warning("%s: an oriented copy made with fill %s, the model was pretrained with fill %s; "
-                            "embedding it as it is", data_dir, pose["fill"], fill)
-            return None
-        # per dataset, as write_oriented does for the analysis: the same cells give the same embedding
-        return fill_scale(src, fill) if fill else self.orient_scale
-
     # ------------------------------------------------------------------ embedding
     def _run(self, chunks: Iterable[np.ndarray], n_total: int, desc: str, progress: bool | None) -> np.ndarray:
         """Embed validated float32 chunks of <= batch_size images; returns (n_total, D)."""
@@ -437,7 +421,8 @@ class Embedder:
             return np.zeros((0, self.dim), np.float32), []
         # Shape errors before any work, naming the dataset (the loader would fail inside grain).
         self.check_images(np.zeros((1, *src.image_shape), np.float32), where=f"crop dataset {data_dir}")
-        scale = self._dataset_scale(src, data_dir)
+        # magnified per dataset, as the analysis's oriented copy: the same cells give the same embedding
+        scale = scale_into(self._into, data_dir)
         ids: list[str] = []
 
         def chunks() -> Iterator[np.ndarray]:

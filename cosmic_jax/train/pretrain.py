@@ -22,7 +22,8 @@ import numpy as np
 from cosmic_jax.configs import overrides as cfg_io
 from cosmic_jax.configs import pretrain as pretrain_configs
 from cosmic_jax.data.loader import make_train_iterator, train_batch_spec
-from cosmic_jax.data.orient import check_run_pose, dataset_pose, read_run_pose, write_run_pose
+from cosmic_jax.data.orient import (check_run_pose, dataset_pose, orient_batch, read_run_pose, scale_into,
+                                    write_run_pose)
 from cosmic_jax.data.records import CropSource, to_values
 from cosmic_jax.models.mae import MAE, model_config, param_logical_specs
 from cosmic_jax.train import optim
@@ -125,13 +126,18 @@ def make_recon_hook(cfg, model_cfg, data_dir: str, workdir: str, mesh, rng) -> H
     return Hook(cfg.recon_every, fn, "recon")
 
 
-def make_probe_hook(cfg, model_cfg, data_dir: str, mesh) -> Hook:
+def make_probe_hook(cfg, model_cfg, data_dir: str, mesh, pose: dict | None = None) -> Hook:
     """Every ``probe_every`` steps: kNN / linear probe accuracy of mean-pooled encoder features.
 
     ``train_and_evaluate`` also calls it at step 0 of a fresh run (``probe_at_start``), so the
-    random-init accuracy, the baseline a useful pretraining must beat, is logged too.
+    random-init accuracy, the baseline a useful pretraining must beat, is logged too. Probe crops are
+    put into ``pose``, that of the training crops.
     """
-    images, labels = load_probe_set(cfg.probe_data or data_dir, cfg.probe_label, cfg.probe_max)
+    probe_dir = cfg.probe_data or data_dir
+    images, labels = load_probe_set(probe_dir, cfg.probe_label, cfg.probe_max)
+    scale = scale_into(pose, probe_dir)
+    if scale is not None:
+        images = orient_batch(images, scale=scale)
     x = _replicated_input(images, mesh)
     encode = jax.jit(lambda params, x: MAE(model_cfg).apply({"params": params}, x, method=MAE.encode, pool="mean"),
                      out_shardings=shd.replicated(mesh))
@@ -238,7 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, data_dir: str, workdir
     hooks = []
     if config.recon_every > 0:
         hooks.append(make_recon_hook(config, model_cfg, data_dir, workdir, mesh, hook_rng))
-    probe = make_probe_hook(config, model_cfg, data_dir, mesh) if config.probe_every > 0 else None
+    probe = make_probe_hook(config, model_cfg, data_dir, mesh, pose) if config.probe_every > 0 else None
     writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
     if probe is not None:
         if config.probe_at_start and start == 0:
