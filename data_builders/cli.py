@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from cosmic_jax.commands import add_config, setup_logging
 from cosmic_jax.configs import analyze as analyze_configs
 from cosmic_jax.configs import nuclei as nuclei_configs
+
+log = logging.getLogger(__name__)
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -147,7 +150,8 @@ def run_orient(args) -> int:
     setup_logging()
     if not 0.0 <= args.fill <= 2.0:
         raise ValueError(f"--fill {args.fill}: must be in [0, 2] (0 = keep the scale)")
-    out = write_oriented(args.crops, args.out, fill=args.fill or None)
+    out = write_oriented(args.crops, args.out, fill=args.fill or None,
+                         progress=lambda done, total: log.info("oriented %d / %d crops", done, total))
     print(json.dumps({"out": args.out, **dataset_pose(out)}))
     return 0
 
