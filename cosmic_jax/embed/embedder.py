@@ -264,8 +264,7 @@ class Embedder:
     def __repr__(self) -> str:
         return (f"Embedder(model={self.model_name!r}, step={self.step}, layer={self.layer}, "
                 f"pool={self.pool!r}, dihedral={self.dihedral}, orient={self.orient}, dim={self.dim}, "
-                f"batch_size={self.batch_size}, "
-                f"devices={self.num_devices})")
+                f"batch_size={self.batch_size}, devices={self.num_devices})")
 
     # ------------------------------------------------------------------ validation
     def _check_layer(self, layer: int | Sequence[int]) -> int | tuple[int, ...]:
