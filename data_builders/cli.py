@@ -93,6 +93,9 @@ def register(subparsers) -> None:
     o.add_argument("--fill", type=float, default=fill, metavar="F",
                    help=f"magnify so the 95th-percentile nucleus spans F of the crop side (default {fill}, as "
                         "`cosmic analyze`; 0 = keep the scale)")
+    o.add_argument("--size", type=int, default=None, metavar="N",
+                   help="side of the oriented crops (default: the source's), e.g. the input size of the MAE to "
+                        "pretrain or reuse")
     o.set_defaults(func=run_orient)
 
     t = sub.add_parser("tfds", help="re-pack a crop dataset as a TFDS (array_record) dataset")
@@ -150,7 +153,7 @@ def run_orient(args) -> int:
     setup_logging()
     if not 0.0 <= args.fill <= 2.0:
         raise ValueError(f"--fill {args.fill}: must be in [0, 2] (0 = keep the scale)")
-    out = write_oriented(args.crops, args.out, fill=args.fill or None,
+    out = write_oriented(args.crops, args.out, fill=args.fill or None, size=args.size,
                          progress=lambda done, total: log.info("oriented %d / %d crops", done, total))
     print(json.dumps({"out": args.out, **dataset_pose(out)}))
     return 0

@@ -132,3 +132,14 @@ def test_fill_magnifies_the_dataset_by_one_factor(tmp_path, nuclei):
                                before[:4], rtol=0.05)
     with pytest.raises(ValueError, match="fill=3"):
         write_oriented(src, out, fill=3.0)
+
+
+def test_size_places_the_nucleus_in_a_crop_of_another_side():
+    img = _ellipse(30.0)  # 48 px
+    out = orient_batch(img[None], size=64)
+    assert out.shape == (1, 64, 64)
+    got, cy, cx = major_axis_angle(morph_features.segment_batch(out))
+    assert abs(np.degrees(got[0])) < 2.0 and abs(cy[0] - 31.5) < 0.5 and abs(cx[0] - 31.5) < 0.5
+    np.testing.assert_allclose(morph_features.measure(out[0])[:2], morph_features.measure(img)[:2], rtol=0.04)
+    # the same as orienting in place and padding the margin (background 0)
+    np.testing.assert_allclose(out[0, 8:56, 8:56], orient_batch(img[None])[0], atol=1e-5)

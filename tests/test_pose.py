@@ -16,11 +16,11 @@ from cosmic_jax.configs import overrides as cfg_io
 from cosmic_jax.configs import pretrain as pretrain_configs
 from cosmic_jax.data.orient import AS_CUT, dataset_pose, scale_into, write_oriented, write_run_pose
 from cosmic_jax.data.records import CropSource, encode_record, write_shards
-from cosmic_jax.embed import Embedder
+from cosmic_jax.embed import Embedder, EmbedInputError
 from cosmic_jax.embed.export import export_embedder, load_export
 from cosmic_jax.models.mae import model_config
 from cosmic_jax.train.checkpoint import Checkpointer
-from cosmic_jax.workflows.analyze import ensure_mae
+from cosmic_jax.workflows.analyze import ensure_mae, oriented_crops
 from data_builders import render
 from test_embed import random_params
 
@@ -134,3 +134,21 @@ def test_scale_into_a_pose(crops):
     assert scale_into({**pose, "fill": None}, crops["src"]) == pose["scale"]
     assert scale_into(pose, crops["oriented"]) is None and scale_into(AS_CUT, crops["src"]) is None
     assert scale_into(None, crops["src"]) is None
+
+
+def test_crops_of_another_size_are_oriented_into_the_models_size(crops, run, tmp_path):
+    """A reused MAE embeds crop datasets of any size: the nuclei are oriented into its input size. The
+    same nuclei cut with a wider margin give the same embedding."""
+    wide = np.pad(crops["images"], ((0, 0), (8, 8), (8, 8), (0, 0)))  # 80 px, background 0 as the crops'
+    src = str(tmp_path / "wide")
+    write_shards((encode_record(x, f"c{i:02d}", {}) for i, x in enumerate(wide)), src, records_per_shard=16,
+                 float_storage="float32")
+    emb = Embedder.from_checkpoint(run, batch_size=8, progress=False)
+    want = emb.embed_dataset(crops["oriented"])[0]
+    np.testing.assert_allclose(emb.embed_dataset(src)[0], want, atol=1e-4)
+    # the analysis's oriented copy for a reused MAE has the MAE's input size
+    copy = oriented_crops(src, str(tmp_path / "w"), analyze_configs.get_config().orient_fill, mae=run)
+    assert CropSource(copy).image_shape == (64, 64, 1)
+    np.testing.assert_allclose(emb.embed_dataset(copy)[0], want, atol=1e-4)
+    with pytest.raises(EmbedInputError, match="80x80 != model input 64x64"):
+        Embedder.from_checkpoint(run, batch_size=8, progress=False, orient=False).embed_dataset(src)

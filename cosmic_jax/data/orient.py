@@ -89,7 +89,7 @@ def major_axis_length(crops: np.ndarray) -> np.ndarray:
 
 
 def orient_batch(crops: np.ndarray, mask: np.ndarray | None = None,
-                 label_of: Callable[[int], str] | None = None, scale: float = 1.0) -> np.ndarray:
+                 label_of: Callable[[int], str] | None = None, scale: float = 1.0, size: int | None = None) -> np.ndarray:
     """Rotate each crop about its nucleus's centroid onto the major axis and move it to the centre.
 
     Args:
@@ -97,10 +97,13 @@ def orient_batch(crops: np.ndarray, mask: np.ndarray | None = None,
       mask: (N, H, W) nucleus masks (default: segmented here as the measured features do).
       label_of: ``i -> name`` of crop i for error messages (a constant crop has no nucleus).
       scale: magnification about the centre (one value for a whole dataset keeps relative sizes).
+      size: side of the square output (default the input's): the nucleus is placed in a crop of this
+        size, e.g. an MAE's input size, without a second resampling.
 
     Returns:
-      float32 crops of the input's shape. Bilinear interpolation; pixels that come from outside
-      the crop take the median of the crop's border (0 for masked crops), so no edge is smeared in.
+      float32 crops of the input's shape (``size`` x ``size`` if given). Bilinear interpolation; pixels
+      that come from outside the crop take the median of the crop's border (0 for masked crops), so
+      no edge is smeared in.
     """
     x = np.asarray(crops, np.float32)
     if x.ndim not in (3, 4):
@@ -114,29 +117,33 @@ def orient_batch(crops: np.ndarray, mask: np.ndarray | None = None,
     angle, cy, cx = major_axis_angle(mask)
     border = np.concatenate([x4[:, 0], x4[:, -1], x4[:, 1:-1, 0], x4[:, 1:-1, -1]], axis=1)
     background = np.median(border, axis=1)  # (N, C)
-    centre = np.array([(h - 1) / 2, (w - 1) / 2])
-    out = np.empty_like(x4)
+    oh, ow = (h, w) if size is None else (int(size), int(size))
+    centre = np.array([(oh - 1) / 2, (ow - 1) / 2])
+    out = np.empty((n, oh, ow, c), np.float32)
     for i in range(n):
         cos, sin = np.cos(angle[i]), np.sin(angle[i])
         # input (y, x) = centroid + the output's offset from the centre rotated by the angle
         rot = np.array([[cos, sin], [-sin, cos]]) / scale
         offset = np.array([cy[i], cx[i]]) - rot @ centre
         for ch in range(c):
-            out[i, ..., ch] = ndimage.affine_transform(x4[i, ..., ch], rot, offset=offset, order=1,
-                                                       mode="constant", cval=float(background[i, ch]))
+            out[i, ..., ch] = ndimage.affine_transform(x4[i, ..., ch], rot, offset=offset, output_shape=(oh, ow),
+                                                       order=1, mode="constant", cval=float(background[i, ch]))
     return out if x.ndim == 4 else out[..., 0]
 
 
-def fill_scale(src: CropSource, fill: float) -> float:
+def fill_scale(src: CropSource, fill: float, size: int | None = None) -> float:
     """The magnification that makes a crop dataset's 95th-percentile nucleus (major axis, over up to
-    2,000 evenly spaced crops) span ``fill`` of the crop side."""
+    2,000 evenly spaced crops) span ``fill`` of the side of the output crop (``size``, default the
+    dataset's crop side)."""
     sample = np.linspace(0, len(src) - 1, min(len(src), 2000)).astype(np.int64)
-    return fill * src.image_shape[1] / float(np.percentile(major_axis_length(src.read_images(sample)), 95))
+    side = size or src.image_shape[1]
+    return fill * side / float(np.percentile(major_axis_length(src.read_images(sample)), 95))
 
 
-def scale_into(pose: dict[str, Any] | None, data_dir: str) -> float | None:
+def scale_into(pose: dict[str, Any] | None, data_dir: str, size: int | None = None) -> float | None:
     """The magnification that brings the crops of ``data_dir`` into ``pose`` once they are oriented
-    (as ``write_oriented`` does: the pose's ``fill`` measured on this dataset, else its ``scale``);
+    into ``size`` x ``size`` crops (as ``write_oriented`` does: the pose's ``fill`` measured on this
+    dataset, else its ``scale``);
     None when they are to be used as they are (``pose`` is as cut, or the dataset is an oriented copy
     already: a different ``fill`` is logged, not redone)."""
     if not (pose and pose["oriented"]):
@@ -147,7 +154,7 @@ def scale_into(pose: dict[str, Any] | None, data_dir: str) -> float | None:
             log.warning("%s: an oriented copy made with fill %s, the model's pose has fill %s; used as it is",
                         data_dir, have["fill"], pose.get("fill"))
         return None
-    return fill_scale(CropSource(data_dir), pose["fill"]) if pose.get("fill") else float(pose["scale"])
+    return fill_scale(CropSource(data_dir), pose["fill"], size) if pose.get("fill") else float(pose["scale"])
 
 
 def _is_copy_of(out_dir: str, made: dict) -> bool:
@@ -160,13 +167,15 @@ def _is_copy_of(out_dir: str, made: dict) -> bool:
 
 
 def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Callable[[int, int], None] | None = None,
-                   fill: float | None = None) -> str:
+                   fill: float | None = None, size: int | None = None) -> str:
     """An oriented copy of crop dataset ``src_dir`` in ``out_dir`` (same order, cell ids, metadata).
 
     ``fill``: also magnify every crop by one factor, so that the dataset's 95th-percentile nucleus
     (major axis) spans this share of the crop side (None = keep the scale). Relative sizes are kept;
     the ViT's patches then fall on the nucleus rather than on the background (the factor is in the
-    manifest as ``scale``).
+    manifest as ``scale``). ``size``: the side of the oriented crops (default the source's), e.g. the
+    input size of an MAE pretrained on crops of another size; with ``fill`` the nuclei then span
+    that share of the new side.
 
     Kept as is when ``out_dir`` already holds the oriented copy of this very source with the same
     ``fill`` (the manifest records the source's path and fingerprint); otherwise rebuilt in a staging
@@ -180,7 +189,10 @@ def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Call
     src_dir, out_dir = os.path.abspath(src_dir), os.path.abspath(out_dir)
     if fill is not None and not 0.0 < fill <= 2.0:
         raise ValueError(f"fill={fill}: the 95th-percentile nucleus's share of the crop side must be in (0, 2]")
-    made = {"oriented_from": src_dir, "source_fingerprint": dataset_fingerprint(src_dir), "fill": fill}
+    if size is not None and int(size) < 8:
+        raise ValueError(f"size={size}: the oriented crops' side must be at least 8 pixels")
+    size = None if size is None else int(size)
+    made = {"oriented_from": src_dir, "source_fingerprint": dataset_fingerprint(src_dir), "fill": fill, "size": size}
     if out_dir == src_dir:
         raise ValueError(f"{out_dir}: the oriented copy cannot replace its own source; pick another folder")
     if _is_copy_of(out_dir, made):
@@ -188,12 +200,12 @@ def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Call
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not _is_copy_of(out_dir, {}):
         raise FileExistsError(f"{out_dir}: exists and is not an oriented crop dataset; refusing to replace it")
     src = CropSource(src_dir)
-    scale = fill_scale(src, fill) if fill else 1.0
+    scale = fill_scale(src, fill, size) if fill else 1.0
     stage = f"{out_dir}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
 
     def orient(images, cell_ids):
-        return orient_batch(images, label_of=lambda i: f"{src_dir}: cell {cell_ids[i]}", scale=scale)
+        return orient_batch(images, label_of=lambda i: f"{src_dir}: cell {cell_ids[i]}", scale=scale, size=size)
 
     write_shards(source_records(src, orient, np.float32, chunk, progress), stage, extra={**made, "scale": scale})
     if os.path.exists(out_dir):

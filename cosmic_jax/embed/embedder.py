@@ -281,13 +281,14 @@ class Embedder:
                 )
         return int(layer) if isinstance(layer, (int, np.integer)) else tuple(int(li) for li in layers)
 
-    def check_images(self, images: Any, offset: int = 0, where: str = "images") -> np.ndarray:
+    def check_images(self, images: Any, offset: int = 0, where: str = "images", size: bool = True) -> np.ndarray:
         """Validate a batch and return it as float32 (N, H, W, C); never resizes.
 
         Args:
           images: (N, H, W) for single-channel models or (N, H, W, C); any real numeric dtype.
           offset: index of ``images[0]`` in the caller's full input (for error messages).
           where: what to call the input in error messages.
+          size: check H x W against the model (off for crops still to be oriented into its size).
 
         Returns:
           float32 (N, H, W, C) array.
@@ -310,7 +311,7 @@ class Embedder:
                 f"{where}: expected a 4-d (N, H, W, C) or 3-d (N, H, W) array, got ndim={x.ndim} "
                 f"shape {x.shape}" + (" (a single image? add a batch axis: images[None])" if x.ndim == 2 else "")
             )
-        if x.shape[1:3] != (h, w):
+        if size and x.shape[1:3] != (h, w):
             raise EmbedInputError(
                 f"{where}: image size {x.shape[1]}x{x.shape[2]} != model input {h}x{w} "
                 f"(model {self.model_name!r}); crops are never resized, re-crop them to {h}x{w}"
@@ -331,11 +332,12 @@ class Embedder:
 
     # ------------------------------------------------------------------ pose
     def _pose(self, x: np.ndarray, label_of: Callable[[int], str], scale: float | None) -> np.ndarray:
-        """Validated float32 crops -> rotated, centred and magnified by ``scale`` (None: as they are)."""
+        """Validated float32 crops -> rotated, centred and magnified by ``scale`` into crops of the
+        model's input size (None: as they are)."""
         if scale is None:
             return x
         try:
-            return orient_batch(x, label_of=label_of, scale=scale)
+            return orient_batch(x, label_of=label_of, scale=scale, size=self.input_shape[0])
         except ValueError as e:  # a crop with no nucleus has no axis to turn onto
             raise EmbedInputError(f"{e}; embed it with orient=False (--config.orient=no) or drop it") from None
 
@@ -418,23 +420,28 @@ class Embedder:
         n = len(src)
         if n == 0:
             return np.zeros((0, self.dim), np.float32), []
+        # magnified per dataset, as the analysis's oriented copy: the same cells give the same embedding;
+        # crops still to be oriented may have another size (oriented into the model's)
+        scale = scale_into(self._into, data_dir, self.input_shape[0])
+        where = f"crop dataset {data_dir}"
         # Shape errors before any work, naming the dataset (the loader would fail inside grain).
-        self.check_images(np.zeros((1, *src.image_shape), np.float32), where=f"crop dataset {data_dir}")
-        # magnified per dataset, as the analysis's oriented copy: the same cells give the same embedding
-        scale = scale_into(self._into, data_dir)
+        h, w, c = src.image_shape
+        if scale is not None and h != w:
+            raise EmbedInputError(f"{where}: crops are {h}x{w}; orienting needs square crops")
+        self.check_images(np.zeros((1, h, w, c), np.float32), where=where, size=scale is None)
         ids: list[str] = []
 
         def chunks() -> Iterator[np.ndarray]:
             for batch in make_eval_iterator(src, self.batch_size):
                 batch_ids = [str(c) for c in batch["cell_id"]]
                 try:
-                    x = self.check_images(batch["image"], offset=int(batch["index"][0]),
-                                          where=f"crop dataset {data_dir}")
+                    x = self.check_images(batch["image"], offset=int(batch["index"][0]), where=where,
+                                          size=scale is None)
                 except EmbedInputError as e:
                     bad = [c for c, img in zip(batch_ids, batch["image"]) if not np.isfinite(img).all()]
                     raise EmbedInputError(f"{e}; cell_id(s) {bad[:5]}" if bad else str(e)) from e
                 ids.extend(batch_ids)
-                yield self._pose(x, lambda i: f"crop dataset {data_dir}: cell {batch_ids[i]}", scale)
+                yield self._pose(x, lambda i: f"{where}: cell {batch_ids[i]}", scale)
 
         emb = self._run(chunks(), n, f"embed {os.path.basename(data_dir.rstrip('/'))}", progress)
         return emb, ids

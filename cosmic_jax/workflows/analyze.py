@@ -37,7 +37,7 @@ from cosmic_jax.data.orient import read_run_pose, write_oriented
 from cosmic_jax.data.records import CropSource, dataset_fingerprint
 from cosmic_jax.embed.embedder import Embedder
 from cosmic_jax.train.checkpoint import checkpoint_steps
-from cosmic_jax.train.pretrain import train_and_evaluate
+from cosmic_jax.train.pretrain import load_run_config, train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,12 @@ def morphology_embedding(adata, ids: np.ndarray, crops_dir: str, mae_dir: str, c
     return emb
 
 
-def oriented_crops(crops_dir: str, workdir: str, fill: float) -> str:
+def oriented_crops(crops_dir: str, workdir: str, fill: float, mae: str | None = None) -> str:
     """``W/oriented_crops``: the crops rotated onto their nucleus's major axis and magnified to
-    ``fill`` (0 = not magnified); kept while the source and the setting are unchanged."""
-    return write_oriented(crops_dir, os.path.join(workdir, "oriented_crops"), fill=fill or None,
+    ``fill`` (0 = not magnified), in crops of the input size of a reused MAE ``mae`` (default: their
+    own); kept while the source and the settings are unchanged."""
+    size = int(load_run_config(mae).model.image_size) if mae else None
+    return write_oriented(crops_dir, os.path.join(workdir, "oriented_crops"), fill=fill or None, size=size,
                           progress=lambda done, total: log.info("orienting the crops for the MAE: %d / %d", done, total))
 
 
@@ -153,7 +155,7 @@ def analyze(data_dir: str | None, workdir: str, cfg: ml_collections.ConfigDict, 
     if cfg.morph_key:
         x_morph = _obsm(adata, cfg.morph_key, h5ad)
     elif crops_dir:
-        mae_crops = oriented_crops(crops_dir, workdir, cfg.orient_fill) if cfg.orient else crops_dir
+        mae_crops = oriented_crops(crops_dir, workdir, cfg.orient_fill, mae) if cfg.orient else crops_dir
         mae_dir = ensure_mae(mae_crops, workdir, cfg, mae)
         x_morph = morphology_embedding(adata, ids, mae_crops, mae_dir, os.path.join(workdir, "embeddings.npz"))
     features = None
