@@ -4,8 +4,9 @@
   1. the expression AnnData (``DATA/cells.h5ad``; every per-cell array is matched to its rows by
      cell id, ``cosmic_jax.data.cells``);
   2. the morphology representation: ``obsm[cfg.morph_key]`` when given, else the MAE embedding of
-     ``DATA/crops`` (with ``cfg.orient``, of their oriented copy ``W/oriented_crops``) from ``--mae
-     RUN`` (a reused pretraining run), or from ``W/mae``, pretrained there on the same crops with
+     ``DATA/crops`` (with ``cfg.orient``, of their oriented copy ``W/oriented_crops``, made at the
+     input size of a reused MAE) from ``--mae RUN`` (a reused pretraining run, which must have been
+     pretrained in the same pose), or from ``W/mae``, pretrained there on the same crops with
      ``cfg.pretrain`` when it holds no checkpoint;
   3. the measured morphology features: ``obsm[cfg.features_key]`` when given, else measured from
      the crops (cached in ``W/features.npz``);
