@@ -158,6 +158,17 @@ def test_config_json_and_load_for_inference(ref):
     assert not np.array_equal(p20["decoder_pred"]["kernel"], want["decoder_pred"]["kernel"])
 
 
+def test_mini_variant_is_the_measured_reusable_run():
+    """notes/science.md rounds 6 and 9 measured `--config small` with these overrides; `--config mini`
+    must be that run (only names and the checkpoint / image cadence differ)."""
+    from cosmic_jax.configs.overrides import diff
+
+    measured = load_config(pretrain, "small", O(
+        "steps=3500", "model.hidden=128", "model.depth=4", "model.heads=4", "model.mlp_dim=512",
+        "model.dec_hidden=64", "model.dec_heads=2", "loader.global_batch=128", "model.mask_ratio=0.6"))
+    assert diff(measured, pretrain.get_config("mini")) == ["ckpt_every", "model.name", "name", "recon_every"]
+
+
 def test_resume_on_crops_in_another_pose_is_refused(ref, data, tmp_path):
     from cosmic_jax.train.pretrain import load_run_config, train_and_evaluate
 

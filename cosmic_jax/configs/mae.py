@@ -17,6 +17,9 @@ VARIANTS: dict[str, dict] = {
     # tiny model for unit tests and the CPU analysis: 32x32x1, 16 patches
     "vit_test": dict(image_size=32, patch_size=8, channels=1, hidden=64, depth=2, heads=2,
                      mlp_dim=128, dec_hidden=32, dec_depth=1, dec_heads=2, dec_mlp_dim=64),
+    # a 4-block MAE to pretrain once on a CPU and reuse across analyses (pretrain variant "mini")
+    "vit_mini_64": dict(image_size=64, patch_size=8, channels=1, hidden=128, depth=4, heads=4,
+                        mlp_dim=512, dec_hidden=64, dec_depth=1, dec_heads=2, dec_mlp_dim=64),
     # the peer benchmark configs (../shared/bench/mae_flops.py), 64x64x1 nuclei crops
     "vit_t8_64": dict(image_size=64, patch_size=8, channels=1, hidden=192, depth=12, heads=3,
                       mlp_dim=768, **_DEC_S),  # 8,577,088 params
