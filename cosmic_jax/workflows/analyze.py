@@ -156,8 +156,9 @@ def analyze(data_dir: str | None, workdir: str, cfg: ml_collections.ConfigDict, 
     if cfg.morph_key:
         x_morph = _obsm(adata, cfg.morph_key, h5ad)
     elif crops_dir:
-        mae_crops = oriented_crops(crops_dir, workdir, cfg.orient_fill, mae) if cfg.orient else crops_dir
-        mae_dir = ensure_mae(mae_crops, workdir, cfg, mae)
+        reused = ensure_mae(crops_dir, workdir, cfg, mae) if mae else None  # its pose checked before any work
+        mae_crops = oriented_crops(crops_dir, workdir, cfg.orient_fill, reused) if cfg.orient else crops_dir
+        mae_dir = reused or ensure_mae(mae_crops, workdir, cfg)
         x_morph = morphology_embedding(adata, ids, mae_crops, mae_dir, os.path.join(workdir, "embeddings.npz"))
     features = None
     if cfg.features_key:
