@@ -91,6 +91,7 @@ def test_oriented_copy_keeps_cells_and_is_rebuilt_only_when_the_source_changes(t
     manifest = os.path.join(out, "manifest.json")
     stamp = os.stat(manifest).st_mtime_ns
     write_oriented(src, out)  # unchanged source: kept
+    write_oriented(src, out, size=64)  # the source's own side asked for explicitly: the same copy
     assert os.stat(manifest).st_mtime_ns == stamp
 
     # the source is rebuilt with other crops under the same ids: the copy follows it

@@ -191,7 +191,9 @@ def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Call
         raise ValueError(f"fill={fill}: the 95th-percentile nucleus's share of the crop side must be in (0, 2]")
     if size is not None and int(size) < 8:
         raise ValueError(f"size={size}: the oriented crops' side must be at least 8 pixels")
-    size = None if size is None else int(size)
+    src = CropSource(src_dir)
+    # the source's own side is the default: the same copy whether or not a reused MAE asked for it
+    size = None if size is None or int(size) == src.image_shape[1] else int(size)
     made = {"oriented_from": src_dir, "source_fingerprint": dataset_fingerprint(src_dir), "fill": fill, "size": size}
     if out_dir == src_dir:
         raise ValueError(f"{out_dir}: the oriented copy cannot replace its own source; pick another folder")
@@ -199,7 +201,6 @@ def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Call
         return out_dir
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not _is_copy_of(out_dir, {}):
         raise FileExistsError(f"{out_dir}: exists and is not an oriented crop dataset; refusing to replace it")
-    src = CropSource(src_dir)
     scale = fill_scale(src, fill, size) if fill else 1.0
     stage = f"{out_dir}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
