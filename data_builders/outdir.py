@@ -25,6 +25,8 @@ import shutil
 import tempfile
 from typing import Iterator, Sequence
 
+from cosmic_jax.data.swap import swap_in
+
 
 class OutputExistsError(FileExistsError, ValueError):
     """The output path holds something the builder must not replace; the message names it.
@@ -89,19 +91,6 @@ def staged_dir(out_dir: str, ours: Sequence[str], what: str) -> Iterator[str]:
         yield tmp
         check_out_dir(out_dir, ours, what)  # someone may have written there meanwhile
         swap_in(tmp, out_dir)
-
-
-def swap_in(new_dir: str, out_dir: str) -> None:
-    """Put the finished folder ``new_dir`` at ``out_dir``; the old ``out_dir`` goes only afterwards."""
-    if not os.path.exists(out_dir):
-        os.rename(new_dir, out_dir)
-        return
-    parent, name = os.path.split(out_dir)
-    old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-    os.rmdir(old)  # only the unique name is wanted; rename needs it free
-    os.rename(out_dir, old)
-    os.rename(new_dir, out_dir)
-    shutil.rmtree(old)
 
 
 def move_files(staging_dir: str, out_dir: str) -> list[str]:

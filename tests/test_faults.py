@@ -135,3 +135,32 @@ def test_float64_beyond_float32_and_hot_pixel_build_the_same_crops(tmp_path, cap
         by_source.setdefault(key, set()).add(label)
     assert by_source["clean"] == by_source["huge"] and len(by_source["clean"]) > 80
     assert len(by_source["hot"] ^ by_source["clean"]) <= 2  # the hot pixel may split or join one nucleus
+
+
+def test_replacing_an_oriented_copy_never_leaves_neither(crops, tmp_path, monkeypatch):
+    """If renaming the new copy in fails after the old one was put aside, the old copy goes back in
+    place (a crash at that instant would leave it as `.name.old-*`); the next run replaces it."""
+    from cosmic_jax.data import swap
+    from cosmic_jax.data.orient import write_oriented
+    from cosmic_jax.data.records import CropSource
+
+    out = str(tmp_path / "oriented")
+    write_oriented(crops, out)
+    before = CropSource(out).read_images(range(4))
+    real, calls = os.rename, []
+
+    def second_fails(a, b):
+        calls.append((a, b))
+        if len(calls) == 2:
+            assert not os.path.exists(out) and os.path.basename(b) == "oriented"  # old one is aside now
+            raise OSError("disk gone")
+        real(a, b)
+
+    monkeypatch.setattr(swap.os, "rename", second_fails)
+    with pytest.raises(OSError, match="disk gone"):
+        write_oriented(crops, out, fill=0.6)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["oriented"]  # no stage, nothing aside
+    np.testing.assert_array_equal(CropSource(out).read_images(range(4)), before)
+    write_oriented(crops, out, fill=0.6)
+    assert not np.array_equal(CropSource(out).read_images(range(4)), before)

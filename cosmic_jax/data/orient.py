@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from cosmic_jax.data.morph_features import moments, segment_batch
 from cosmic_jax.data.records import CropSource, dataset_fingerprint, read_manifests, source_records, write_shards
+from cosmic_jax.data.swap import swap_in
 
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,9 @@ def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Call
     def orient(images, cell_ids):
         return orient_batch(images, label_of=lambda i: f"{src_dir}: cell {cell_ids[i]}", scale=scale, size=size)
 
-    write_shards(source_records(src, orient, np.float32, chunk, progress), stage, extra={**made, "scale": scale})
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)  # the replacement is complete in `stage`
-    os.replace(stage, out_dir)
+    try:
+        write_shards(source_records(src, orient, np.float32, chunk, progress), stage, extra={**made, "scale": scale})
+        swap_in(stage, out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone already unless the copy failed
     return out_dir

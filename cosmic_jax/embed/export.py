@@ -36,6 +36,7 @@ import safetensors.numpy
 from jax.extend.core import Var
 
 import cosmic_jax
+from cosmic_jax.data.swap import swap_in
 from cosmic_jax.embed.artifact import (  # noqa: F401  (reading is part of this module's API)
     CONFIG,
     ENCODER_HLO,
@@ -220,9 +221,7 @@ def export_embedder(
         }
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
