@@ -10,8 +10,12 @@ import pytest
 import scipy.sparse as sp
 
 from cosmic_jax.analysis import celltype, generation, response
+from cosmic_jax.analysis.morphology import standardize_features
+from cosmic_jax.analysis.pipeline import run_analyses
 from cosmic_jax.analysis.expression import embed_expression
-from cosmic_jax.analysis.variance import AnalysisInputError
+from cosmic_jax.analysis.variance import HEADLINE, AnalysisInputError
+from cosmic_jax.configs import analyze as analyze_configs
+from cosmic_jax.configs.overrides import load_config
 from cosmic_jax.data.cells import CellKeyError, cell_ids, match_ids
 
 
@@ -216,3 +220,48 @@ def test_measured_profile_is_morphology_input_never_target():
         np.testing.assert_array_equal(rep.m[:, rep.target_cols], feats.values)
         np.testing.assert_array_equal(rep.targets, feats.values)
     np.testing.assert_array_equal(both.m[:, k + 3:], feats.context)
+
+
+@pytest.mark.slow  # ~40 s CPU: three joint-model architectures compile
+def test_by_representation_counts_only_what_each_representation_carries(tmp_path):
+    """Linear-Gaussian toy: measured features carry a 3-d state shared with expression, the
+    "MAE" embedding is noise. Ridge is exact here, so its expression-side estimate must match the
+    closed-form truth for "features" and "both" and read ~0 for "mae"; every entry carries the
+    re-fit parts of its CI."""
+    rng = np.random.default_rng(0)
+    n, genes = 800, 20
+    s = rng.normal(size=(n, 3))
+    w_x, w_f = rng.normal(size=(3, genes)), rng.normal(size=(3, 4))
+    x = 10.0 + s @ w_x + rng.normal(size=(n, genes)) * 1.5  # log-normalised-like, positive
+    f = s @ w_f + rng.normal(size=(n, 4)) * 0.7
+    c = np.cov(np.c_[x, f], rowvar=False)
+    cxf, cff = c[:genes, genes:], c[genes:, genes:]
+    truth = np.trace(cxf @ np.linalg.solve(cff, cxf.T)) / np.trace(c[:genes, :genes])
+    adata = ad.AnnData(x.astype(np.float32))
+    adata.obs_names = [f"c{i}" for i in range(n)]
+    feats = standardize_features(f, ["f0", "f1", "f2", "f3"], np.asarray(adata.obs_names))
+    cfg = load_config(analyze_configs, "quick", [
+        "--config.input_kind=lognorm", "--config.label_key=", "--config.response_key=", "--config.expr_comps=8",
+        "--config.n_folds=2", "--config.num_samples=4", "--config.n_boot=50", "--config.refit_repeats=2",
+        "--config.refit_repeats_side=1", "--config.morph_comps=4", "--config.joint.steps=20",
+        "--config.joint.num_devices=1", "--config.joint.progress=false",
+        "--config.extrapolate_fraction=0"])  # "mae" and "features": one compile; extrapolation: test above
+    summary = run_analyses(adata, cfg, str(tmp_path), x_morph=rng.normal(size=(n, 16)), features=feats)
+    by_rep = summary["decomposition_by_representation"]
+    assert list(by_rep) == ["both", "mae", "features"] and summary["headline_representation"] == "both"
+    ridge = {rep: by_rep[rep]["ridge"][HEADLINE[0]] for rep in by_rep}
+    assert abs(ridge["features"]["estimate"] - truth) < 0.05, (ridge, truth)
+    assert abs(ridge["both"]["estimate"] - truth) < 0.05, (ridge, truth)
+    # a fraction's interval ends at 0 (combine_repeats): noise reads ~0 and its CI reaches 0
+    assert 0 <= ridge["mae"]["estimate"] < 0.03 and ridge["mae"]["ci_low"] == 0 < ridge["mae"]["ci_high"], ridge
+    for rep, repeats in (("both", 2), ("mae", 1), ("features", 1)):
+        for method in ("flow", "ridge", "knn"):
+            for key in HEADLINE:
+                d = by_rep[rep][method][key]
+                assert d["repeats"] == repeats and len(d["repeat_estimates"]) == repeats
+                assert d["total_var"] >= d["within_var"] > 0 and d["ci_low"] <= d["estimate"] <= d["ci_high"]
+                assert 0 <= d["ci_low"] < d["ci_high"] <= 1  # clipped where the t interval leaves [0, 1]
+    assert summary[HEADLINE[0]] == by_rep["both"]["flow"][HEADLINE[0]]
+    assert summary["decomposition_baselines"]["ridge"] == by_rep["both"]["ridge"]
+    assert "lower bound" in summary["decomposition_note"]
+    assert by_rep["mae"]["morph_target"] != by_rep["features"]["morph_target"]
