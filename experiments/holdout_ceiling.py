@@ -39,7 +39,7 @@ LEVELS = ((0.15, 9001), (0.4, 9002), (0.7, 9003))  # as experiments/holdout_eval
 LOG_PARAMS = ("radius", "brightness", "foci_rate", "foci_amp", "nucleoli_rate")
 
 
-def oracles(out_dir: str, n_cells: int, seed: int, frac: float) -> dict[str, tuple[np.ndarray, list[str]]]:
+def oracles(n_cells: int, seed: int, frac: float) -> dict[str, tuple[np.ndarray, list[str]]]:
     """Rebuild each cell's S and render parameters from the seed, exactly as `holdout.generate` drew them."""
     cfg = holdout.HoldoutConfig()
     world = holdout.make_world(cfg, seed)
@@ -73,7 +73,7 @@ def main() -> None:
         adata = ad.read_h5ad(os.path.join(d, "raw", "cells.h5ad"))
         ids = np.asarray(adata.obs["cell_id"]).astype(str)
         adata.obs_names = ids
-        for name, (x, cols) in oracles(d, adata.n_obs, seed, frac).items():
+        for name, (x, cols) in oracles(adata.n_obs, seed, frac).items():
             t = time.process_time()
             summary = run_analyses(adata, cfg, os.path.join(d, f"w_{name}"), features=standardize_features(x, cols, ids))
             est = summary[HEADLINE[0]]
