@@ -38,6 +38,7 @@ from cosmic_jax.analysis import variance as V
 from cosmic_jax.analysis.expression import embed_expression, iter_lognorm
 from cosmic_jax.analysis.morphology import MorphFeatures, pca_reduce
 from cosmic_jax.configs import overrides as cfg_io
+from cosmic_jax.data.swap import write_text
 from cosmic_jax.joint.fit import fit_joint
 
 log = logging.getLogger(__name__)
@@ -392,8 +393,5 @@ def _finish(summary: dict, stages: _Stages, out_dir: str) -> dict:
     summary["timings_s"] = {k: round(v, 2) for k, v in stages.timings.items()}
     summary["timings_cpu_s"] = {k: round(v, 2) for k, v in stages.cpu.items()}
     summary = clean_json(summary)
-    tmp = os.path.join(out_dir, "summary.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "summary.json"))
+    write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1))
     return summary

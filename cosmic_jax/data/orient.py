@@ -29,7 +29,7 @@ from scipy import ndimage
 
 from cosmic_jax.data.morph_features import moments, segment_batch
 from cosmic_jax.data.records import CropSource, dataset_fingerprint, read_manifests, source_records, write_shards
-from cosmic_jax.data.swap import swap_in
+from cosmic_jax.data.swap import swap_in, write_text
 
 
 log = logging.getLogger(__name__)
@@ -70,10 +70,7 @@ def check_run_pose(workdir: str, pose: dict[str, Any]) -> None:
 
 def write_run_pose(workdir: str, pose: dict[str, Any]) -> None:
     """Record in ``W/pose.json`` the pose of the crops a run pretrains on."""
-    tmp = os.path.join(workdir, f".{POSE_FILE}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(pose, f)
-    os.replace(tmp, os.path.join(workdir, POSE_FILE))
+    write_text(os.path.join(workdir, POSE_FILE), json.dumps(pose))
 
 
 def major_axis_angle(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

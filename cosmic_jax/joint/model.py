@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from cosmic_jax.configs import joint as joint_configs
 from cosmic_jax.configs import overrides as cfg_io
+from cosmic_jax.data.swap import write_text
 from cosmic_jax.joint.sampling import solve_flow
 from cosmic_jax.models.joint import build_nets, init_params
 
@@ -246,10 +247,7 @@ class JointModel:
             "loss_history": self.loss_history,
             "info": self.info,
         }
-        tmp = os.path.join(directory, MODEL_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f)
-        os.replace(tmp, os.path.join(directory, MODEL_FILE))
+        write_text(os.path.join(directory, MODEL_FILE), json.dumps(meta))
         return directory
 
     @classmethod

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from cosmic_jax.data.swap import write_text
 from cosmic_jax.workflows import report_figures as F
 from cosmic_jax.workflows.report_figures import ALPHA, column, to_float
 
@@ -410,10 +411,7 @@ def write_report(workdir: str, out_path: str | None = None, nuclei_dir: str | No
     if data_figs:
         lines += ["## Data and morphology model", ""] + data_figs
     lines += timings_section(summary, report_timings)
-    tmp = out_path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, out_path)
+    write_text(out_path, "\n".join(lines))
     log.info("report: wrote %s (%d figures) in %.1f s", out_path, sum(map(bool, figures.values())),
              sum(report_timings.values()))
     return out_path
