@@ -281,14 +281,14 @@ class Embedder:
                 )
         return int(layer) if isinstance(layer, (int, np.integer)) else tuple(int(li) for li in layers)
 
-    def check_images(self, images: Any, offset: int = 0, where: str = "images", size: bool = True) -> np.ndarray:
+    def check_images(self, images: Any, offset: int = 0, where: str = "images", check_size: bool = True) -> np.ndarray:
         """Validate a batch and return it as float32 (N, H, W, C); never resizes.
 
         Args:
           images: (N, H, W) for single-channel models or (N, H, W, C); any real numeric dtype.
           offset: index of ``images[0]`` in the caller's full input (for error messages).
           where: what to call the input in error messages.
-          size: check H x W against the model (off for crops still to be oriented into its size).
+          check_size: check H x W against the model (off for crops still to be oriented into its size).
 
         Returns:
           float32 (N, H, W, C) array.
@@ -311,7 +311,7 @@ class Embedder:
                 f"{where}: expected a 4-d (N, H, W, C) or 3-d (N, H, W) array, got ndim={x.ndim} "
                 f"shape {x.shape}" + (" (a single image? add a batch axis: images[None])" if x.ndim == 2 else "")
             )
-        if size and x.shape[1:3] != (h, w):
+        if check_size and x.shape[1:3] != (h, w):
             raise EmbedInputError(
                 f"{where}: image size {x.shape[1]}x{x.shape[2]} != model input {h}x{w} "
                 f"(model {self.model_name!r}); crops are never resized, re-crop them to {h}x{w}"
@@ -428,7 +428,7 @@ class Embedder:
         h, w, c = src.image_shape
         if scale is not None and h != w:
             raise EmbedInputError(f"{where}: crops are {h}x{w}; orienting needs square crops")
-        self.check_images(np.zeros((1, h, w, c), np.float32), where=where, size=scale is None)
+        self.check_images(np.zeros((1, h, w, c), np.float32), where=where, check_size=scale is None)
         ids: list[str] = []
 
         def chunks() -> Iterator[np.ndarray]:
@@ -436,7 +436,7 @@ class Embedder:
                 batch_ids = [str(c) for c in batch["cell_id"]]
                 try:
                     x = self.check_images(batch["image"], offset=int(batch["index"][0]), where=where,
-                                          size=scale is None)
+                                          check_size=scale is None)
                 except EmbedInputError as e:
                     bad = [c for c, img in zip(batch_ids, batch["image"]) if not np.isfinite(img).all()]
                     raise EmbedInputError(f"{e}; cell_id(s) {bad[:5]}" if bad else str(e)) from e
