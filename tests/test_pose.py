@@ -152,3 +152,9 @@ def test_crops_of_another_size_are_oriented_into_the_models_size(crops, run, tmp
     np.testing.assert_allclose(emb.embed_dataset(copy)[0], want, atol=1e-4)
     with pytest.raises(EmbedInputError, match="80x80 != model input 64x64"):
         Embedder.from_checkpoint(run, batch_size=8, progress=False, orient=False).embed_dataset(src)
+    # arrays too: magnified by the pose's scale, so the wide cut matches the crops as cut
+    np.testing.assert_allclose(emb.embed(wide), emb.embed(crops["images"]), atol=1e-4)
+    with pytest.raises(EmbedInputError, match="80x72; orienting needs square crops"):
+        emb.embed(wide[:, :, 4:-4])
+    with pytest.raises(EmbedInputError, match="80x80 != model input 64x64"):
+        Embedder.from_checkpoint(run, batch_size=8, progress=False, orient=False).embed(wide)

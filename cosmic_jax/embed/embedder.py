@@ -378,6 +378,9 @@ class Embedder:
         Args:
           images: numpy (N, H, W) / (N, H, W, C) of any real numeric dtype (cast to float32, not
             rescaled), or the path of a crop dataset directory (rows come back in dataset order).
+            Crops to be put into the model's pose may be any square size (their nuclei are oriented
+            into the model's input size, magnified by the pose's scale: the pixel size of the
+            pretraining crops is assumed); otherwise they must have the model's input size.
           progress: override the instance's progress-bar setting.
 
         Returns:
@@ -386,10 +389,13 @@ class Embedder:
         if isinstance(images, (str, os.PathLike)):
             return self.embed_dataset(images, progress=progress)[0]
         x = np.asarray(images)
+        sized = not self.orient  # crops to be oriented are placed into the model's input size, whatever theirs
         if x.ndim in (3, 4) and len(x) == 0:
-            self.check_images(x[:0])  # still reject a wrong shape for an empty input
+            self.check_images(x[:0], check_size=sized)  # still reject a wrong shape for an empty input
             return np.zeros((0, self.dim), np.float32)
-        self.check_images(x[:1])  # shape/dtype errors before any work
+        self.check_images(x[:1], check_size=sized)  # shape/dtype errors before any work
+        if not sized and x.shape[1] != x.shape[2]:
+            raise EmbedInputError(f"images: crops are {x.shape[1]}x{x.shape[2]}; orienting needs square crops")
         if np.issubdtype(x.dtype, np.floating):  # report every bad image, not just a batch's
             finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
             if not finite.all():
@@ -400,8 +406,8 @@ class Embedder:
 
         def chunks() -> Iterator[np.ndarray]:
             for s in range(0, len(x), b):
-                yield self._pose(self.check_images(x[s:s + b], offset=s), lambda i, s=s: f"images: index {s + i}",
-                                 self.orient_scale if self.orient else None)
+                yield self._pose(self.check_images(x[s:s + b], offset=s, check_size=sized),
+                                 lambda i, s=s: f"images: index {s + i}", self.orient_scale if self.orient else None)
 
         return self._run(chunks(), len(x), "embed", progress)
 
