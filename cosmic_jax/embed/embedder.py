@@ -98,7 +98,8 @@ class Embedder:
         A crop dataset is magnified as the analysis does (its 95th-percentile nucleus to the pose's
         ``fill``), an array by the pose's ``scale``; a crop dataset that is already an oriented copy
         is used as it is. Arrays are always oriented: pass ``orient=False`` for arrays read from an
-        oriented copy.
+        oriented copy. Crops to be oriented may have any (square) size: they are oriented into the
+        model's input size.
       step: training step the params come from (metadata only).
       source: where the params come from, e.g. a workdir or export dir (metadata only).
       progress: tqdm bar: None = only for long inputs, True/False = always/never.
