@@ -86,7 +86,8 @@ def register(subparsers) -> None:
 
     o = sub.add_parser("orient", help="an oriented copy of a crop dataset, to pretrain an MAE in the pose "
                                       "`cosmic analyze` embeds (reuse it with --mae)")
-    o.add_argument("--crops", required=True, help="crop dataset folder")
+    o.add_argument("--crops", required=True, nargs="+", metavar="CROPS",
+                   help="crop dataset folder; several go into one copy, each magnified by its own factor")
     o.add_argument("--out", required=True, help="output folder (an earlier oriented copy there is replaced once the new "
                                                  "one is complete; anything else is refused)")
     fill = analyze_configs.get_config().orient_fill

@@ -15,7 +15,7 @@ from cosmic_jax.configs import analyze as analyze_configs
 from cosmic_jax.configs import overrides as cfg_io
 from cosmic_jax.configs import pretrain as pretrain_configs
 from cosmic_jax.data.orient import AS_CUT, dataset_pose, scale_into, write_oriented, write_run_pose
-from cosmic_jax.data.records import CropSource, encode_record, write_shards
+from cosmic_jax.data.records import CropSource, encode_record, read_manifests, write_shards
 from cosmic_jax.embed import Embedder, EmbedInputError
 from cosmic_jax.embed.export import export_embedder, load_export
 from cosmic_jax.models.mae import model_config
@@ -124,6 +124,34 @@ def test_data_orient_command_and_what_it_refuses(crops, tmp_path, capsys):
     assert "not an oriented crop dataset" in capsys.readouterr().err
     assert CropSource(crops["src"]).cell_ids() == before and dataset_pose(crops["src"]) == AS_CUT
     assert main(["data", "orient", "--crops", crops["src"], "--out", out, "--fill", "3"]) == 2
+
+
+def test_several_crop_datasets_make_one_oriented_copy(crops, tmp_path, capsys):
+    """One pretraining set from several sources: each source oriented and magnified by its own factor,
+    one manifest each, in the order given; kept when asked again, refused when the shapes differ."""
+    wide = str(tmp_path / "wide")  # the same nuclei cut at 80 px
+    write_shards((encode_record(x, f"w{i:02d}", {}) for i, x in enumerate(np.pad(crops["images"], ((0, 0), (8, 8), (8, 8), (0, 0))))),
+                 wide, records_per_shard=16, float_storage="float32")
+    out = str(tmp_path / "both")
+    assert main(["data", "orient", "--crops", crops["src"], wide, "--out", out, "--size", "64"]) == 0
+    both = CropSource(out)
+    one = CropSource(crops["oriented"]).read_images(np.arange(40))
+    assert both.cell_ids() == [f"c{i:02d}" for i in range(40)] + [f"w{i:02d}" for i in range(40)]
+    images = both.read_images(np.arange(80))
+    np.testing.assert_allclose(images[:40], one, atol=1e-4)  # the first source as its own copy
+    np.testing.assert_allclose(images[40:], one, atol=1e-4)  # its own factor: the wide cut lands the same
+    scales = [m["scale"] for m in read_manifests(out)]
+    assert len(scales) == 2 and scales[0] == pytest.approx(dataset_pose(crops["oriented"])["scale"])
+    assert scales[1] == pytest.approx(scales[0], rel=1e-3) and dataset_pose(out)["oriented"]
+    stamp = os.stat(os.path.join(out, "manifest-s001.json")).st_mtime_ns
+    assert write_oriented([crops["src"], wide], out, fill=0.85, size=64) == os.path.abspath(out)
+    assert os.stat(os.path.join(out, "manifest-s001.json")).st_mtime_ns == stamp  # the same sources: kept
+    write_oriented([wide, crops["src"]], out, fill=0.85, size=64)  # another order: rebuilt
+    assert CropSource(out).cell_ids()[0] == "w00"
+    assert main(["data", "orient", "--crops", crops["src"], wide, "--out", str(tmp_path / "x")]) == 2
+    assert "differ in shape" in capsys.readouterr().err and not os.path.exists(tmp_path / "x")
+    assert main(["data", "orient", "--crops", wide, wide, "--out", str(tmp_path / "x")]) == 2
+    assert "given twice" in capsys.readouterr().err
 
 
 def test_scale_into_a_pose(crops):

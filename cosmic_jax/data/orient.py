@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -40,7 +40,7 @@ AS_CUT = {"oriented": False, "scale": 1.0, "fill": None}  # crops as the crop bu
 
 def dataset_pose(data_dir: str) -> dict[str, Any]:
     """The pose of a crop dataset's crops: ``{"oriented", "scale", "fill"}`` (``AS_CUT`` unless it is a
-    ``write_oriented`` copy)."""
+    ``write_oriented`` copy; a copy of several sources gives its first source's scale)."""
     m = read_manifests(os.path.abspath(data_dir))[0]
     if "oriented_from" not in m:
         return dict(AS_CUT)
@@ -155,17 +155,22 @@ def scale_into(pose: dict[str, Any] | None, data_dir: str, size: int | None = No
     return fill_scale(CropSource(data_dir), pose["fill"], size) if pose.get("fill") else float(pose["scale"])
 
 
-def _is_copy_of(out_dir: str, made: dict) -> bool:
-    """Whether ``out_dir`` is an oriented copy whose manifests agree with ``made``."""
+def _is_copy_of(out_dir: str, made: list[dict] | None = None) -> bool:
+    """Whether ``out_dir`` is an oriented copy (with ``made``: of these sources, in this order, one
+    manifest each, agreeing with what each made)."""
     try:
         manifests = read_manifests(out_dir)
     except (OSError, ValueError):
         return False
-    return all("oriented_from" in m and all(m.get(k) == v for k, v in made.items()) for m in manifests)
+    if made is None:
+        return all("oriented_from" in m for m in manifests)
+    return len(manifests) == len(made) and all(
+        all(m.get(k) == v for k, v in mk.items()) for m, mk in zip(manifests, made))
 
 
-def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Callable[[int, int], None] | None = None,
-                   fill: float | None = None, size: int | None = None) -> str:
+def write_oriented(src_dir: str | Sequence[str], out_dir: str, chunk: int = 1024,
+                   progress: Callable[[int, int], None] | None = None, fill: float | None = None,
+                   size: int | None = None) -> str:
     """An oriented copy of crop dataset ``src_dir`` in ``out_dir`` (same order, cell ids, metadata).
 
     ``fill``: also magnify every crop by one factor, so that the dataset's 95th-percentile nucleus
@@ -175,39 +180,64 @@ def write_oriented(src_dir: str, out_dir: str, chunk: int = 1024, progress: Call
     input size of an MAE pretrained on crops of another size; with ``fill`` the nuclei then span
     that share of the new side.
 
-    Kept as is when ``out_dir`` already holds the oriented copy of this very source with the same
-    ``fill`` (the manifest records the source's path and fingerprint); otherwise rebuilt in a staging
-    folder that replaces ``out_dir`` only once complete. Anything in ``out_dir`` other than an
-    earlier oriented copy is refused, never replaced. ``progress(done, total)`` is called after
+    Several sources (a list; e.g. the crops of several labs or families, to pretrain one MAE on all
+    of them) go one after another into the one folder, each with its own manifest
+    (``manifest-sNNN.json``) and its own factor, as ``cosmic analyze`` magnifies each dataset it
+    embeds; their oriented crops must have one shape (``size`` makes the sides agree). The copy's
+    pose (:func:`dataset_pose`) then carries the first source's factor.
+
+    Kept as is when ``out_dir`` already holds the oriented copy of these very sources with the same
+    ``fill`` (each manifest records its source's path and fingerprint); otherwise rebuilt in a
+    staging folder that replaces ``out_dir`` only once complete. Anything in ``out_dir`` other than
+    an earlier oriented copy is refused, never replaced. ``progress(done, total)`` is called after
     every chunk.
 
     Returns:
       ``out_dir``.
     """
-    src_dir, out_dir = os.path.abspath(src_dir), os.path.abspath(out_dir)
+    src_dirs = [src_dir] if isinstance(src_dir, (str, os.PathLike)) else list(src_dir)
+    src_dirs, out_dir = [os.path.abspath(s) for s in src_dirs], os.path.abspath(out_dir)
+    if not src_dirs:
+        raise ValueError("no crop dataset to orient")
+    twice = sorted({s for s in src_dirs if src_dirs.count(s) > 1})
+    if twice:
+        raise ValueError(f"{twice[0]}: given twice as a source")
     if fill is not None and not 0.0 < fill <= 2.0:
         raise ValueError(f"fill={fill}: the 95th-percentile nucleus's share of the crop side must be in (0, 2]")
     if size is not None and int(size) < 8:
         raise ValueError(f"size={size}: the oriented crops' side must be at least 8 pixels")
-    src = CropSource(src_dir)
-    # the source's own side is the default: the same copy whether or not a reused MAE asked for it
-    size = None if size is None or int(size) == src.image_shape[1] else int(size)
-    made = {"oriented_from": src_dir, "source_fingerprint": dataset_fingerprint(src_dir), "fill": fill, "size": size}
-    if out_dir == src_dir:
+    if out_dir in src_dirs:
         raise ValueError(f"{out_dir}: the oriented copy cannot replace its own source; pick another folder")
+    srcs = [CropSource(s) for s in src_dirs]
+    shapes = {s: ((int(size),) * 2 if size else src.image_shape[:2]) + src.image_shape[2:]
+              for s, src in zip(src_dirs, srcs)}
+    if len(set(shapes.values())) > 1:
+        raise ValueError("the sources' oriented crops would differ in shape ("
+                         + ", ".join(f"{s}: {'x'.join(map(str, v))}" for s, v in shapes.items())
+                         + "); give them one side with size (--size)")
+    # the source's own side is the default: the same copy whether or not a reused MAE asked for it
+    made = [{"oriented_from": s, "source_fingerprint": dataset_fingerprint(s), "fill": fill,
+             "size": None if size is None or int(size) == src.image_shape[1] else int(size)}
+            for s, src in zip(src_dirs, srcs)]
     if _is_copy_of(out_dir, made):
         return out_dir
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not _is_copy_of(out_dir, {}):
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not _is_copy_of(out_dir):
         raise FileExistsError(f"{out_dir}: exists and is not an oriented crop dataset; refusing to replace it")
-    scale = fill_scale(src, fill, size) if fill else 1.0
     stage = f"{out_dir}.partial-{os.getpid()}"
     shutil.rmtree(stage, ignore_errors=True)
-
-    def orient(images, cell_ids):
-        return orient_batch(images, label_of=lambda i: f"{src_dir}: cell {cell_ids[i]}", scale=scale, size=size)
-
+    total, done = sum(len(src) for src in srcs), 0
     try:
-        write_shards(source_records(src, orient, np.float32, chunk, progress), stage, extra={**made, "scale": scale})
+        for k, (src, mk) in enumerate(zip(srcs, made)):
+            scale = fill_scale(src, fill, mk["size"]) if fill else 1.0
+
+            def orient(images, cell_ids, src_dir=mk["oriented_from"], scale=scale, size=mk["size"]):
+                return orient_batch(images, label_of=lambda i: f"{src_dir}: cell {cell_ids[i]}", scale=scale, size=size)
+
+            tell = None if progress is None else (lambda d, _, base=done: progress(base + d, total))
+            names = {} if len(srcs) == 1 else {"prefix": f"crops-s{k:03d}", "manifest_name": f"manifest-s{k:03d}.json"}
+            write_shards(source_records(src, orient, np.float32, chunk, tell), stage, extra={**mk, "scale": scale},
+                         **names)
+            done += len(src)
         swap_in(stage, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # gone already unless the copy failed
