@@ -289,7 +289,8 @@ class Embedder:
           images: (N, H, W) for single-channel models or (N, H, W, C); any real numeric dtype.
           offset: index of ``images[0]`` in the caller's full input (for error messages).
           where: what to call the input in error messages.
-          check_size: check H x W against the model (off for crops still to be oriented into its size).
+          check_size: check H x W against the model (off for crops still to be oriented into its size,
+            which need only be square).
 
         Returns:
           float32 (N, H, W, C) array.
@@ -317,6 +318,8 @@ class Embedder:
                 f"{where}: image size {x.shape[1]}x{x.shape[2]} != model input {h}x{w} "
                 f"(model {self.model_name!r}); crops are never resized, re-crop them to {h}x{w}"
             )
+        if not check_size and x.shape[1] != x.shape[2]:
+            raise EmbedInputError(f"{where}: crops are {x.shape[1]}x{x.shape[2]}; orienting needs square crops")
         if x.shape[3] != c:
             raise EmbedInputError(
                 f"{where}: {x.shape[3]} channels != model input channels {c} (model {self.model_name!r})"
@@ -395,8 +398,6 @@ class Embedder:
             self.check_images(x[:0], check_size=sized)  # still reject a wrong shape for an empty input
             return np.zeros((0, self.dim), np.float32)
         self.check_images(x[:1], check_size=sized)  # shape/dtype errors before any work
-        if not sized and x.shape[1] != x.shape[2]:
-            raise EmbedInputError(f"images: crops are {x.shape[1]}x{x.shape[2]}; orienting needs square crops")
         if np.issubdtype(x.dtype, np.floating):  # report every bad image, not just a batch's
             finite = np.isfinite(x).reshape(len(x), -1).all(axis=1)
             if not finite.all():
@@ -433,8 +434,6 @@ class Embedder:
         where = f"crop dataset {data_dir}"
         # Shape errors before any work, naming the dataset (the loader would fail inside grain).
         h, w, c = src.image_shape
-        if scale is not None and h != w:
-            raise EmbedInputError(f"{where}: crops are {h}x{w}; orienting needs square crops")
         self.check_images(np.zeros((1, h, w, c), np.float32), where=where, check_size=scale is None)
         ids: list[str] = []
 
