@@ -98,6 +98,8 @@ def main() -> None:
     p.add_argument("--data", default=None, help="with --oof-data: the analysed dataset's cells.h5ad (crops and "
                    "truth.json beside it are linked)")
     a = p.parse_args()
+    if a.oof_data and not a.data:
+        p.error("--oof-data needs --data (the analysed dataset's cells.h5ad)")
     w = a.workdir
     cells = anndata.read_h5ad(f"{w}/analysis/cells.h5ad")
     ids = [str(c) for c in cells.obs["cell_id"]]
@@ -128,12 +130,16 @@ def main() -> None:
     with open(a.out or f"{w}/token_readout.json", "w") as fh:
         json.dump(out, fh, indent=1)
     if a.oof_data:  # diagnostic: the embedding's out-of-fold ridge prediction of the expression PCs
+        # the analysed dataset's own cells.h5ad (the analysis's output copy holds its results, not the input)
+        data = anndata.read_h5ad(a.data)
+        if [str(c) for c in data.obs_names] != [str(c) for c in cells.obs_names]:
+            raise SystemExit(f"{a.data}: rows differ from {w}/analysis/cells.h5ad")
         os.makedirs(a.oof_data, exist_ok=True)
-        cells.obsm["X_ridge_oof"] = ridge_cv(pooled, pcs, folds).astype(np.float32)
-        cells.write_h5ad(os.path.join(a.oof_data, "cells.h5ad"))
+        data.obsm["X_ridge_oof"] = ridge_cv(pooled, pcs, folds).astype(np.float32)
+        data.write_h5ad(os.path.join(a.oof_data, "cells.h5ad"))
         for name in ("crops", "truth.json"):
-            src = os.path.join(os.path.dirname(os.path.abspath(a.data)), name) if a.data else None
-            if src and os.path.exists(src) and not os.path.exists(os.path.join(a.oof_data, name)):
+            src = os.path.join(os.path.dirname(os.path.abspath(a.data)), name)
+            if os.path.exists(src) and not os.path.exists(os.path.join(a.oof_data, name)):
                 os.symlink(src, os.path.join(a.oof_data, name))
 
 
